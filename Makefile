@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` (set up, ingest a bundled corpus, query it) and
+# `make test` (set up, run every test). Both work on a fresh machine with python3 >= 3.11.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch for machines without a GPU; on a GPU machine: make TORCH_SPEC=torch ...
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= data
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/embedpipe sample-corpus $(DEMO_DIR)/pydoc-topics
+	$(BIN)/embedpipe ingest $(DEMO_DIR)/pydoc-topics --db $(DEMO_DIR)/pydoc-db --config configs/local.yaml
+	$(BIN)/embedpipe query "how do I catch an exception and re-raise it" --db $(DEMO_DIR)/pydoc-db -k 5
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,175 @@
+"""The ``embedpipe`` command: parse options, load config, call the library, report errors in one line.
+
+Exit codes: 0 success; 1 fatal error (nothing committed by the failing step); 2 bad usage;
+3 the run finished but some documents failed (they are listed in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipelines.config import ConfigError, load_config
+
+EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
+
+app = typer.Typer(
+    help="Turn document collections into sharded, searchable embeddings (Ray Data + LanceDB).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        exists=True,
+        dir_okay=False,
+        help="YAML config (see configs/).",
+        envvar="EMBEDPIPE_CONFIG",
+    ),
+]
+DbOpt = Annotated[
+    Path, typer.Option("--db", help="The db directory holding the shard tables.", envvar="EMBEDPIPE_DB")
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray cluster address; default: an embedded local Ray.", envvar="RAY_ADDRESS"
+    ),
+]
+ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number of shard tables (default 4).")]
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pipelines.evaluate import BeirError
+    from pipelines.sources import SourceError
+    from pipelines.store import StoreError
+
+    return (ConfigError, SourceError, StoreError, BeirError, ValueError, FileNotFoundError)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="A directory of documents, a .jsonl or a .parquet file.")],
+    db: DbOpt,
+    config: ConfigOpt = None,
+    shards: ShardsOpt = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the run report here.")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Read, chunk, embed and write SOURCE into the shard tables under --db."""
+    from pipelines import ingest as pipeline
+    from pipelines.report import summary_table
+
+    try:
+        cfg = load_config(config, shards=shards, **{"ray.address": address})
+        result = pipeline.build(source=source, db=db, cfg=cfg, report_path=report)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    Console().print(summary_table(result))
+    console.print(f"report: {Path(result['db']) / '_runs' / (result['run_id'] + '.json')}", highlight=False)
+    if result["docs"]["failed"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def query(
+    text: Annotated[str, typer.Argument(help="What to search for.")],
+    db: DbOpt,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results to return.")] = 10,
+    where: Annotated[
+        str | None, typer.Option("--filter", help="SQL predicate, e.g. \"doc_id = 'x'\".")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Embed TEXT, search every shard, and print the global top-k (score = cosine similarity)."""
+    from pipelines.search import Searcher
+
+    try:
+        hits = Searcher(db).search(text, k=k, where=where)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    rows = hits.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
+    if as_json:
+        typer.echo(json.dumps({"query": text, "results": rows}, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"top {k} for {text!r}")
+    for column in ("#", "score", "doc_id", "title", "text"):
+        table.add_column(column, overflow="fold")
+    for rank, row in enumerate(rows, start=1):
+        snippet = " ".join(row["text"].split())[:160]
+        table.add_row(str(rank), f"{row['score']:.4f}", row["doc_id"], row["title"][:60], snippet)
+    Console().print(table)
+
+
+@app.command("eval")
+def evaluate(
+    beir_dir: Annotated[Path, typer.Argument(help="A BEIR collection: corpus.jsonl, queries.jsonl, qrels/.")],
+    db: DbOpt,
+    config: ConfigOpt = None,
+    shards: ShardsOpt = None,
+    address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+) -> None:
+    """Ingest BEIR_DIR/corpus.jsonl into --db unless it is there, then print nDCG@10, Recall@100, MRR@10."""
+    from pipelines import evaluate as ev
+    from pipelines import ingest as pipeline
+    from pipelines.search import Searcher
+
+    try:
+        queries, qrels = ev.load_beir(beir_dir)
+        if not ev.corpus_ingested(db, beir_dir):
+            cfg = load_config(config, shards=shards, **{"ray.address": address})
+            result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
+            console.print(
+                f"ingested {result['docs']['ingested']} docs into {result['chunks']['written']} chunks "
+                f"in {result['wall_s']:.0f} s",
+                highlight=False,
+            )
+        scores = ev.evaluate(searcher=Searcher(db), queries=queries, qrels=qrels)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    for name, value in scores.items():
+        typer.echo(f"{name:>11}  {value}")
+
+
+@app.command("sample-corpus")
+def sample_corpus(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the sample documents into.")],
+) -> None:
+    """Write a real sample corpus that needs no download: Python's reference topics (pydoc_data)."""
+    from pipelines.sources import write_pydoc_topics
+
+    count = write_pydoc_topics(out_dir)
+    console.print(f"wrote {count} documents to {out_dir}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,137 @@
+"""One pydantic model for every setting, loaded from YAML and validated once at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ReadConfig(_Strict):
+    docs_per_block: int = Field(
+        1000, gt=0, description="Rows per block when streaming JSONL; bounds read memory."
+    )
+    max_doc_mb: float = Field(
+        64, gt=0, description="Documents larger than this are listed as failed, not read."
+    )
+
+
+class ChunkingConfig(_Strict):
+    max_tokens: int | None = Field(
+        None,
+        gt=8,
+        description="Tokens per chunk, title included. Default: the model's max sequence length.",
+    )
+    overlap_tokens: int = Field(
+        32, ge=0, description="Tokens repeated between neighbouring chunks of a long document."
+    )
+    docs_per_batch: int = Field(256, gt=0, description="Documents per chunking task batch.")
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> ChunkingConfig:
+        if self.max_tokens is not None and self.overlap_tokens >= self.max_tokens:
+            raise ValueError(
+                f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens ({self.max_tokens})"
+            )
+        return self
+
+
+class EmbeddingConfig(_Strict):
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="A sentence-transformers model id or a local path. The default is bundled.",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), fp32 otherwise.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(256, gt=0, description="Chunks per Ray Data batch sent to an actor.")
+    encode_batch_size: int = Field(32, gt=0, description="Chunks per forward pass inside an actor.")
+    min_actors: int = Field(1, gt=0, description="Smallest embedding actor pool.")
+    max_actors: int | None = Field(
+        None, gt=0, description="Largest actor pool. Default: one per GPU, else min_actors."
+    )
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="Default: 1 when the cluster has GPUs, else 0."
+    )
+    cpu_threads: int | None = Field(
+        None, gt=0, description="Torch threads per CPU actor. Default: all cores of its node."
+    )
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> EmbeddingConfig:
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded local Ray.")
+    progress_bars: bool = True
+
+
+class CostConfig(_Strict):
+    hourly_usd: float = Field(0.0, ge=0, description="Price of the cluster per hour, for the report.")
+
+
+class Config(_Strict):
+    shards: int = Field(4, gt=0, le=1024, description="Number of LanceDB tables to spread chunks over.")
+    read: ReadConfig = ReadConfig()
+    chunking: ChunkingConfig = ChunkingConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    ray: RayConfig = RayConfig()
+    cost: CostConfig = CostConfig()
+
+
+class ConfigError(ValueError):
+    """A config file that is missing, unreadable or invalid."""
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Load and validate a YAML config, then apply dotted-key overrides.
+
+    Args:
+        path: YAML file; None gives the defaults.
+        overrides: ``{"shards": 8, "ray.address": "auto"}``; None values are ignored.
+
+    Returns:
+        The validated config.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config {str(path)!r}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config {str(path)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"Config {str(path)!r} must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {str(path)!r}" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"Invalid config{where}: {problems}") from exc

@@ -1,0 +1,191 @@
+"""The batch pipeline: read -> skip unchanged -> chunk -> embed -> write, then commit per shard."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipelines import chunking, models, report, sources, store
+from pipelines.config import Config, RayConfig
+from pipelines.embedding import Embedder, actor_options, embedding_dim
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Use the Ray already initialized, else connect to ``address`` / RAY_ADDRESS, else start one."""
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
+    if address == "local":
+        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _db_uri(db: str | Path) -> str:
+    text = str(db)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def build(
+    *, source: str | Path, db: str | Path, cfg: Config, report_path: Path | None = None
+) -> dict[str, Any]:
+    """Ingest ``source`` into the sharded tables under ``db`` and return the run report.
+
+    Args:
+        source: a directory of files, a .jsonl file or a .parquet file.
+        db: the db directory (created if missing).
+        cfg: validated settings; every resource number comes from here.
+        report_path: an extra place to write the report (it always goes to db/_runs/).
+
+    Returns:
+        The run report (see report.build_report).
+    """
+    run_id, started = new_run_id(), time.time()
+    db = _db_uri(db)
+    source = str(Path(source).expanduser().resolve())
+    model = cfg.embedding.model
+    counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
+    failed: list[list[str]] = []
+    timeline: list[dict[str, Any]] = []
+    with ray_session(cfg.ray), report.ResourceSampler() as sampler:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        # After ray.init: lancedb warns when its runtime is forked, and Ray forks while starting.
+        manifest = store.init_db(
+            db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
+        )
+        staging = store.Staging(db, run_id, manifest)
+        staging.create()
+        pool = actor_options(
+            cluster_gpus=ray.cluster_resources().get("GPU", 0),
+            gpus_per_actor=cfg.embedding.gpus_per_actor,
+            min_actors=cfg.embedding.min_actors,
+            max_actors=cfg.embedding.max_actors,
+        )
+        ds = (
+            sources.read_source(
+                source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
+            )
+            .map_batches(
+                store.mark_unchanged,
+                batch_format="pyarrow",
+                batch_size=cfg.chunking.docs_per_batch,
+                fn_kwargs={"db": db, "shards": manifest.shards},
+            )
+            .map_batches(
+                chunking.chunk_docs,
+                batch_format="pyarrow",
+                batch_size=cfg.chunking.docs_per_batch,
+                fn_kwargs={
+                    "model": model,
+                    "max_tokens": cfg.chunking.max_tokens,
+                    "overlap_tokens": cfg.chunking.overlap_tokens,
+                },
+            )
+            .map_batches(
+                Embedder,
+                fn_constructor_kwargs={
+                    "model": model,
+                    "dtype": cfg.embedding.dtype,
+                    "device": cfg.embedding.device,
+                    "encode_batch_size": cfg.embedding.encode_batch_size,
+                    "cpu_threads": cfg.embedding.cpu_threads,
+                },
+                batch_format="pyarrow",
+                batch_size=cfg.embedding.batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
+                num_gpus=pool["num_gpus"],
+                num_cpus=pool["num_cpus"],
+            )
+            .map_batches(
+                store.write_chunks,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={"staging": staging, "model": manifest.model},
+            )
+        )
+        for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in summary.to_pylist():
+                for key in ("chunks", "tokens", "ingested", "unchanged"):
+                    counts[key] += row[key]
+                failed.extend(json.loads(row["failed"]))
+                timeline.append(
+                    {
+                        "t": round(row["finished_at"] - started, 2),
+                        "chunks": counts["chunks"],
+                        "docs": counts["ingested"] + counts["unchanged"] + len(failed),
+                        "tokens": counts["tokens"],
+                    }
+                )
+        stages = report.stage_times(ds.get_stats_summary())
+        counts["ingested"] -= _commit(staging, failed)
+        staging.discard()
+    counts["failed"] = failed
+    wall_s = time.time() - started
+    result = report.build_report(
+        run_id=run_id,
+        source=source,
+        db=db,
+        model=manifest.model,
+        wall_s=wall_s,
+        counts=counts,
+        resources={**sampler.summary(), "embed_actors": pool, "timeline": sampler.timeline},
+        stages=stages,
+        shards=store.shard_rows(db),
+        config=cfg.model_dump(),
+        hourly_usd=cfg.cost.hourly_usd,
+        timeline=timeline,
+    )
+    paths = [Path(db) / store.RUNS_DIR / f"{run_id}.json"]
+    if report_path is not None:
+        paths.append(Path(report_path))
+    report.write_report(result, *paths)
+    return result
+
+
+def _commit(staging: store.Staging, failed: list[list[str]]) -> int:
+    """Commit every shard; a doc_id seen more than once in the source fails (all its copies).
+
+    Returns:
+        How many staged documents were failed here instead of ingested.
+    """
+    dropped = 0
+    shards = store.open_shards(staging.db)
+    for shard in range(staging.manifest.shards):
+        copies = Counter(staging.staged_doc_ids(shard))
+        duplicates = [doc_id for doc_id, n in copies.items() if n > 1]
+        staging.drop_docs(shard, duplicates)
+        for doc_id in duplicates:
+            dropped += copies[doc_id]
+            reason = f"duplicate doc_id: {copies[doc_id]} documents in the source share it"
+            failed.extend([[doc_id, "", reason]] * copies[doc_id])
+        table = shards[store.shard_name(shard)]
+        replaced: list[str] = []
+        if table.count_rows() > 0:
+            ids = [d for d in copies if copies[d] == 1]
+            for start in range(0, len(ids), 1000):
+                replaced.extend(store.stored_hashes(table, ids[start : start + 1000]))
+        staging.commit(shard, replaced=replaced)
+    return dropped

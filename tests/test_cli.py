@@ -1,0 +1,91 @@
+"""The embedpipe command, through typer's runner, on a real local Ray and the bundled model."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import EXIT_SOME_FAILED, app
+
+runner = CliRunner()
+
+
+def test_ingest_query_eval(ray_local, mini_beir, tmp_path):
+    db = tmp_path / "db"
+    report_path = tmp_path / "report.json"
+    result = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(mini_beir / "corpus.jsonl"),
+            "--db",
+            str(db),
+            "--shards",
+            "2",
+            "--report",
+            str(report_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "ingested" in result.output
+    report = json.loads(report_path.read_text())
+    assert report["docs"]["failed"] == 0 and len(report["shards"]) == 2
+
+    result = runner.invoke(app, ["query", "vitamin D deficiency", "--db", str(db), "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)["results"]
+    assert len(hits) == 3
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert set(hits[0]) >= {"chunk_id", "doc_id", "title", "text", "score", "shard"}
+
+    # eval finds the corpus already ingested and only scores it.
+    result = runner.invoke(app, ["eval", str(mini_beir), "--db", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output.strip().splitlines()[-1])
+    assert set(scores) == {"ndcg@10", "recall@100", "mrr@10", "queries"}
+    assert scores["queries"] == 20
+    assert scores["ndcg@10"] > 0.5  # a small corpus: the judged docs are easy to find
+
+
+def test_failed_documents_give_their_own_exit_code(ray_local, tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "good.txt").write_text("Enzymes speed up reactions.")
+    (src / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    result = runner.invoke(app, ["ingest", str(src), "--db", str(tmp_path / "db")])
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    assert "bad.txt" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ingest", "/nonexistent/src", "--db", "DB"], "does not exist"),
+        (["query", "x", "--db", "/nonexistent/db"], "not an embedpipe db"),
+        (["eval", "/nonexistent/beir", "--db", "DB"], "not a BEIR collection"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, args, message):
+    args = [str(tmp_path / "db") if a == "DB" else a for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_config_is_reported(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("shards: -1\n")
+    (tmp_path / "a.txt").write_text("x")
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "a.txt"), "--db", str(tmp_path / "db"), "--config", str(config)]
+    )
+    assert result.exit_code == 1
+    assert "shards" in result.output
+
+
+def test_sample_corpus(tmp_path):
+    result = runner.invoke(app, ["sample-corpus", str(tmp_path / "topics")])
+    assert result.exit_code == 0
+    files = list((tmp_path / "topics").glob("*.rst"))
+    assert len(files) > 50

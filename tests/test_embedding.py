@@ -1,0 +1,71 @@
+"""The embedding stage with the real bundled model."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines import models
+from pipelines.chunking import chunk_docs, embed_input
+from pipelines.embedding import Embedder, actor_options, embedding_dim, resolve_dtype
+from pipelines.sources import DOC_SCHEMA, _doc
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder(model=MODEL, device="cpu", dtype="fp32")
+
+
+def test_vectors_match_plain_sentence_transformers(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Vitamin D and bone density.", "A different sentence about galaxies."]
+    plain = SentenceTransformer(models.resolve_model(MODEL), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
+    ours = embedder.encode(texts)
+    assert ours.dtype == np.float32 and ours.shape == (2, 384)
+    np.testing.assert_allclose(ours, plain, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_stage_embeds_ok_rows_only(embedder):
+    docs = pa.Table.from_pylist(
+        [_doc("a", source="s", title="Title", text="Some text."), _doc("b", source="s", error="empty file")],
+        schema=DOC_SCHEMA,
+    )
+    out = embedder(chunk_docs(docs, model=MODEL))
+    assert out.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    rows = {r["doc_id"]: r for r in out.to_pylist()}
+    assert rows["b"]["vector"] is None
+    expected = embedder.encode([embed_input("Title", "Some text.")])[0]
+    np.testing.assert_allclose(rows["a"]["vector"], expected, atol=1e-6)
+
+
+def test_dim_from_config_without_loading():
+    assert embedding_dim(MODEL) == 384
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", "cuda") == "fp16"
+    assert resolve_dtype("auto", "cpu") in {"fp32", "bf16"}
+    assert resolve_dtype("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_dtype("fp16", "cpu")
+
+
+def test_bf16_close_to_fp32(embedder):
+    bf16 = Embedder(model=MODEL, device="cpu", dtype="bf16")
+    texts = ["Vitamin D and bone density in older women."]
+    cos = float(embedder.encode(texts)[0] @ bf16.encode(texts)[0])
+    assert cos > 0.99
+
+
+def test_actor_pool_follows_the_cluster():
+    assert actor_options(cluster_gpus=0, gpus_per_actor=None, min_actors=1, max_actors=None) == {
+        "num_gpus": 0.0, "num_cpus": 1, "min_size": 1, "max_size": 1,
+    }  # fmt: skip
+    gpu = actor_options(cluster_gpus=4, gpus_per_actor=None, min_actors=1, max_actors=None)
+    assert (gpu["num_gpus"], gpu["max_size"]) == (1.0, 4)
+    assert actor_options(cluster_gpus=4, gpus_per_actor=1, min_actors=1, max_actors=2)["max_size"] == 2

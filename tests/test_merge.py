@@ -1,0 +1,66 @@
+"""The top-k merge alone: no Ray, no LanceDB."""
+
+import pyarrow as pa
+import pytest
+
+from serve.merge import merge_topk
+
+
+def _shard(name, rows):
+    return pa.table(
+        {
+            "chunk_id": [r[0] for r in rows],
+            "score": pa.array([r[1] for r in rows], pa.float32()),
+            "shard": [name] * len(rows),
+        }
+    )
+
+
+def test_global_topk_across_shards():
+    a = _shard("a", [("a1", 0.9), ("a2", 0.5), ("a3", 0.1)])
+    b = _shard("b", [("b1", 0.95), ("b2", 0.6)])
+    c = _shard("c", [("c1", 0.7)])
+    merged = merge_topk([a, b, c], k=4)
+    assert merged["chunk_id"].to_pylist() == ["b1", "a1", "c1", "b2"]
+    assert merged["shard"].to_pylist() == ["b", "a", "c", "b"]
+
+
+def test_same_result_whatever_the_shard_order():
+    shards = [_shard("a", [("x", 0.5), ("y", 0.4)]), _shard("b", [("z", 0.5), ("w", 0.3)])]
+    forward = merge_topk(shards, k=3)
+    backward = merge_topk(shards[::-1], k=3)
+    assert forward.equals(backward)
+    # Equal scores are ordered by chunk_id.
+    assert forward["chunk_id"].to_pylist() == ["x", "z", "y"]
+
+
+def test_fewer_rows_than_k_and_empty_shards():
+    a = _shard("a", [("a1", 0.2)])
+    empty = _shard("b", [])
+    merged = merge_topk([empty, a, empty], k=10)
+    assert merged["chunk_id"].to_pylist() == ["a1"]
+    assert merge_topk([empty], k=3).num_rows == 0
+
+
+def test_matches_a_full_sort():
+    import random
+
+    rng = random.Random(7)
+    shards = [
+        _shard(str(s), [(f"{s}-{i}", rng.random()) for i in range(rng.randint(0, 50))]) for s in range(6)
+    ]
+    merged = merge_topk(shards, k=25)
+    everything = sorted(
+        (
+            (cid, score)
+            for t in shards
+            for cid, score in zip(t["chunk_id"].to_pylist(), t["score"].to_pylist(), strict=True)
+        ),
+        key=lambda r: (-r[1], r[0]),
+    )
+    assert merged["chunk_id"].to_pylist() == [cid for cid, _ in everything[:25]]
+
+
+def test_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be"):
+        merge_topk([_shard("a", [("x", 1.0)])], k=0)

@@ -1,0 +1,33 @@
+"""The full SciFact test split end to end, as the README runs it (slow: minutes on 2 cores)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines import store
+from pipelines.cli import app
+
+
+@pytest.mark.slow
+def test_scifact_eval_quality_and_report(ray_local, scifact, tmp_path):
+    db = tmp_path / "sf-db"
+    result = CliRunner().invoke(app, ["eval", str(scifact), "--db", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output.strip().splitlines()[-1])
+    assert scores["queries"] == 300
+    assert scores["ndcg@10"] >= 0.640  # published for this model: 0.6451
+
+    (report_path,) = (db / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    docs = report["docs"]
+    assert docs["seen"] == 5183 == docs["ingested"] + docs["unchanged"] + docs["failed"]
+    assert docs["failed"] == 0
+    assert len(report["shards"]) == 4
+    assert sum(report["shards"].values()) == report["chunks"]["written"]
+    assert report["shards"] == store.shard_rows(db)
+    doc_shards = {}
+    for name, table in store.open_shards(db).items():
+        for doc_id in set(table.search().select(["doc_id"]).limit(None).to_arrow()["doc_id"].to_pylist()):
+            doc_shards.setdefault(doc_id, []).append(name)
+    assert len(doc_shards) == 5183 and all(len(v) == 1 for v in doc_shards.values())
