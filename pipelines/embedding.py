@@ -76,8 +76,10 @@ class Embedder:
         cpu_threads: int | None = None,
     ):
         import torch
+        import transformers
         from sentence_transformers import SentenceTransformer
 
+        transformers.logging.disable_progress_bar()  # one bar per actor start is noise in the logs
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device == "cpu":

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -33,7 +34,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address == "local":
         kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+    with warnings.catch_warnings():
+        # Ray starts its processes with fork+exec, which lancedb's fork hook cannot tell from a bare fork.
+        warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
+        ray.init(**kwargs)
     try:
         yield
     finally:

@@ -22,7 +22,7 @@ class ResourceSampler:
     maps them, so ``peak_rss_mb`` is an upper bound.
     """
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s = interval_s
         self.peak_rss = 0
         self.cpu_samples: list[float] = []

@@ -35,7 +35,7 @@ def search_shard(table: Any, vector: np.ndarray, *, k: int, shard: str, where: s
     Returns:
         RESULT_COLUMNS plus ``score`` (cosine similarity, higher is better) and ``shard``.
     """
-    query = table.search(vector).distance_type("cosine").select(RESULT_COLUMNS).limit(k)
+    query = table.search(vector).distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
     if where:
         query = query.where(where, prefilter=True)
     hits = query.to_arrow()

@@ -291,8 +291,9 @@ def read_source(
 
 
 def _all_parquet(path: Path) -> bool:
-    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))]
-    return bool(files) and all(p.suffix.lower() == ".parquet" for p in files)
+    files = (p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+    first = next(files, None)
+    return first is not None and all(p.suffix.lower() == ".parquet" for p in (first, *files))
 
 
 def write_pydoc_topics(out_dir: str | Path) -> int:
