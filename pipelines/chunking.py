@@ -197,9 +197,13 @@ def chunk_docs(
         # must not starve the text, so it keeps at least half of the budget.
         budget = max(limit - specials - len(title_enc.ids), (limit - specials) // 2, 1)
         index = _TokenIndex([s for s, _ in enc.offsets], [e for _, e in enc.offsets])
-        chunked[id(doc)] = split_spans(
-            doc["text"], index, budget=budget, overlap=min(overlap_tokens, budget // 2)
-        )
+        try:
+            chunked[id(doc)] = split_spans(
+                doc["text"], index, budget=budget, overlap=min(overlap_tokens, budget // 2)
+            )
+        except Exception as exc:  # one document must never end the run
+            doc["error"] = f"chunking failed: {type(exc).__name__}: {exc}"
+            continue
         titled[id(doc)] = specials + len(title_enc.ids)
 
     rows: list[dict[str, Any]] = []

@@ -150,4 +150,8 @@ def actor_options(
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
     if max_actors is None:
         max_actors = max(min_actors, int(cluster_gpus // gpus)) if gpus else min_actors
-    return {"num_gpus": gpus, "num_cpus": 1, "min_size": min_actors, "max_size": max_actors}
+    # A GPU actor's CPU share is left to Ray's default: Ray Data warns when a map stage sets both.
+    options: dict[str, Any] = {"num_gpus": gpus, "min_size": min_actors, "max_size": max_actors}
+    if not gpus:
+        options["num_cpus"] = 1
+    return options

@@ -74,7 +74,9 @@ def build(
     counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
     failed: list[list[str]] = []
     timeline: list[dict[str, Any]] = []
-    with ray_session(cfg.ray), report.ResourceSampler() as sampler:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ray_session(cfg.ray))
+        sampler = stack.enter_context(report.ResourceSampler())
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         # After ray.init: lancedb warns when its runtime is forked, and Ray forks while starting.
         manifest = store.init_db(
@@ -82,6 +84,7 @@ def build(
         )
         staging = store.Staging(db, run_id, manifest)
         staging.create()
+        stack.callback(staging.discard)  # staged rows of a failed run are never committed
         pool = actor_options(
             cluster_gpus=ray.cluster_resources().get("GPU", 0),
             gpus_per_actor=cfg.embedding.gpus_per_actor,
@@ -120,8 +123,8 @@ def build(
                 batch_format="pyarrow",
                 batch_size=cfg.embedding.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
-                num_gpus=pool["num_gpus"],
-                num_cpus=pool["num_cpus"],
+                num_gpus=pool["num_gpus"] or None,
+                num_cpus=pool.get("num_cpus"),
             )
             .map_batches(
                 store.write_chunks,
@@ -145,7 +148,6 @@ def build(
                 )
         stages = report.stage_times(ds.get_stats_summary())
         counts["ingested"] -= _commit(staging, failed)
-        staging.discard()
     counts["failed"] = failed
     wall_s = time.time() - started
     result = report.build_report(

@@ -18,6 +18,7 @@ from typing import Any
 import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
+from lancedb.index import BTree
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class Staging:
         else:
             table.add(reader)
         # Later runs look documents up by id to skip unchanged ones.
-        table.create_scalar_index("doc_id", replace=True)
+        table.create_index("doc_id", config=BTree(), replace=True)
         logger.info("committed %d rows to %s (version %d)", rows, name, table.version)
         return rows
 

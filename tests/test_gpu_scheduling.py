@@ -22,7 +22,9 @@ SCRIPT = textwrap.dedent(
 
     cfg = load_config(None, shards=2, **{"ray.progress_bars": False, "embedding.batch_size": 16})
     report = ingest.build(source=sys.argv[1], db=sys.argv[2], cfg=cfg)
-    actors = [a for a in list_actors(detail=True, limit=1000) if "Embedder" in (a.class_name or "")]
+    address = ray.get_runtime_context().gcs_address
+    actors = [a for a in list_actors(address=address, detail=True, limit=1000)
+              if "Embedder" in (a.class_name or "")]
     print("RESULT " + json.dumps({
         "pool": report["resources"]["embed_actors"],
         "actor_gpus": [a.required_resources.get("GPU", 0) for a in actors],
