@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -158,6 +159,45 @@ def evaluate(
         return
     for name, value in scores.items():
         typer.echo(f"{name:>11}  {value}")
+
+
+@app.command("serve")
+def serve_command(
+    db: DbOpt,
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=0, max=65535, help="HTTP port (default 8000).")
+    ] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Serve POST /search, GET /healthz and /docs over HTTP with Ray Serve until interrupted.
+
+    Set EMBEDPIPE_API_KEY to require ``Authorization: Bearer <key>`` on every endpoint but /healthz.
+    """
+    from ray import serve
+
+    from pipelines.ingest import ray_session
+    from serve.app import ServeConfig, build_app
+
+    try:
+        cfg = load_config(config, **{"serve.host": host, "serve.port": port, "ray.address": address})
+        application = build_app(ServeConfig(db=str(db), settings=cfg.serve))
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    with ray_session(cfg.ray):
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(application, name="embedpipe", route_prefix="/")
+        console.print(
+            f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} (POST /search, GET /healthz, /docs); "
+            "Ctrl-C stops",
+            highlight=False,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
 
 
 @app.command("sample-corpus")

@@ -81,6 +81,27 @@ class RayConfig(_Strict):
     progress_bars: bool = True
 
 
+class ServeSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; loopback by default.")
+    port: int = Field(8000, ge=0, le=65535)
+    shard_replicas: int = Field(1, gt=0, description="Replicas of each shard deployment.")
+    shard_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per shard replica.")
+    router_replicas: int = Field(1, gt=0)
+    router_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per router replica.")
+    max_ongoing_requests: int = Field(
+        64, gt=0, description="Requests a router replica takes at once; bounds the embed batch too."
+    )
+    max_batch_size: int = Field(16, gt=0, description="Most queries embedded in one forward pass.")
+    batch_wait_timeout_s: float = Field(0.003, ge=0, description="How long a batch waits to fill up.")
+    max_query_chars: int = Field(2000, gt=0, description="Longer queries are a 422.")
+    max_k: int = Field(1000, gt=0, le=10000)
+    max_body_bytes: int = Field(65536, gt=0, description="Larger request bodies are a 413.")
+    refresh_s: float = Field(
+        1.0, ge=0, description="Shards look for new table versions this often (0: on every query)."
+    )
+    default_mode: Literal["vector"] = "vector"
+
+
 class CostConfig(_Strict):
     hourly_usd: float = Field(0.0, ge=0, description="Price of the cluster per hour, for the report.")
 
@@ -91,6 +112,7 @@ class Config(_Strict):
     chunking: ChunkingConfig = ChunkingConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     ray: RayConfig = RayConfig()
+    serve: ServeSettings = ServeSettings()
     cost: CostConfig = CostConfig()
 
 

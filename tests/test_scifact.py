@@ -26,8 +26,11 @@ def test_scifact_eval_quality_and_report(ray_local, scifact, tmp_path):
     assert len(report["shards"]) == 4
     assert sum(report["shards"].values()) == report["chunks"]["written"]
     assert report["shards"] == store.shard_rows(db)
-    doc_shards = {}
+    doc_shards, tokens = {}, 0
     for name, table in store.open_shards(db).items():
-        for doc_id in set(table.search().select(["doc_id"]).limit(None).to_arrow()["doc_id"].to_pylist()):
+        rows = table.search().select(["doc_id", "n_tokens"]).limit(None).to_arrow()
+        tokens += sum(rows["n_tokens"].to_pylist())
+        for doc_id in set(rows["doc_id"].to_pylist()):
             doc_shards.setdefault(doc_id, []).append(name)
+    assert tokens == report["tokens_embedded"]
     assert len(doc_shards) == 5183 and all(len(v) == 1 for v in doc_shards.values())

@@ -1,0 +1,64 @@
+"""build_app(cfg) -> the Serve application: one ShardSearcher per shard behind one Router.
+
+Start it with ``embedpipe serve --db DIR`` or the Ray way: ``serve run serve.app:build_app db=DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from pipelines import store
+from pipelines.config import ServeSettings
+from serve.router import Router
+from serve.shard import ShardSearcher
+
+
+class ServeConfig(BaseModel):
+    """Arguments of the application builder (``serve run serve.app:build_app db=...``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    db: str = Field(..., description="The db directory written by embedpipe ingest.")
+    settings: ServeSettings = ServeSettings()
+    api_key: str | None = Field(None, description="Bearer key; default from EMBEDPIPE_API_KEY.")
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    """The search application over every shard of ``cfg.db``.
+
+    Args:
+        cfg: the db, serve settings and optional API key.
+
+    Returns:
+        A bound Serve application; pass it to ``serve.run``.
+    """
+    import os
+
+    db = cfg.db if "://" in cfg.db else str(Path(cfg.db).expanduser().resolve())  # replicas run elsewhere
+    manifest = store.read_manifest(db)
+    settings = cfg.settings
+    shards = [
+        ShardSearcher.options(
+            name=f"ShardSearcher-{store.shard_name(i)}",
+            num_replicas=settings.shard_replicas,
+            ray_actor_options={"num_cpus": settings.shard_cpus},
+        ).bind(db, store.shard_name(i), settings.refresh_s)
+        for i in range(manifest.shards)
+    ]
+    return Router.options(
+        num_replicas=settings.router_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.router_cpus},
+    ).bind(
+        shards,
+        model=manifest.model,
+        settings=settings.model_dump(),
+        api_key=cfg.api_key if cfg.api_key is not None else os.environ.get("EMBEDPIPE_API_KEY") or None,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )

@@ -1,0 +1,157 @@
+"""The Serve application on 127.0.0.1 over a real ingested db, with the real model."""
+
+import json
+import socket
+
+import pytest
+import requests
+
+from pipelines import ingest
+from pipelines.config import ServeSettings, load_config
+from pipelines.search import Searcher
+from tests.conftest import scifact_docs
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory, scifact):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    docs = scifact_docs(80)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    db = root / "db"
+    cfg = load_config(None, shards=4, **{"ray.progress_bars": False})
+    ingest.build(source=corpus, db=db, cfg=cfg)
+    port = _free_port()
+    # No CPU reservations, so that an ingest can run beside the app on the 2-CPU test cluster.
+    settings = ServeSettings(
+        shard_cpus=0, router_cpus=0, refresh_s=0, max_query_chars=300, max_body_bytes=4096
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app(ServeConfig(db=str(db), settings=settings, api_key=KEY, device="cpu", dtype="fp32")),
+        name="embedpipe",
+        route_prefix="/",
+    )
+    yield f"http://127.0.0.1:{port}", db, docs, cfg
+    serve.shutdown()
+
+
+def _search(url, **body):
+    return requests.post(f"{url}/search", json=body, headers=AUTH, timeout=60)
+
+
+def test_search_matches_local_search(served):
+    url, db, docs, _ = served
+    searcher = Searcher(db, device="cpu", dtype="fp32")
+    for doc in docs[:12]:
+        response = _search(url, query=doc["title"], k=10)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        local = searcher.search(doc["title"], k=10)
+        assert [h["chunk_id"] for h in body["results"]] == local["chunk_id"].to_pylist()
+        for hit, score in zip(body["results"], local["score"].to_pylist(), strict=True):
+            assert abs(hit["score"] - score) < 1e-4
+        assert body["results"][0]["doc_id"] == doc["_id"]
+        assert body["took_ms"] > 0
+        assert len({h["shard"] for h in body["results"]}) >= 1
+
+
+def test_filter_is_a_prefilter(served):
+    url, _, docs, _ = served
+    target = docs[5]["_id"]
+    response = _search(url, query="cancer", k=5, filter=f"doc_id = '{target}'")
+    assert response.status_code == 200, response.text
+    assert {h["doc_id"] for h in response.json()["results"]} == {target}
+
+
+@pytest.mark.parametrize(
+    ("flt", "needle"), [("nosuchcolumn = 1", "nosuchcolumn"), ("doc_id = ", "invalid filter")]
+)
+def test_bad_filter_is_a_400_naming_the_problem(served, flt, needle):
+    url, *_ = served
+    response = _search(url, query="x", filter=flt)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"query": "x", "k": 0}, 422, "k"),
+        ({"query": "x", "k": 1001}, 422, "k"),
+        ({"query": ""}, 422, "query"),
+        ({"k": 3}, 422, "query"),
+        ({"query": "x", "unknown": 1}, 422, "unknown"),
+        ({"query": "x" * 301}, 422, "max_query_chars=300"),
+        ({"query": "x", "mode": "sparse"}, 422, "mode"),
+    ],
+)
+def test_bad_requests_are_4xx(served, body, status, needle):
+    url, *_ = served
+    response = _search(url, **body)
+    assert response.status_code == status, response.text
+    assert needle in json.dumps(response.json())
+
+
+def test_body_limits_and_bad_json(served):
+    url, *_ = served
+    big = requests.post(
+        f"{url}/search",
+        data=b"{" + b" " * 5000 + b"}",
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert big.status_code == 413 and "max_body_bytes=4096" in big.json()["detail"], big.text
+    bad = requests.post(
+        f"{url}/search", data=b"{not json", headers={**AUTH, "Content-Type": "application/json"}, timeout=30
+    )
+    assert bad.status_code == 422
+
+
+def test_api_key(served):
+    url, *_ = served
+    assert requests.post(f"{url}/search", json={"query": "x"}, timeout=30).status_code == 401
+    wrong = requests.post(
+        f"{url}/search", json={"query": "x"}, headers={"Authorization": "Bearer nope"}, timeout=30
+    )
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert requests.post(f"{url}/search", json={"k": 0}, timeout=30).status_code == 401  # before validation
+    assert requests.get(f"{url}/openapi.json", timeout=30).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_healthz_and_openapi(served):
+    url, db, _, _ = served
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert [s["shard"] for s in health["shards"]] == [f"shard_{i:03d}" for i in range(4)]
+    from pipelines import store
+
+    assert {s["shard"]: s["rows"] for s in health["shards"]} == store.shard_rows(db)
+    spec = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()
+    assert "/search" in spec["paths"] and "/healthz" in spec["paths"]
+
+
+def test_new_ingest_is_visible(served, tmp_path):
+    url, db, _, cfg = served
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text(
+        json.dumps({"_id": "new-doc", "title": "Axolotl limb regrowth", "text": "Axolotls regrow limbs."})
+        + "\n"
+    )
+    ingest.build(source=corpus, db=db, cfg=cfg)
+    hits = _search(url, query="axolotl limb regrowth", k=1).json()["results"]
+    assert hits[0]["doc_id"] == "new-doc"
