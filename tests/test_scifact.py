@@ -10,6 +10,7 @@ from pipelines.cli import app
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_scifact_eval_quality_and_report(ray_local, scifact, tmp_path):
     db = tmp_path / "sf-db"
     result = CliRunner().invoke(app, ["eval", str(scifact), "--db", str(db), "--json"])
