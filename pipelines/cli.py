@@ -130,28 +130,45 @@ def query(
 @app.command("eval")
 def evaluate(
     beir_dir: Annotated[Path, typer.Argument(help="A BEIR collection: corpus.jsonl, queries.jsonl, qrels/.")],
-    db: DbOpt,
+    db: Annotated[
+        Path | None,
+        typer.Option("--db", help="The db to score (ingested first if needed).", envvar="EMBEDPIPE_DB"),
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            help="Score a running service instead, e.g. http://127.0.0.1:8000 (EMBEDPIPE_API_KEY is sent).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     shards: ShardsOpt = None,
     address: AddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
 ) -> None:
-    """Ingest BEIR_DIR/corpus.jsonl into --db unless it is there, then print nDCG@10, Recall@100, MRR@10."""
+    """Print nDCG@10, Recall@100, MRR@10 on BEIR_DIR for --db (ingested first if needed) or --endpoint."""
     from pipelines import evaluate as ev
-    from pipelines import ingest as pipeline
-    from pipelines.search import Searcher
 
+    if (db is None) == (endpoint is None):
+        raise _fail("give exactly one of --db and --endpoint", EXIT_USAGE)
     try:
         queries, qrels = ev.load_beir(beir_dir)
-        if not ev.corpus_ingested(db, beir_dir):
-            cfg = load_config(config, shards=shards, **{"ray.address": address})
-            result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
-            console.print(
-                f"ingested {result['docs']['ingested']} docs into {result['chunks']['written']} chunks "
-                f"in {result['wall_s']:.0f} s",
-                highlight=False,
-            )
-        scores = ev.evaluate(searcher=Searcher(db), queries=queries, qrels=qrels)
+        if endpoint is not None:
+            run = ev.run_endpoint(endpoint, queries, api_key=os.environ.get("EMBEDPIPE_API_KEY"))
+        else:
+            from pipelines import ingest as pipeline
+            from pipelines.search import Searcher
+
+            if not ev.corpus_ingested(db, beir_dir):
+                cfg = load_config(config, shards=shards, **{"ray.address": address})
+                result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
+                console.print(
+                    f"ingested {result['docs']['ingested']} docs into {result['chunks']['written']} chunks "
+                    f"in {result['wall_s']:.0f} s",
+                    highlight=False,
+                )
+            run = ev.run_local(Searcher(db), queries)
+        scores = ev.score(run, qrels)
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ METRICS = ["ndcg@10", "recall@100", "mrr@10"]
 
 class BeirError(ValueError):
     """A directory that is not in BEIR layout."""
+
+
+class EndpointError(ValueError):
+    """A search service that did not answer a query."""
 
 
 def load_beir(
@@ -56,35 +61,76 @@ def load_beir(
     return queries, qrels
 
 
-def rank_docs(searcher: Searcher, vector: np.ndarray, *, n_docs: int) -> dict[str, float]:
-    """The best ``n_docs`` documents for a query, each scored by its best chunk."""
-    k = n_docs * 3
+def rank_docs(
+    search: Callable[[int], list[tuple[str, float]]], *, n_docs: int, max_k: int | None = None
+) -> dict[str, float]:
+    """The best ``n_docs`` documents for a query, each scored by its best chunk.
+
+    Args:
+        search: returns the top-k chunks as ``(doc_id, score)``, best first.
+        n_docs: documents wanted.
+        max_k: the most chunks ``search`` may be asked for (a service's limit).
+    """
+    k = n_docs * 3 if max_k is None else min(n_docs * 3, max_k)
     while True:
-        hits = searcher.search_vector(vector, k=k)
+        hits = search(k)
         docs: dict[str, float] = {}
-        for doc_id, score in zip(hits["doc_id"].to_pylist(), hits["score"].to_pylist(), strict=True):
+        for doc_id, score in hits:
             docs.setdefault(doc_id, float(score))  # hits are best first
-        if len(docs) >= n_docs or hits.num_rows < k:
+        if len(docs) >= n_docs or len(hits) < k or (max_k is not None and k >= max_k):
             return dict(list(docs.items())[:n_docs])
-        k *= 2
+        k = k * 2 if max_k is None else min(k * 2, max_k)
 
 
-def evaluate(
-    *, searcher: Searcher, queries: dict[str, str], qrels: dict[str, dict[str, int]]
-) -> dict[str, Any]:
-    """nDCG@10, Recall@100 and MRR@10 of the db behind ``searcher`` (ranx does the scoring)."""
+def run_local(
+    searcher: Searcher, queries: dict[str, str], *, n_docs: int = 100
+) -> dict[str, dict[str, float]]:
+    """Document rankings for every query, searched in this process."""
+    qids = sorted(queries)
+    vectors = searcher.embed([queries[q] for q in qids])
+
+    def searcher_for(vector: np.ndarray) -> Callable[[int], list[tuple[str, float]]]:
+        def search(k: int) -> list[tuple[str, float]]:
+            hits = searcher.search_vector(vector, k=k)
+            return list(zip(hits["doc_id"].to_pylist(), hits["score"].to_pylist(), strict=True))
+
+        return search
+
+    return {qid: rank_docs(searcher_for(vec), n_docs=n_docs) for qid, vec in zip(qids, vectors, strict=True)}
+
+
+def run_endpoint(
+    url: str, queries: dict[str, str], *, n_docs: int = 100, api_key: str | None = None, max_k: int = 1000
+) -> dict[str, dict[str, float]]:
+    """Document rankings for every query, searched through a running ``embedpipe serve``."""
+    import requests
+
+    session = requests.Session()
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
+    endpoint = url.rstrip("/") + "/search"
+
+    def searcher_for(text: str) -> Callable[[int], list[tuple[str, float]]]:
+        def search(k: int) -> list[tuple[str, float]]:
+            response = session.post(endpoint, json={"query": text, "k": k}, timeout=120)
+            if response.status_code != 200:
+                raise EndpointError(f"{endpoint} answered {response.status_code}: {response.text[:300]}")
+            return [(hit["doc_id"], hit["score"]) for hit in response.json()["results"]]
+
+        return search
+
+    return {qid: rank_docs(searcher_for(queries[qid]), n_docs=n_docs, max_k=max_k) for qid in sorted(queries)}
+
+
+def score(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """nDCG@10, Recall@100 and MRR@10 of document rankings (ranx does the scoring)."""
     from ranx import Qrels, Run
     from ranx import evaluate as ranx_evaluate
 
-    qids = sorted(queries)
-    vectors = searcher.embed([queries[q] for q in qids])
-    run = {qid: rank_docs(searcher, vec, n_docs=100) for qid, vec in zip(qids, vectors, strict=True)}
     # ranx rejects a query with an empty ranking; such a query simply scores 0.
-    for ranking in run.values():
-        if not ranking:
-            ranking["__none__"] = 0.0
+    run = {qid: ranking or {"__none__": 0.0} for qid, ranking in run.items()}
     scores = ranx_evaluate(Qrels(qrels), Run(run), METRICS, make_comparable=True)
-    return {**{m: round(float(scores[m]), 4) for m in METRICS}, "queries": len(qids)}
+    return {**{m: round(float(scores[m]), 4) for m in METRICS}, "queries": len(run)}
 
 
 def corpus_ingested(db: str | Path, beir_dir: str | Path) -> bool:

@@ -45,7 +45,7 @@ def served(ray_local, tmp_path_factory, scifact):
         name="embedpipe",
         route_prefix="/",
     )
-    yield f"http://127.0.0.1:{port}", db, docs, cfg
+    yield f"http://127.0.0.1:{port}", db, docs, cfg, root
     serve.shutdown()
 
 
@@ -54,7 +54,7 @@ def _search(url, **body):
 
 
 def test_search_matches_local_search(served):
-    url, db, docs, _ = served
+    url, db, docs, *_ = served
     searcher = Searcher(db, device="cpu", dtype="fp32")
     for doc in docs[:12]:
         response = _search(url, query=doc["title"], k=10)
@@ -70,7 +70,7 @@ def test_search_matches_local_search(served):
 
 
 def test_filter_is_a_prefilter(served):
-    url, _, docs, _ = served
+    url, _, docs, *_ = served
     target = docs[5]["_id"]
     response = _search(url, query="cancer", k=5, filter=f"doc_id = '{target}'")
     assert response.status_code == 200, response.text
@@ -134,7 +134,7 @@ def test_api_key(served):
 
 
 def test_healthz_and_openapi(served):
-    url, db, _, _ = served
+    url, db, *_ = served
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert [s["shard"] for s in health["shards"]] == [f"shard_{i:03d}" for i in range(4)]
@@ -145,8 +145,36 @@ def test_healthz_and_openapi(served):
     assert "/search" in spec["paths"] and "/healthz" in spec["paths"]
 
 
+def test_eval_through_the_endpoint_equals_local(served):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    url, db, docs, _, root = served
+    # A small BEIR collection over the served corpus: each title should find its own document.
+    (root / "qrels").mkdir(exist_ok=True)
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": d["title"]}) + "\n" for i, d in enumerate(docs[:15]))
+    )
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d['_id']}\t1\n" for i, d in enumerate(docs[:15]))
+    )
+    runner = CliRunner()
+    remote = runner.invoke(
+        app, ["eval", str(root), "--endpoint", url, "--json"], env={"EMBEDPIPE_API_KEY": KEY}
+    )
+    assert remote.exit_code == 0, remote.output
+    local = runner.invoke(app, ["eval", str(root), "--db", str(db), "--json"])
+    assert local.exit_code == 0, local.output
+    remote_scores = json.loads(remote.stdout.strip().splitlines()[-1])
+    assert remote_scores == json.loads(local.stdout.strip().splitlines()[-1])
+    assert remote_scores["queries"] == 15 and remote_scores["ndcg@10"] > 0.9
+    unauthorized = runner.invoke(app, ["eval", str(root), "--endpoint", url], env={"EMBEDPIPE_API_KEY": ""})
+    assert unauthorized.exit_code == 1 and "401" in unauthorized.output
+
+
 def test_new_ingest_is_visible(served, tmp_path):
-    url, db, _, cfg = served
+    url, db, _, cfg, _ = served
     corpus = tmp_path / "new.jsonl"
     corpus.write_text(
         json.dumps({"_id": "new-doc", "title": "Axolotl limb regrowth", "text": "Axolotls regrow limbs."})
