@@ -99,7 +99,6 @@ class ServeSettings(_Strict):
     refresh_s: float = Field(
         1.0, ge=0, description="Shards look for new table versions this often (0: on every query)."
     )
-    default_mode: Literal["vector"] = "vector"
 
 
 class CostConfig(_Strict):

@@ -147,7 +147,8 @@ def build(
                     }
                 )
         stages = report.stage_times(ds.get_stats_summary())
-        counts["ingested"] -= _commit(staging, failed, counts)
+        dropped, counts["chunks"] = _commit(staging, failed)
+        counts["ingested"] -= dropped
     counts["failed"] = failed
     wall_s = time.time() - started
     result = report.build_report(
@@ -171,16 +172,14 @@ def build(
     return result
 
 
-def _commit(staging: store.Staging, failed: list[list[str]], counts: dict[str, Any]) -> int:
+def _commit(staging: store.Staging, failed: list[list[str]]) -> tuple[int, int]:
     """Commit every shard; a doc_id seen more than once in the source fails (all its copies).
 
-    Sets ``counts["chunks"]`` to the rows committed (embedded chunks of failed copies are not written).
-
     Returns:
-        How many staged documents were failed here instead of ingested.
+        How many staged documents were failed here instead of ingested, and how many rows were
+        committed (the embedded chunks of failed copies are not written).
     """
-    dropped = 0
-    counts["chunks"] = 0
+    dropped = committed = 0
     shards = store.open_shards(staging.db)
     for shard in range(staging.manifest.shards):
         copies = Counter(staging.staged_doc_ids(shard))
@@ -196,5 +195,5 @@ def _commit(staging: store.Staging, failed: list[list[str]], counts: dict[str, A
             ids = [d for d in copies if copies[d] == 1]
             for start in range(0, len(ids), 1000):
                 replaced.extend(store.stored_hashes(table, ids[start : start + 1000]))
-        counts["chunks"] += staging.commit(shard, replaced=replaced)
-    return dropped
+        committed += staging.commit(shard, replaced=replaced)
+    return dropped, committed

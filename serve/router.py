@@ -64,7 +64,8 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: str
+    # A message, or FastAPI's list of field errors for a 422.
+    detail: str | list[dict[str, Any]]
 
 
 app = FastAPI(
