@@ -47,6 +47,10 @@ AddressOpt = Annotated[
         "--address", help="Ray cluster address; default: an embedded local Ray.", envvar="RAY_ADDRESS"
     ),
 ]
+ModeOpt = Annotated[
+    str | None,
+    typer.Option("--mode", help="vector or hybrid (vector + BM25 by reciprocal rank); default from config."),
+]
 ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number of shard tables (default 4).")]
 
 
@@ -104,12 +108,30 @@ def query(
         str | None, typer.Option("--filter", help="SQL predicate, e.g. \"doc_id = 'x'\".")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    mode: ModeOpt = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Scan every row even where an ANN index exists.")
+    ] = False,
+    config: ConfigOpt = None,
 ) -> None:
-    """Embed TEXT, search every shard, and print the global top-k (score = cosine similarity)."""
+    """Embed TEXT, search every shard, and print the global top-k.
+
+    The score is the cosine similarity in vector mode and the fused rank score in hybrid mode.
+    """
     from pipelines.search import Searcher
 
     try:
-        hits = Searcher(db).search(text, k=k, where=where)
+        cfg = load_config(config, **{"serve.default_mode": mode})
+        searcher = Searcher(db, index=cfg.index)
+        if exact:
+            if cfg.serve.default_mode != "vector":
+                raise ValueError("--exact applies to vector mode only.")
+            hits = searcher.search_vector(searcher.embed([text])[0], k=k, where=where, exact=True)
+        else:
+            hits = searcher.search(
+                text, k=k, where=where, mode=cfg.serve.default_mode,
+                candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
+            )  # fmt: skip
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     rows = hits.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
@@ -145,6 +167,7 @@ def evaluate(
     shards: ShardsOpt = None,
     address: AddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    mode: ModeOpt = None,
 ) -> None:
     """Print nDCG@10, Recall@100, MRR@10 on BEIR_DIR for --db (ingested first if needed) or --endpoint."""
     from pipelines import evaluate as ev
@@ -153,21 +176,24 @@ def evaluate(
         raise _fail("give exactly one of --db and --endpoint", EXIT_USAGE)
     try:
         queries, qrels = ev.load_beir(beir_dir)
+        cfg = load_config(config, shards=shards, **{"ray.address": address, "serve.default_mode": mode})
         if endpoint is not None:
-            run = ev.run_endpoint(endpoint, queries, api_key=os.environ.get("EMBEDPIPE_API_KEY"))
+            run = ev.run_endpoint(endpoint, queries, api_key=os.environ.get("EMBEDPIPE_API_KEY"), mode=mode)
         else:
             from pipelines import ingest as pipeline
             from pipelines.search import Searcher
 
             if not ev.corpus_ingested(db, beir_dir):
-                cfg = load_config(config, shards=shards, **{"ray.address": address})
                 result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
                 console.print(
                     f"ingested {result['docs']['ingested']} docs into {result['chunks']['written']} chunks "
                     f"in {result['wall_s']:.0f} s",
                     highlight=False,
                 )
-            run = ev.run_local(Searcher(db), queries)
+            run = ev.run_local(
+                Searcher(db, index=cfg.index), queries, mode=cfg.serve.default_mode,
+                candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
+            )  # fmt: skip
         scores = ev.score(run, qrels)
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
@@ -176,6 +202,35 @@ def evaluate(
         return
     for name, value in scores.items():
         typer.echo(f"{name:>11}  {value}")
+
+
+@app.command("index")
+def index_command(
+    db: DbOpt,
+    config: ConfigOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes that already fit.")] = False,
+    fts: Annotated[
+        bool | None, typer.Option("--fts/--no-fts", help="Full-text indexes for hybrid search.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Index every shard for its size: exact search when small, IVF_HNSW_SQ or IVF_PQ when large,
+    and BM25 full-text indexes on title and text for hybrid search."""
+    from pipelines import index as indexing
+
+    try:
+        cfg = load_config(config, **{"index.fts": fts})
+        summaries = indexing.build(db, settings=cfg.index, rebuild=rebuild)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(summaries))
+        return
+    for s in summaries:
+        typer.echo(
+            f"{s['shard']}: {s['rows']} rows, {s['vector_index']} (partitions {s['num_partitions']}, "
+            f"query {s['query_params'] or 'exact scan'}), fts {s['fts'] or 'none'}, {s['seconds']} s"
+        )
 
 
 @app.command("serve")
@@ -199,15 +254,15 @@ def serve_command(
 
     try:
         cfg = load_config(config, **{"serve.host": host, "serve.port": port, "ray.address": address})
-        application = build_app(ServeConfig(db=str(db), settings=cfg.serve))
+        application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index))
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     with ray_session(cfg.ray):
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(application, name="embedpipe", route_prefix="/")
         console.print(
-            f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} (POST /search, GET /healthz, /docs); "
-            "Ctrl-C stops",
+            f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} "
+            "(POST /search, GET /healthz, /metrics, /docs); Ctrl-C stops",
             highlight=False,
         )
         try:

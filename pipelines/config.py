@@ -81,6 +81,21 @@ class RayConfig(_Strict):
     progress_bars: bool = True
 
 
+class IndexSettings(_Strict):
+    exact_below_rows: int = Field(
+        20_000, ge=0, description="Shards with fewer rows keep exact search (a scan of ~1 ms per 1k rows)."
+    )
+    vector_index: Literal["ivf_hnsw_sq", "ivf_pq"] = Field(
+        "ivf_hnsw_sq", description="ANN index for larger shards; parameters follow from the shard's rows."
+    )
+    fts: bool = Field(True, description="Full-text (BM25) indexes on title and text, for hybrid search.")
+    refine_factor: int | None = Field(
+        5, gt=0, description="Re-rank refine_factor * k ANN candidates with exact distances."
+    )
+    ef: int = Field(100, gt=0, description="HNSW search breadth (at least k).")
+    after_ingest: bool = Field(False, description="Run `embedpipe index` at the end of every ingest.")
+
+
 class ServeSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; loopback by default.")
     port: int = Field(8000, ge=0, le=65535)
@@ -99,6 +114,17 @@ class ServeSettings(_Strict):
     refresh_s: float = Field(
         1.0, ge=0, description="Shards look for new table versions this often (0: on every query)."
     )
+    default_mode: Literal["vector", "hybrid"] = Field(
+        "vector", description="Search mode of a request that names none."
+    )
+    hybrid_candidates: int = Field(
+        100, gt=0, description="Vector and full-text candidates fused per hybrid query (at least k)."
+    )
+    rrf_k: int = Field(60, gt=0, description="Reciprocal rank fusion constant: 1 / (rrf_k + rank).")
+    cache_size: int = Field(
+        4096, ge=0, description="Cached responses per router replica; 0 turns the cache off."
+    )
+    cache_ttl_s: float = Field(300.0, gt=0, description="A cached response is dropped after this long.")
 
 
 class CostConfig(_Strict):
@@ -111,6 +137,7 @@ class Config(_Strict):
     chunking: ChunkingConfig = ChunkingConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     ray: RayConfig = RayConfig()
+    index: IndexSettings = IndexSettings()
     serve: ServeSettings = ServeSettings()
     cost: CostConfig = CostConfig()
 

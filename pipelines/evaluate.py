@@ -83,24 +83,40 @@ def rank_docs(
 
 
 def run_local(
-    searcher: Searcher, queries: dict[str, str], *, n_docs: int = 100
+    searcher: Searcher, queries: dict[str, str], *, n_docs: int = 100, **search_options: Any
 ) -> dict[str, dict[str, float]]:
-    """Document rankings for every query, searched in this process."""
+    """Document rankings for every query, searched in this process.
+
+    Args:
+        searcher: the db's searcher.
+        queries: ``{qid: text}``.
+        n_docs: documents ranked per query.
+        search_options: passed to ``Searcher.search`` (mode, candidates, rrf_k).
+    """
     qids = sorted(queries)
     vectors = searcher.embed([queries[q] for q in qids])
 
-    def searcher_for(vector: np.ndarray) -> Callable[[int], list[tuple[str, float]]]:
+    def searcher_for(text: str, vector: np.ndarray) -> Callable[[int], list[tuple[str, float]]]:
         def search(k: int) -> list[tuple[str, float]]:
-            hits = searcher.search_vector(vector, k=k)
+            hits = searcher.search(text, k=k, vector=vector, **search_options)
             return list(zip(hits["doc_id"].to_pylist(), hits["score"].to_pylist(), strict=True))
 
         return search
 
-    return {qid: rank_docs(searcher_for(vec), n_docs=n_docs) for qid, vec in zip(qids, vectors, strict=True)}
+    return {
+        qid: rank_docs(searcher_for(queries[qid], vec), n_docs=n_docs)
+        for qid, vec in zip(qids, vectors, strict=True)
+    }
 
 
 def run_endpoint(
-    url: str, queries: dict[str, str], *, n_docs: int = 100, api_key: str | None = None, max_k: int = 1000
+    url: str,
+    queries: dict[str, str],
+    *,
+    n_docs: int = 100,
+    api_key: str | None = None,
+    max_k: int = 1000,
+    mode: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Document rankings for every query, searched through a running ``embedpipe serve``."""
     import requests
@@ -112,7 +128,7 @@ def run_endpoint(
 
     def searcher_for(text: str) -> Callable[[int], list[tuple[str, float]]]:
         def search(k: int) -> list[tuple[str, float]]:
-            response = session.post(endpoint, json={"query": text, "k": k}, timeout=120)
+            response = session.post(endpoint, json={"query": text, "k": k, "mode": mode}, timeout=120)
             if response.status_code != 200:
                 raise EndpointError(f"{endpoint} answered {response.status_code}: {response.text[:300]}")
             return [(hit["doc_id"], hit["score"]) for hit in response.json()["results"]]

@@ -149,6 +149,11 @@ def build(
         stages = report.stage_times(ds.get_stats_summary())
         dropped, counts["chunks"] = _commit(staging, failed)
         counts["ingested"] -= dropped
+    indexes = None
+    if cfg.index.after_ingest:
+        from pipelines import index
+
+        indexes = index.build(db, settings=cfg.index)
     counts["failed"] = failed
     wall_s = time.time() - started
     result = report.build_report(
@@ -165,6 +170,8 @@ def build(
         hourly_usd=cfg.cost.hourly_usd,
         timeline=timeline,
     )
+    if indexes is not None:
+        result["indexes"] = indexes
     paths = [Path(db) / store.RUNS_DIR / f"{run_id}.json"]
     if report_path is not None:
         paths.append(Path(report_path))

@@ -13,17 +13,29 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lancedb.query import MatchQuery, MultiMatchQuery
 
 from pipelines import store
-from serve.merge import merge_topk
+from pipelines.config import IndexSettings
+from pipelines.index import ShardIndexes, query_params, read_indexes
+from serve.merge import merge_topk, rrf_fuse
 
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "source", "metadata"]
 
 
-def search_shard(table: Any, vector: np.ndarray, *, k: int, shard: str, where: str | None = None) -> pa.Table:
-    """Exact (or indexed) cosine search of one shard table.
+def search_shard(
+    table: Any,
+    vector: np.ndarray,
+    *,
+    k: int,
+    shard: str,
+    where: str | None = None,
+    params: dict[str, int] | None = None,
+    exact: bool = False,
+) -> pa.Table:
+    """Cosine search of one shard table: exact, or through its ANN index.
 
     Args:
         table: an open LanceDB table.
@@ -31,17 +43,50 @@ def search_shard(table: Any, vector: np.ndarray, *, k: int, shard: str, where: s
         k: rows to return from this shard.
         shard: the shard's name, added as a column.
         where: an optional SQL predicate applied before the search.
+        params: ANN query parameters (``nprobes``, ``ef``, ``refine_factor``; see pipelines.index).
+        exact: scan every row even when the table has an ANN index.
 
     Returns:
         RESULT_COLUMNS plus ``score`` (cosine similarity, higher is better) and ``shard``.
     """
     query = table.search(vector).distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
+    if exact:
+        query = query.bypass_vector_index()
+    else:
+        for name, value in (params or {}).items():
+            query = getattr(query, name)(value)
     if where:
         query = query.where(where, prefilter=True)
     hits = query.to_arrow()
     score = pc.subtract(pa.scalar(1.0, pa.float32()), hits.column("_distance").cast(pa.float32()))
-    hits = hits.drop_columns(["_distance"]).append_column("score", score)
+    return _finish(hits.drop_columns(["_distance"]), score, shard)
+
+
+def text_search_shard(
+    table: Any, text: str, *, k: int, shard: str, columns: tuple[str, ...], where: str | None = None
+) -> pa.Table:
+    """BM25 full-text search of one shard over ``columns`` (each needs an FTS index).
+
+    Returns:
+        RESULT_COLUMNS plus ``score`` (BM25, higher is better) and ``shard``.
+    """
+    if not columns:
+        raise NoTextIndexError(f"{shard} has no full-text index; run `embedpipe index --db DIR` first.")
+    match = MatchQuery(text, columns[0]) if len(columns) == 1 else MultiMatchQuery(text, list(columns))
+    query = table.search(match, query_type="fts").select([*RESULT_COLUMNS, "_score"]).limit(k)
+    if where:
+        query = query.where(where, prefilter=True)
+    hits = query.to_arrow()
+    return _finish(hits.drop_columns(["_score"]), hits.column("_score").cast(pa.float32()), shard)
+
+
+def _finish(hits: pa.Table, score: Any, shard: str) -> pa.Table:
+    hits = hits.select(RESULT_COLUMNS).append_column("score", score)
     return hits.append_column("shard", pa.array([shard] * hits.num_rows, pa.string()))
+
+
+class NoTextIndexError(ValueError):
+    """Hybrid search on a shard without full-text indexes."""
 
 
 class Searcher:
@@ -51,11 +96,21 @@ class Searcher:
         db: the db directory.
         device: where to embed queries (auto, cpu, cuda).
         dtype: precision of the query embedder (auto, fp32, bf16, fp16).
+        index: index settings (ANN query parameters).
     """
 
-    def __init__(self, db: str | Path, *, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self,
+        db: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        index: IndexSettings | None = None,
+    ):
         self.manifest = store.read_manifest(db)
         self.shards = store.open_shards(db)
+        self.indexes: dict[str, ShardIndexes] = {name: read_indexes(t) for name, t in self.shards.items()}
+        self.index_settings = index or IndexSettings()
         self._device, self._dtype = device, dtype
         self._embedder = None
 
@@ -70,13 +125,57 @@ class Searcher:
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(texts)
 
-    def search_vector(self, vector: np.ndarray, *, k: int = 10, where: str | None = None) -> pa.Table:
+    def search_vector(
+        self, vector: np.ndarray, *, k: int = 10, where: str | None = None, exact: bool = False
+    ) -> pa.Table:
         """The global top-k for one query vector, merged across shards."""
         per_shard = [
-            search_shard(table, vector, k=k, shard=name, where=where) for name, table in self.shards.items()
+            search_shard(
+                table, vector, k=k, shard=name, where=where, exact=exact,
+                params=query_params(self.indexes[name], k=k, settings=self.index_settings),
+            )
+            for name, table in self.shards.items()
+        ]  # fmt: skip
+        return merge_topk(per_shard, k=k)
+
+    def search_text(self, text: str, *, k: int = 10, where: str | None = None) -> pa.Table:
+        """The global BM25 top-k, merged across shards."""
+        per_shard = [
+            text_search_shard(
+                table, text, k=k, shard=name, where=where, columns=self.indexes[name].fts_columns
+            )
+            for name, table in self.shards.items()
         ]
         return merge_topk(per_shard, k=k)
 
-    def search(self, text: str, *, k: int = 10, where: str | None = None) -> pa.Table:
-        """Embed ``text`` and return the global top-k chunks, best first."""
-        return self.search_vector(self.embed([text])[0], k=k, where=where)
+    def search(
+        self,
+        text: str,
+        *,
+        k: int = 10,
+        where: str | None = None,
+        mode: str = "vector",
+        candidates: int = 100,
+        rrf_k: int = 60,
+        vector: np.ndarray | None = None,
+    ) -> pa.Table:
+        """The global top-k chunks for ``text``, best first.
+
+        Args:
+            text: the query.
+            k: chunks to return.
+            where: an optional SQL predicate over metadata columns.
+            mode: ``vector`` (cosine) or ``hybrid`` (vector and BM25 fused by reciprocal rank).
+            candidates: hybrid only: candidates taken from each ranking before fusion.
+            rrf_k: hybrid only: the fusion constant.
+            vector: the query's embedding, when already computed.
+        """
+        if vector is None:
+            vector = self.embed([text])[0]
+        if mode == "vector":
+            return self.search_vector(vector, k=k, where=where)
+        if mode != "hybrid":
+            raise ValueError(f"Unsupported search mode: {mode!r}. Supported: vector, hybrid.")
+        n = max(k, candidates)
+        rankings = [self.search_vector(vector, k=n, where=where), self.search_text(text, k=n, where=where)]
+        return rrf_fuse(rankings, k=k, rrf_k=rrf_k)

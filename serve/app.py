@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from pipelines import store
-from pipelines.config import ServeSettings
+from pipelines.config import IndexSettings, ServeSettings
 from serve.router import Router
 from serve.shard import ShardSearcher
 
@@ -23,6 +23,7 @@ class ServeConfig(BaseModel):
 
     db: str = Field(..., description="The db directory written by embedpipe ingest.")
     settings: ServeSettings = ServeSettings()
+    index: IndexSettings = IndexSettings()
     api_key: str | None = Field(None, description="Bearer key; default from EMBEDPIPE_API_KEY.")
     device: str = "auto"
     dtype: str = "auto"
@@ -47,7 +48,7 @@ def build_app(cfg: ServeConfig) -> Application:
             name=f"ShardSearcher-{store.shard_name(i)}",
             num_replicas=settings.shard_replicas,
             ray_actor_options={"num_cpus": settings.shard_cpus},
-        ).bind(db, store.shard_name(i), settings.refresh_s)
+        ).bind(db, store.shard_name(i), settings.refresh_s, cfg.index.model_dump())
         for i in range(manifest.shards)
     ]
     return Router.options(

@@ -30,3 +30,33 @@ def merge_topk(results: list[pa.Table], *, k: int) -> pa.Table:
     if merged.num_rows > k:
         merged = merged.take(pc.select_k_unstable(merged, k=k, sort_keys=SORT_KEYS))
     return merged.sort_by(SORT_KEYS)
+
+
+def rrf_fuse(rankings: list[pa.Table], *, k: int, rrf_k: int = 60) -> pa.Table:
+    """Reciprocal rank fusion: each row scores sum(1 / (rrf_k + rank)) over the rankings it is in.
+
+    Args:
+        rankings: tables ranked best first, each with ``chunk_id`` and the same columns; a row's
+            other columns are taken from the first ranking that holds it.
+        k: how many rows to keep.
+        rrf_k: the fusion constant (60 in the original paper); larger flattens the rank weights.
+
+    Returns:
+        At most k rows, ``score`` replaced by the fused score, best first, ties broken by chunk_id.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    fused: dict[str, float] = {}
+    first: dict[str, tuple[int, int]] = {}  # chunk_id -> (ranking, row) it was first seen at
+    for which, table in enumerate(rankings):
+        for rank, chunk_id in enumerate(table.column("chunk_id").to_pylist(), start=1):
+            fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (rrf_k + rank)
+            first.setdefault(chunk_id, (which, rank - 1))
+    best = sorted(fused, key=lambda c: (-fused[c], c))[:k]
+    if not best:
+        return rankings[0].slice(0, 0) if rankings else pa.table({"chunk_id": [], "score": []})
+    rows = pa.concat_tables(
+        [rankings[first[c][0]].slice(first[c][1], 1) for c in best], promote_options="default"
+    )
+    score = pa.array([fused[c] for c in best], pa.float32())
+    return rows.set_column(rows.schema.get_field_index("score"), "score", score)

@@ -10,14 +10,17 @@ import time
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ServeSettings
-from serve.merge import merge_topk
+from pipelines.search import NoTextIndexError
+from serve.cache import QueryCache
+from serve.merge import merge_topk, rrf_fuse
 from serve.shard import FilterError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,9 @@ class SearchRequest(BaseModel):
     filter: str | None = Field(
         None, max_length=2000, description="SQL predicate over doc_id, source, title, metadata..."
     )
-    mode: Literal["vector"] | None = Field(None, description="Search mode; default from config.")
+    mode: Literal["vector", "hybrid"] | None = Field(
+        None, description="vector (cosine) or hybrid (vector + BM25, fused by rank); default from config."
+    )
 
 
 class Hit(BaseModel):
@@ -41,7 +46,7 @@ class Hit(BaseModel):
     doc_id: str
     title: str
     text: str
-    score: float = Field(..., description="Cosine similarity; higher is better.")
+    score: float = Field(..., description="Cosine similarity (vector mode) or fused RRF score (hybrid).")
     shard: str
 
 
@@ -54,6 +59,8 @@ class ShardHealth(BaseModel):
     shard: str
     rows: int
     version: int
+    vector_index: str = Field(..., description="exact, or the ANN index type.")
+    fts: list[str] = Field(..., description="Columns with a full-text index (hybrid mode needs them).")
 
 
 class Health(BaseModel):
@@ -77,16 +84,25 @@ app = FastAPI(
 
 @app.middleware("http")
 async def _guard_requests(request: Request, call_next):
-    from serve import guard  # imported here: see serve/guard.py
+    from serve import guard, metrics  # imported here: see serve/guard.py
 
-    problem = await guard.check(request)
-    return problem if problem is not None else await call_next(request)
+    started = time.perf_counter()
+    response = await guard.check(request)
+    if response is None:
+        response = await call_next(request)
+    metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+    return response
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+def _user_message(exc: Exception, kind: type[Exception]) -> str:
+    # A shard's exception arrives wrapped by Ray; its last line is "<Kind>: <message>".
+    return str(exc).splitlines()[-1].split(f"{kind.__name__}: ")[-1]
 
 
 @serve.deployment
@@ -97,7 +113,7 @@ class Router:
     Args:
         shards: handles of the ShardSearcher deployments, one per shard.
         model: the model id the db was embedded with (queries must use the same one).
-        settings: serve settings (limits, batching).
+        settings: serve settings (limits, batching, cache, hybrid fusion).
         api_key: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
     """
 
@@ -112,24 +128,64 @@ class Router:
         dtype: str = "auto",
     ):
         from pipelines.embedding import Embedder
+        from serve import guard, metrics
 
         self.shards = shards
         self.model = model
         self.settings = ServeSettings.model_validate(settings)
         # The guard middleware runs before FastAPI validates a body, so a request without the key is a
         # 401 whatever it holds. One replica per process: module state is this replica's.
-        from serve import guard
-
         guard.configure(api_key=api_key, max_body_bytes=self.settings.max_body_bytes)
+        self.metrics = metrics
+        self.cache = QueryCache(self.settings.cache_size, self.settings.cache_ttl_s)
+        self._versions: tuple[int, ...] | None = None
+        self._versions_at = 0.0
+        self._versions_task: asyncio.Task | None = None
         self.embedder = Embedder(model=model, device=device, dtype=dtype)
         self._embed.set_max_batch_size(self.settings.max_batch_size)
         self._embed.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def _embed(self, texts: list[str]) -> list[np.ndarray]:
+        self.metrics.EMBED_BATCH.observe(len(texts))
         # The forward pass blocks; a thread keeps the event loop serving other requests meanwhile.
         vectors = await asyncio.to_thread(self.embedder.encode, texts)
         return list(vectors)
+
+    async def _table_versions(self) -> tuple[int, ...]:
+        """Every shard's table version, asked at most every ``refresh_s`` (requests share one ask)."""
+        if self._versions is None or time.monotonic() - self._versions_at >= self.settings.refresh_s:
+            if self._versions_task is None or self._versions_task.done():
+                self._versions_task = asyncio.ensure_future(
+                    asyncio.gather(*(shard.version.remote() for shard in self.shards))
+                )
+            versions = tuple(await self._versions_task)
+            self._versions, self._versions_at = versions, time.monotonic()
+        return self._versions
+
+    async def _fan_out(self, method: str, *args: Any) -> tuple[list[pa.Table], tuple[int, ...]]:
+        answers = await asyncio.gather(*(getattr(shard, method).remote(*args) for shard in self.shards))
+        return [hits for hits, _ in answers], tuple(version for _, version in answers)
+
+    async def _search(self, body: SearchRequest, mode: str, key_versions: tuple[int, ...]):
+        """The merged hits, and whether they came from exactly ``key_versions`` (so may be cached)."""
+        vector = await self._embed(body.query)
+        started = time.perf_counter()
+        if mode == "vector":
+            per_shard, versions = await self._fan_out("search", vector, body.k, body.filter)
+            merged = merge_topk(per_shard, k=body.k)
+        else:
+            n = max(body.k, self.settings.hybrid_candidates)
+            (vector_hits, v1), (text_hits, v2) = await asyncio.gather(
+                self._fan_out("search", vector, n, body.filter),
+                self._fan_out("text_search", body.query, n, body.filter),
+            )
+            rankings = [merge_topk(vector_hits, k=n), merge_topk(text_hits, k=n)]
+            merged = rrf_fuse(rankings, k=body.k, rrf_k=self.settings.rrf_k)
+            versions = v1 if v1 == v2 else ()
+        self.metrics.SHARD_FANOUT.observe(time.perf_counter() - started)
+        hits = merged.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
+        return [Hit(**hit) for hit in hits], versions == key_versions
 
     @app.post(
         "/search",
@@ -138,29 +194,32 @@ class Router:
                    422: {"model": ErrorBody}},
     )  # fmt: skip
     async def search(self, body: SearchRequest) -> SearchResponse:
-        """Embed the query, search every shard concurrently, and return the global top-k."""
+        """Embed the query, search every shard concurrently, and return the global top-k.
+
+        ``mode: vector`` ranks by cosine similarity; ``mode: hybrid`` fuses the vector ranking with a
+        BM25 full-text ranking by reciprocal rank (``score`` is then the fused score).
+        """
         started = time.perf_counter()
         if len(body.query) > self.settings.max_query_chars:
             raise HTTPException(422, f"query is {len(body.query)} characters, over max_query_chars="
                                      f"{self.settings.max_query_chars}")  # fmt: skip
         if body.k > self.settings.max_k:
             raise HTTPException(422, f"k={body.k} is over max_k={self.settings.max_k}")
-        vector = await self._embed(body.query)
+        mode = body.mode or self.settings.default_mode
+        versions = await self._table_versions()
+        key = (body.query, body.k, body.filter, mode, versions)
         try:
-            per_shard = await asyncio.gather(
-                *(shard.search.remote(vector, body.k, body.filter) for shard in self.shards)
-            )
+            hits, outcome = await self.cache.get_or_compute(key, lambda: self._search(body, mode, versions))
         except FilterError as exc:
-            raise HTTPException(400, str(exc).splitlines()[-1].split("FilterError: ")[-1]) from None
-        merged = merge_topk(list(per_shard), k=body.k)
-        hits = merged.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
-        return SearchResponse(
-            results=[Hit(**hit) for hit in hits], took_ms=round((time.perf_counter() - started) * 1000, 3)
-        )
+            raise HTTPException(400, _user_message(exc, FilterError)) from None
+        except NoTextIndexError as exc:
+            raise HTTPException(400, _user_message(exc, NoTextIndexError)) from None
+        self.metrics.CACHE.labels(outcome=outcome).inc()
+        return SearchResponse(results=hits, took_ms=round((time.perf_counter() - started) * 1000, 3))
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
-        """Shards, their rows and table versions, and the model."""
+        """Shards, their rows, indexes and table versions, and the model."""
         stats = await asyncio.gather(*(shard.stats.remote() for shard in self.shards))
         return Health(
             status="ok",
@@ -168,3 +227,9 @@ class Router:
             shards=[ShardHealth(**s) for s in stats],
             rows=sum(s["rows"] for s in stats),
         )
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorBody}})
+    async def prometheus(self) -> PlainTextResponse:
+        """Prometheus text format: requests, latency, cache lookups, embedding batch sizes."""
+        body, content_type = self.metrics.render()
+        return PlainTextResponse(body, media_type=content_type)

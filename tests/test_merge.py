@@ -64,3 +64,22 @@ def test_matches_a_full_sort():
 def test_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be"):
         merge_topk([_shard("a", [("x", 1.0)])], k=0)
+
+
+def test_rrf_rewards_rows_in_both_rankings():
+    from serve.merge import rrf_fuse
+
+    vector = _shard("a", [("v1", 0.9), ("both", 0.8), ("v3", 0.7)])
+    text = _shard("b", [("t1", 12.0), ("both", 9.0)])
+    fused = rrf_fuse([vector, text], k=3, rrf_k=60)
+    assert fused["chunk_id"].to_pylist() == ["both", "t1", "v1"]  # t1 and v1 tie; chunk_id breaks it
+    assert fused["score"].to_pylist()[0] == pytest.approx(2 / 62)
+    assert fused["shard"].to_pylist()[0] == "a"  # columns come from the first ranking holding the row
+
+
+def test_rrf_handles_empty_rankings():
+    from serve.merge import rrf_fuse
+
+    empty = _shard("a", [])
+    assert rrf_fuse([empty, empty], k=5).num_rows == 0
+    assert rrf_fuse([empty, _shard("b", [("x", 1.0)])], k=5)["chunk_id"].to_pylist() == ["x"]

@@ -6,7 +6,7 @@ import socket
 import pytest
 import requests
 
-from pipelines import ingest
+from pipelines import index, ingest
 from pipelines.config import ServeSettings, load_config
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs
@@ -34,6 +34,7 @@ def served(ray_local, tmp_path_factory, scifact):
     db = root / "db"
     cfg = load_config(None, shards=4, **{"ray.progress_bars": False})
     ingest.build(source=corpus, db=db, cfg=cfg)
+    index.build(db, settings=cfg.index)  # small shards: exact search, plus BM25 for hybrid mode
     port = _free_port()
     # No CPU reservations, so that an ingest can run beside the app on the 2-CPU test cluster.
     settings = ServeSettings(
@@ -173,13 +174,58 @@ def test_eval_through_the_endpoint_equals_local(served):
     assert unauthorized.exit_code == 1 and "401" in unauthorized.output
 
 
-def test_new_ingest_is_visible(served, tmp_path):
+def test_hybrid_matches_local_hybrid(served):
+    url, db, docs, *_ = served
+    searcher = Searcher(db, device="cpu", dtype="fp32")
+    for doc in docs[20:26]:
+        response = _search(url, query=doc["title"], k=10, mode="hybrid")
+        assert response.status_code == 200, response.text
+        hits = response.json()["results"]
+        local = searcher.search(doc["title"], k=10, mode="hybrid")
+        assert [h["chunk_id"] for h in hits] == local["chunk_id"].to_pylist()
+        assert hits[0]["doc_id"] == doc["_id"]
+        assert all(0 < h["score"] <= 2 / 61 for h in hits)  # fused reciprocal-rank scores
+
+
+def _metric(text, name, **labels):
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_and_cache_hits(served):
+    url, *_ = served
+    assert requests.get(f"{url}/metrics", timeout=30).status_code == 401
+    before = requests.get(f"{url}/metrics", headers=AUTH, timeout=30).text
+    for _ in range(3):
+        assert _search(url, query="statins and heart disease", k=7).status_code == 200
+    after = requests.get(f"{url}/metrics", headers=AUTH, timeout=30)
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    hits = _metric(text, "embedpipe_cache_lookups_total", outcome="hit")
+    assert hits - _metric(before, "embedpipe_cache_lookups_total", outcome="hit") == 2
+    ok = _metric(text, "embedpipe_requests_total", path="/search", status="200")
+    assert ok - _metric(before, "embedpipe_requests_total", path="/search", status="200") == 3
+    assert _metric(text, "embedpipe_embed_batch_size_count") >= 1
+    assert _metric(text, "embedpipe_request_seconds_count", path="/search") >= 3
+
+
+def test_new_ingest_invalidates_the_cache(served, tmp_path):
     url, db, _, cfg, _ = served
+    query = "axolotl limb regrowth"
+    before = _search(url, query=query, k=1).json()["results"]
+    assert before and before[0]["doc_id"] != "new-doc"
+    assert _search(url, query=query, k=1).json()["results"] == before  # now cached
     corpus = tmp_path / "new.jsonl"
     corpus.write_text(
         json.dumps({"_id": "new-doc", "title": "Axolotl limb regrowth", "text": "Axolotls regrow limbs."})
         + "\n"
     )
     ingest.build(source=corpus, db=db, cfg=cfg)
-    hits = _search(url, query="axolotl limb regrowth", k=1).json()["results"]
+    hits = _search(url, query=query, k=1).json()["results"]
     assert hits[0]["doc_id"] == "new-doc"
+    # Rows not yet in the full-text index are still found by hybrid search.
+    hybrid = _search(url, query="axolotls regrow", k=3, mode="hybrid").json()["results"]
+    assert hybrid[0]["doc_id"] == "new-doc"
