@@ -1,0 +1,78 @@
+"""Grow a db to N chunks for scale tests: every chunk of SOURCE_DB repeated with a unique id and a
+slightly perturbed vector (cosine ~0.95 to the original), spread over the same shards by doc_id.
+
+python benchmarks/scale_db.py --from /tmp/sf-db --to /tmp/db-1m --rows 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="source", required=True, type=Path, help="an ingested db")
+    parser.add_argument("--to", dest="target", required=True, type=Path, help="a new db directory")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--noise", type=float, default=0.3, help="norm of the noise added to each copy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from pipelines import store
+
+    manifest = store.read_manifest(args.source)
+    store.init_db(args.target, manifest)
+    base = pa.concat_tables(list(t.to_arrow() for t in store.open_shards(args.source).values()))
+    rng = np.random.default_rng(args.seed)
+    vectors = base.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, manifest.dim)
+    conn = lancedb.connect(str(args.target))
+    tables = {i: conn.open_table(store.shard_name(i)) for i in range(manifest.shards)}
+    started, written, copy = time.time(), 0, 0
+    while written < args.rows:
+        n = min(base.num_rows, args.rows - written)
+        batch = base.slice(0, n)
+        suffix = f"~r{copy}"
+        noisy = vectors[:n] + rng.normal(scale=args.noise / np.sqrt(manifest.dim), size=(n, manifest.dim))
+        noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+        doc_ids = pc.binary_join_element_wise(batch.column("doc_id"), suffix, "")
+        batch = batch.set_column(batch.schema.get_field_index("doc_id"), "doc_id", doc_ids)
+        chunk_ids = pc.binary_join_element_wise(batch.column("chunk_id"), suffix, "")
+        batch = batch.set_column(batch.schema.get_field_index("chunk_id"), "chunk_id", chunk_ids)
+        flat = pa.array(noisy.astype(np.float32).ravel())
+        batch = batch.set_column(
+            batch.schema.get_field_index("vector"),
+            "vector",
+            pa.FixedSizeListArray.from_arrays(flat, manifest.dim),
+        )
+        shard = np.array([store.shard_of(d, manifest.shards) for d in doc_ids.to_pylist()])
+        for i, table in tables.items():
+            part = batch.filter(pa.array(shard == i))
+            if part.num_rows:
+                table.add(part.cast(store.table_schema(manifest.dim)))
+        written += n
+        copy += 1
+    # One fragment per copy would slow every scan; compact once at the end.
+    for table in tables.values():
+        table.optimize()
+    print(
+        json.dumps(
+            {
+                "rows": written,
+                "copies": copy,
+                "shards": store.shard_rows(args.target),
+                "seconds": round(time.time() - started, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
