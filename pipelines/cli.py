@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -257,6 +258,14 @@ def serve_command(
         application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index))
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
+    # Serve reads these when Ray starts, so they shape an embedded Ray only; set them on a cluster's nodes.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    if cfg.serve.ingress == "haproxy":
+        if shutil.which("haproxy") is None:
+            raise _fail(
+                "serve.ingress is haproxy, but no haproxy binary is on PATH (apt-get install haproxy)."
+            )
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     with ray_session(cfg.ray):
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(application, name="embedpipe", route_prefix="/")

@@ -92,17 +92,31 @@ class IndexSettings(_Strict):
     refine_factor: int | None = Field(
         5, gt=0, description="Re-rank refine_factor * k ANN candidates with exact distances."
     )
-    ef: int = Field(100, gt=0, description="HNSW search breadth (at least k).")
+    ef: int = Field(200, gt=0, description="HNSW search breadth (at least k * refine_factor).")
+    hnsw_probe_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of IVF_HNSW_SQ partitions a query searches."
+    )
     after_ingest: bool = Field(False, description="Run `embedpipe index` at the end of every ingest.")
 
 
 class ServeSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; loopback by default.")
+    ingress: Literal["python", "haproxy"] = Field(
+        "python",
+        description="HTTP ingress of an embedded Ray: Serve's Python proxy, or HAProxy (needs the haproxy "
+        "binary; ~4x the requests/s here, but its stats ports 8404 and 9101 bind every interface).",
+    )
     port: int = Field(8000, ge=0, le=65535)
     shard_replicas: int = Field(1, gt=0, description="Replicas of each shard deployment.")
     shard_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per shard replica.")
     router_replicas: int = Field(1, gt=0)
     router_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per router replica.")
+    router_threads: int = Field(
+        1,
+        gt=0,
+        description="Torch threads for query embedding. Queries are short; more threads spin-wait and "
+        "take cores from the shard searches beside them.",
+    )
     max_ongoing_requests: int = Field(
         64, gt=0, description="Requests a router replica takes at once; bounds the embed batch too."
     )

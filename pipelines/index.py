@@ -100,7 +100,7 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
     if settings.refine_factor:
         params["refine_factor"] = settings.refine_factor
     if "HNSW" in indexes.vector_kind:
-        params["nprobes"] = max(1, math.ceil(partitions / 2))
+        params["nprobes"] = max(1, math.ceil(partitions * settings.hnsw_probe_fraction))
         # The graph must return every candidate the refine step asks for.
         params["ef"] = max(settings.ef, k * (settings.refine_factor or 1))
     else:

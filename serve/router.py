@@ -141,7 +141,9 @@ class Router:
         self._versions: tuple[int, ...] | None = None
         self._versions_at = 0.0
         self._versions_task: asyncio.Task | None = None
-        self.embedder = Embedder(model=model, device=device, dtype=dtype)
+        self.embedder = Embedder(
+            model=model, device=device, dtype=dtype, cpu_threads=self.settings.router_threads
+        )
         self._embed.set_max_batch_size(self.settings.max_batch_size)
         self._embed.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 

@@ -94,8 +94,8 @@ def _filter_errors(where: str | None) -> Iterator[None]:
         yield
     except NoTextIndexError:
         raise
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # some bad predicates only fail while executing
         if not where:
             raise
-        text = str(exc).removeprefix("Invalid input, ")
+        text = str(exc).removeprefix("Invalid input, ").removeprefix("lance error: ")
         raise FilterError(f"invalid filter: {text.splitlines()[0][:500]}") from None
