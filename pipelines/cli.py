@@ -292,5 +292,43 @@ def sample_corpus(
     console.print(f"wrote {count} documents to {out_dir}", highlight=False)
 
 
+@app.command("report")
+def report_command(
+    run_json: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A run report: DB/_runs/RUN_ID.json.")
+    ],
+    html: Annotated[
+        Path | None, typer.Option("--html", dir_okay=False, help="Write the run's dashboard page here.")
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option("--png", dir_okay=False, help="Write the run's charts as an image here.")
+    ] = None,
+) -> None:
+    """Turn a run report into a standalone dashboard page (charts inline) and a chart image.
+
+    With neither --html nor --png, print the run's headline numbers.
+    """
+    from pipelines import dashboard
+    from pipelines.report import summary_table
+
+    try:
+        report = json.loads(run_json.read_text())
+        if not isinstance(report, dict):
+            raise ValueError("not a run report (a JSON object)")
+        if html is None and png is None:
+            Console().print(summary_table(report))
+            return
+        if html is not None:
+            html.parent.mkdir(parents=True, exist_ok=True)
+            html.write_text(dashboard.run_page(report))
+            console.print(f"wrote {html}", highlight=False)
+        if png is not None:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            dashboard.write_png(report, png)
+            console.print(f"wrote {png}", highlight=False)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise _fail(f"cannot render {run_json}: {exc}") from exc
+
+
 if __name__ == "__main__":
     app()

@@ -62,4 +62,5 @@ def build_app(cfg: ServeConfig) -> Application:
         api_key=cfg.api_key if cfg.api_key is not None else os.environ.get("EMBEDPIPE_API_KEY") or None,
         device=cfg.device,
         dtype=cfg.dtype,
+        db=db,
     )

@@ -5,11 +5,15 @@ to replicas by value, so module globals captured by the app's functions would be
 """
 
 import hmac
+import re
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-OPEN_PATHS = {"/healthz"}
+# /healthz, and the HTML shells of the web pages (serve/ui.py): they hold no data, their scripts fetch
+# it with the key.
+OPEN_PATHS = {"/healthz", "/", "/runs"}
+OPEN_PATTERN = re.compile(r"/runs/[^/]+")
 _state: dict = {"api_key": None, "max_body": 65536}
 
 
@@ -20,7 +24,8 @@ def configure(*, api_key: str | None, max_body_bytes: int) -> None:
 async def check(request: Request) -> JSONResponse | None:
     """A 401 or 413 response for a request that must not go further, else None."""
     key = _state["api_key"]
-    if key is not None and request.url.path not in OPEN_PATHS:
+    path = request.url.path
+    if key is not None and path not in OPEN_PATHS and not OPEN_PATTERN.fullmatch(path):
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
             return JSONResponse(

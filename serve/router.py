@@ -12,13 +12,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ServeSettings
 from pipelines.search import NoTextIndexError
+from serve import ui
 from serve.cache import QueryCache
 from serve.merge import merge_topk, rrf_fuse
 from serve.shard import FilterError
@@ -114,7 +115,9 @@ class Router:
         shards: handles of the ShardSearcher deployments, one per shard.
         model: the model id the db was embedded with (queries must use the same one).
         settings: serve settings (limits, batching, cache, hybrid fusion).
-        api_key: when set, every endpoint but /healthz needs ``Authorization: Bearer <key>``.
+        api_key: when set, every endpoint but /healthz and the pages' HTML shells needs
+            ``Authorization: Bearer <key>``.
+        db: the db directory, whose run reports the /runs pages show.
     """
 
     def __init__(
@@ -126,12 +129,15 @@ class Router:
         api_key: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        db: str | None = None,
     ):
         from pipelines.embedding import Embedder
         from serve import guard, metrics
 
         self.shards = shards
         self.model = model
+        self.db = db
+        self.auth = bool(api_key)
         self.settings = ServeSettings.model_validate(settings)
         # The guard middleware runs before FastAPI validates a body, so a request without the key is a
         # 401 whatever it holds. One replica per process: module state is this replica's.
@@ -235,3 +241,26 @@ class Router:
         """Prometheus text format: requests, latency, cache lookups, embedding batch sizes."""
         body, content_type = self.metrics.render()
         return PlainTextResponse(body, media_type=content_type)
+
+    # The web pages (serve/ui.py): HTML shells open to all, data behind the key at /api/runs...
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page(self) -> HTMLResponse:
+        return ui.search_page(auth=self.auth, default_mode=self.settings.default_mode)
+
+    @app.get("/runs", response_class=HTMLResponse, include_in_schema=False)
+    async def runs_page(self) -> HTMLResponse:
+        return ui.runs_page(auth=self.auth)
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
+    async def run_page(self, run_id: str) -> HTMLResponse:
+        return ui.run_page(run_id=run_id, auth=self.auth)
+
+    @app.get("/api/runs", responses={401: {"model": ErrorBody}})
+    async def list_runs(self) -> dict[str, Any]:
+        """Every ingest run of the db, newest first (headline numbers), and the same as an HTML table."""
+        return await asyncio.to_thread(ui.runs_data, db=self.db)
+
+    @app.get("/api/runs/{run_id}", responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        """One run's report, and its dashboard (SVG charts, failed documents) as an HTML fragment."""
+        return await asyncio.to_thread(ui.run_data, db=self.db, run_id=run_id)

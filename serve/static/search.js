@@ -1,0 +1,141 @@
+"use strict";
+// The search page: POST /search, then results built with textContent only (no HTML from data).
+(() => {
+  const form = document.getElementById("search-form");
+  const fields = {
+    query: document.getElementById("q"),
+    k: document.getElementById("k"),
+    mode: document.getElementById("mode"),
+    filter: document.getElementById("filter"),
+  };
+  const errorBox = document.getElementById("error");
+  const status = document.getElementById("status");
+  const list = document.getElementById("results");
+  const SNIPPET = 320;
+
+  // Words too common to be worth a highlight.
+  const STOP = new Set(
+    "an and are as at be by for from has in into is it its of on or than that the to was were with".split(" "),
+  );
+
+  function terms(query) {
+    const words = query.toLowerCase().match(/[\p{L}\p{N}]+/gu) || [];
+    return [...new Set(words.filter((w) => w.length >= 2 && !STOP.has(w)))];
+  }
+
+  function termPattern(words) {
+    // Terms are letters and digits only, so they need no escaping; match them at the start of a word.
+    return words.length ? new RegExp(`(?<![\\p{L}\\p{N}])(?:${words.join("|")})`, "giu") : null;
+  }
+
+  function snippet(text, pattern) {
+    const flat = text.replace(/\s+/g, " ").trim();
+    if (flat.length <= SNIPPET) return flat;
+    let start = 0;
+    if (pattern) {
+      pattern.lastIndex = 0;
+      const first = pattern.exec(flat);
+      if (first && first.index > SNIPPET / 4) start = flat.lastIndexOf(" ", first.index - SNIPPET / 4) + 1;
+    }
+    const end = Math.min(flat.length, start + SNIPPET);
+    return `${start > 0 ? "… " : ""}${flat.slice(start, end)}${end < flat.length ? " …" : ""}`;
+  }
+
+  function highlighted(element, text, pattern) {
+    // Text nodes and <mark> elements: whatever the text holds, it is never parsed as HTML.
+    element.replaceChildren();
+    let at = 0;
+    if (pattern) {
+      pattern.lastIndex = 0;
+      for (let m = pattern.exec(text); m; m = pattern.exec(text)) {
+        if (m.index > at) element.append(document.createTextNode(text.slice(at, m.index)));
+        const mark = document.createElement("mark");
+        mark.textContent = m[0];
+        element.append(mark);
+        at = m.index + m[0].length;
+      }
+    }
+    if (at < text.length) element.append(document.createTextNode(text.slice(at)));
+    return element;
+  }
+
+  function field(label, value) {
+    const item = document.createElement("span");
+    const name = document.createElement("span");
+    name.className = "muted";
+    name.textContent = `${label} `;
+    const code = document.createElement("code");
+    code.textContent = value;
+    item.append(name, code);
+    return item;
+  }
+
+  function render(body, request) {
+    const pattern = termPattern(terms(request.query));
+    list.replaceChildren(
+      ...body.results.map((hit) => {
+        const item = document.createElement("li");
+        item.className = "hit";
+        const title = highlighted(document.createElement("h2"), hit.title || hit.doc_id, pattern);
+        title.className = "hit-title";
+        const text = highlighted(document.createElement("p"), snippet(hit.text, pattern), pattern);
+        text.className = "snippet";
+        const meta = document.createElement("p");
+        meta.className = "hit-meta";
+        meta.append(
+          field("score", hit.score.toFixed(4)),
+          field("doc_id", hit.doc_id),
+          field("shard", hit.shard),
+        );
+        item.append(title, text, meta);
+        return item;
+      }),
+    );
+    const n = body.results.length;
+    status.textContent = `${n} result${n === 1 ? "" : "s"} (${request.mode}), took_ms ${body.took_ms.toFixed(1)}`;
+  }
+
+  async function search() {
+    const request = {
+      query: fields.query.value.trim(),
+      k: Number(fields.k.value) || 10,
+      mode: fields.mode.value,
+    };
+    if (!request.query) return;
+    const filter = fields.filter.value.trim();
+    if (filter) request.filter = filter;
+    const params = new URLSearchParams({ q: request.query, k: request.k, mode: request.mode });
+    if (filter) params.set("filter", filter);
+    history.replaceState(null, "", `?${params}`);
+    EP.clearError(errorBox);
+    status.textContent = "Searching…";
+    list.setAttribute("aria-busy", "true");
+    const result = await EP.request("/search", { method: "POST", body: JSON.stringify(request) });
+    list.removeAttribute("aria-busy");
+    if (!result.ok) {
+      list.replaceChildren();
+      status.textContent = "";
+      EP.showError(errorBox, result);
+      return;
+    }
+    render(result.data, request);
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    search();
+  });
+  EP.onKeyChange(() => {
+    if (fields.query.value.trim()) search();
+  });
+
+  // A shared link (?q=...&k=...&mode=...&filter=...) runs its search on load.
+  const shared = new URLSearchParams(location.search);
+  if (shared.get("q")) {
+    fields.query.value = shared.get("q");
+    if (shared.get("k")) fields.k.value = shared.get("k");
+    if (["vector", "hybrid"].includes(shared.get("mode"))) fields.mode.value = shared.get("mode");
+    if (shared.get("filter")) fields.filter.value = shared.get("filter");
+    search();
+  }
+})();

@@ -1,0 +1,182 @@
+"""Run dashboards without a browser or Ray: report dict -> HTML with SVG charts, PNG, and the CLI."""
+
+import html
+import json
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines import dashboard
+from pipelines.cli import app
+from pipelines.report import build_report
+
+EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def _report(run_id: str = "20250101T120000Z-a1b2c3", started_at: float = 1735732800.0, **extra) -> dict:
+    report = build_report(
+        run_id=run_id,
+        source="/data/corpus.jsonl",
+        db="/data/db",
+        model="sentence-transformers/all-MiniLM-L6-v2",
+        wall_s=40.0,
+        counts={
+            "started_at": started_at, "chunks": 300, "tokens": 60000, "ingested": 95, "unchanged": 3,
+            "failed": [[EVIL, "corpus.jsonl", f"bad {EVIL}"], ["doc-2", "corpus.jsonl", "line 7: not JSON"]],
+        },
+        resources={
+            "peak_rss_mb": 2100.0, "cpu_util_pct": 87.5, "cpu_count": 2,
+            "timeline": [{"t": t, "rss_mb": 1000.0 + 20 * t, "cpu_pct": 90.0} for t in range(1, 40)],
+        },
+        stages={
+            "ReadJsonl": {"wall_s": 0.8}, "MapBatches(chunk_docs)->MapBatches(Embedder)": {"wall_s": 35.2},
+            "MapBatches(<lambda>)": {"wall_s": 2.5},
+        },
+        shards={"shard_000": 150, "shard_001": 150},
+        config={},
+        hourly_usd=3.6,
+        timeline=[{"t": 10.0, "chunks": 100, "docs": 30, "tokens": 20000},
+                  {"t": 20.0, "chunks": 250, "docs": 80, "tokens": 50000},
+                  {"t": 30.0, "chunks": 300, "docs": 100, "tokens": 60000}],
+    )  # fmt: skip
+    report.update(extra)
+    return report
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+
+def _tags(text: str) -> list[str]:
+    parser = _Tags()
+    parser.feed(text)
+    return parser.tags
+
+
+def _svgs(text: str) -> list[ET.Element]:
+    chunks = text.split("<svg")[1:]
+    return [ET.fromstring("<svg" + chunk.split("</svg>")[0] + "</svg>") for chunk in chunks]
+
+
+def test_run_page_draws_every_chart_as_svg():
+    page = dashboard.run_page(_report())
+    assert (
+        page.startswith("<!doctype html>") and "<script" not in page and "http" not in page.split("<main>")[0]
+    )
+    svgs = _svgs(page)  # each one well-formed XML
+    assert len(svgs) == 4
+    assert [s.get("aria-label") for s in svgs] == [
+        "Documents and chunks per second", "Wall time of each pipeline stage",
+        "Memory in MB", "CPU use in percent",
+    ]  # fmt: skip
+    ns = "{http://www.w3.org/2000/svg}"
+    throughput, stages, memory, cpu = svgs
+    assert len(throughput.findall(f"{ns}polyline")) == 2  # docs/s and chunks/s
+    assert len(stages.findall(f"{ns}rect")) == 3
+    assert len(memory.find(f"{ns}polyline").get("points").split()) == 39
+    for caption in ("Throughput over time", "Time per stage", "Memory over time", "CPU use over time"):
+        assert caption in page
+    assert "Batch size" not in page  # no batching in this report
+    # 100 docs and 60,000 tokens in 40 s; peak RSS; mean CPU 87.5%
+    for card in ("150.0", "1,500", "2,100 MB", "88%"):
+        assert f'<div class="value">{card}</div>' in page
+
+
+def test_batching_timeline_is_drawn_when_present():
+    timeline = [{"t": t, "token_budget": 4096 + 512 * t, "batch_rows": 32 + t, "note": "x"} for t in range(8)]
+    page = dashboard.run_page(_report(batching={"timeline": timeline}))
+    svgs = _svgs(page)
+    assert len(svgs) == 5
+    assert "Batch size / token budget over time (token budget, batch rows)" in page
+    assert len(svgs[-1].findall("{http://www.w3.org/2000/svg}polyline")) == 2  # the text field is skipped
+
+
+def test_report_text_is_escaped():
+    report = _report(run_id="r1", model=EVIL, source=EVIL)
+    page = dashboard.run_page(report)
+    assert "<script" not in page and "<img" not in page
+    assert html.escape(EVIL) in page
+    assert set(_tags(page)) <= {
+        "html", "head", "meta", "link", "title", "style", "body", "header", "a", "main", "h1", "h2", "p",
+        "section", "div", "figure", "figcaption", "svg", "line", "text", "polyline", "rect", "circle",
+        "table", "thead", "tbody", "tr", "th", "td",
+    }  # fmt: skip
+    rows = page.split('<table id="failures">')[1]
+    assert rows.count('<tr class="failure">') == 2 and "bad &lt;script&gt;" in rows
+    assert "MapBatches(&lt;lambda&gt;)" in page  # a stage name in an SVG label
+    table = dashboard.runs_table([dashboard.run_summary({**report, "run_id": EVIL})])
+    assert "<script" not in table and "<a " not in table  # an id that is not a run id gets no link
+
+
+@pytest.mark.parametrize("report", [{}, {"run_id": "x"}, {"run_id": "x", "resources": {}, "stages": None}])
+def test_missing_optional_fields_are_tolerated(report):
+    page = dashboard.run_page(report)
+    assert len(_svgs(page)) == 4 and "no samples in this report" in page and "no stage times" in page
+    assert "No document failed." in page
+    summary = dashboard.run_summary(report)
+    assert summary["docs_seen"] is None and summary["peak_rss_mb"] is None
+    assert "–" in dashboard.runs_table([summary])
+
+
+def test_throughput_is_a_rate_over_equal_bins():
+    data = dashboard.chart_data({"progress": [{"t": 10, "docs": 10, "chunks": 20}, {"t": 20, "docs": 30}]})
+    assert data["throughput"]["docs/s"] == [(5.0, 1.0), (15.0, 2.0)]
+    assert data["throughput"]["chunks/s"] == [(5.0, 2.0), (15.0, 0.0)]  # the second point has no chunks
+
+
+def test_runs_are_listed_newest_first_and_ids_are_checked(tmp_path):
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+    for run_id, started in (("20250101T000000Z-aaaaaa", 100.0), ("20250102T000000Z-bbbbbb", 200.0)):
+        (runs / f"{run_id}.json").write_text(json.dumps(_report(run_id=run_id, started_at=started)))
+    (runs / "20250103T000000Z-cccccc.json").write_text("{not json")
+    (runs / ".hidden.json").write_text("{}")
+    rows = dashboard.list_runs(db=tmp_path)
+    assert [r["run_id"] for r in rows] == ["20250102T000000Z-bbbbbb", "20250101T000000Z-aaaaaa"]
+    assert rows[0]["docs_seen"] == 100 and rows[0]["docs_failed"] == 2 and rows[0]["cost_per_doc_usd"] > 0
+    assert dashboard.load_run(db=tmp_path, run_id="20250101T000000Z-aaaaaa")["started_at"] == 100.0
+    assert dashboard.list_runs(db=tmp_path / "nowhere") == []
+    for bad in ("../secret", ".hidden", "a/b", "", "x" * 200):
+        with pytest.raises(ValueError, match="Invalid run id"):
+            dashboard.load_run(db=tmp_path, run_id=bad)
+    with pytest.raises(FileNotFoundError, match="No run"):
+        dashboard.load_run(db=tmp_path, run_id="20250109T000000Z-000000")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        dashboard.load_run(db=tmp_path, run_id="20250103T000000Z-cccccc")
+
+
+def test_report_command_writes_html_and_png(tmp_path):
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_report(batching={"timeline": [{"t": 1, "token_budget": 8192}]})))
+    out_html, out_png = tmp_path / "out" / "run.html", tmp_path / "out" / "run.png"
+    result = CliRunner().invoke(app, ["report", str(run), "--html", str(out_html), "--png", str(out_png)])
+    assert result.exit_code == 0, result.output
+    page = out_html.read_text()
+    assert len(_svgs(page)) == 5 and "Ingest run 20250101T120000Z-a1b2c3" in page
+    image = out_png.read_bytes()
+    assert image.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")
+    assert (width, height) == (1200, 750) and len(image) > 20_000
+
+    summary = CliRunner().invoke(app, ["report", str(run)])
+    assert summary.exit_code == 0 and "100 seen: 95 ingested, 3 unchanged, 2 failed" in summary.output
+
+
+def test_report_command_names_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    result = CliRunner().invoke(app, ["report", str(bad), "--html", str(tmp_path / "x.html")])
+    assert result.exit_code == 1 and "not a run report" in " ".join(result.output.split())
+    bad.write_text("{oops")
+    result = CliRunner().invoke(app, ["report", str(bad), "--png", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and result.output.startswith("error: cannot render")
+    assert not (tmp_path / "x.png").exists()
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 2
