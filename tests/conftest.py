@@ -20,7 +20,8 @@ def ray_local():
     """A real local Ray with 2 CPUs, shared by every test that needs one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # "local": a fresh Ray even when a `ray start` cluster runs on this machine (ray.init would join it).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import ray
-    ray.init(num_cpus=4, num_gpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, num_gpus=2, logging_level="WARNING")
     from ray.util.state import list_actors
     from pipelines import ingest
     from pipelines.config import load_config
