@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 REGISTRY = CollectorRegistry()
 # Known paths only, so that probes for random URLs cannot grow the label set without bound.
-PATHS = {"/search", "/healthz", "/metrics", "/openapi.json", "/docs"}
+PATHS = {"/search", "/healthz", "/metrics", "/openapi.json", "/docs", "/", "/runs", "/api/runs"}
 
 REQUESTS = Counter(
     "embedpipe_requests", "HTTP requests by path and status.", ["path", "status"], registry=REGISTRY

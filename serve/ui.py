@@ -101,8 +101,6 @@ def run_data(*, db: str | None, run_id: str) -> dict[str, Any]:
         if not db:
             raise FileNotFoundError(f"No run {run_id!r}: this service was started without a db path.")
         report = dashboard.load_run(db=db, run_id=run_id)
-    except ValueError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except FileNotFoundError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise HTTPException(404, str(exc)) from None
     return {"run": report, "html": dashboard.run_fragment(report)}
