@@ -67,6 +67,11 @@ class EmbeddingConfig(_Strict):
     cpu_threads: int | None = Field(
         None, gt=0, description="Torch threads per CPU actor. Default: all cores of its node."
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per embedding actor, e.g. {embed_node: 1}: actors then run "
+        "only on nodes started with that resource (ray start --resources).",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> EmbeddingConfig:
@@ -109,6 +114,11 @@ class ServeSettings(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     shard_replicas: int = Field(1, gt=0, description="Replicas of each shard deployment.")
     shard_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per shard replica.")
+    shard_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per shard replica, e.g. {search_node: 1}: shards then run only "
+        "on nodes that declare the resource, as many per node as its amount allows.",
+    )
     router_replicas: int = Field(1, gt=0)
     router_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per router replica.")
     router_threads: int = Field(

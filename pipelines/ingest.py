@@ -82,6 +82,7 @@ def build(
         manifest = store.init_db(
             db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
         )
+        stack.enter_context(store.run_lock(db, run_id))  # and clears what killed runs left staged
         staging = store.Staging(db, run_id, manifest)
         staging.create()
         stack.callback(staging.discard)  # staged rows of a failed run are never committed
@@ -125,6 +126,9 @@ def build(
                 compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
                 num_gpus=pool["num_gpus"] or None,
                 num_cpus=pool.get("num_cpus"),
+                # Ray Data restarts a dead actor and retries its batches by default
+                # (max_restarts=-1, max_task_retries=-1); embedding has no side effects to repeat.
+                **({"resources": cfg.embedding.resources} if cfg.embedding.resources else {}),
             )
             .map_batches(
                 store.write_chunks,
@@ -133,8 +137,10 @@ def build(
                 fn_kwargs={"staging": staging, "model": manifest.model},
             )
         )
+        attempts: set[str] = set()  # write attempts whose results arrived; retried ones staged too
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in summary.to_pylist():
+                attempts.add(row["attempt"])
                 for key in ("chunks", "tokens", "ingested", "unchanged"):
                     counts[key] += row[key]
                 failed.extend(json.loads(row["failed"]))
@@ -147,8 +153,9 @@ def build(
                     }
                 )
         stages = report.stage_times(ds.get_stats_summary())
-        dropped, counts["chunks"] = _commit(staging, failed)
+        dropped, counts["chunks"] = _commit(staging, failed, attempts)
         counts["ingested"] -= dropped
+        store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
     indexes = None
     if cfg.index.after_ingest:
         from pipelines import index
@@ -179,8 +186,10 @@ def build(
     return result
 
 
-def _commit(staging: store.Staging, failed: list[list[str]]) -> tuple[int, int]:
+def _commit(staging: store.Staging, failed: list[list[str]], attempts: set[str]) -> tuple[int, int]:
     """Commit every shard; a doc_id seen more than once in the source fails (all its copies).
+
+    Rows staged by write attempts not in ``attempts`` (a task Ray ran again) are dropped first.
 
     Returns:
         How many staged documents were failed here instead of ingested, and how many rows were
@@ -189,6 +198,7 @@ def _commit(staging: store.Staging, failed: list[list[str]]) -> tuple[int, int]:
     dropped = committed = 0
     shards = store.open_shards(staging.db)
     for shard in range(staging.manifest.shards):
+        staging.drop_attempts(shard, keep=attempts)
         copies = Counter(staging.staged_doc_ids(shard))
         duplicates = [doc_id for doc_id, n in copies.items() if n > 1]
         staging.drop_docs(shard, duplicates)

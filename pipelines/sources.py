@@ -10,7 +10,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,20 +80,25 @@ def _doc(
 # --- records (JSONL lines, Parquet rows) ---------------------------------------------------------
 
 
-def record_to_doc(record: Any, *, source: str, where: str) -> dict[str, Any]:
+def record_to_doc(record: Any, *, source: str, where: str, max_chars: float | None = None) -> dict[str, Any]:
     """Validate one JSON/Parquet record and turn it into a document row.
 
     Args:
         record: the parsed record.
         source: the file it came from.
         where: how to name the record in an error when it has no usable id (e.g. ``file:12``).
+        max_chars: longer texts are failed rather than chunked.
     """
     if not isinstance(record, dict):
         return _doc(where, source=source, error=f"record is a {type(record).__name__}, not an object")
     doc_id = next((record[k] for k in _ID_KEYS if record.get(k) not in (None, "")), None)
     if doc_id is None:
         return _doc(where, source=source, error="record has no '_id' or 'id'")
+    if isinstance(doc_id, dict | list | bool):
+        return _doc(where, source=source, error=f"'_id' is a {type(doc_id).__name__}, not a string or number")
     doc_id = str(doc_id)
+    if not _is_unicode(doc_id):
+        return _doc(where, source=source, error="'_id' is not valid Unicode (an unpaired surrogate)")
     title, text = record.get("title") or "", record.get("text")
     if not isinstance(title, str):
         title = str(title)
@@ -99,10 +106,29 @@ def record_to_doc(record: Any, *, source: str, where: str) -> dict[str, Any]:
         return _doc(doc_id, source=source, error="record has no 'text'")
     if not isinstance(text, str):
         return _doc(doc_id, source=source, error=f"'text' is a {type(text).__name__}, not a string")
+    if max_chars is not None and len(text) > max_chars:
+        return _doc(doc_id, source=source, error=f"'text' has {len(text):,} characters, over the size limit")
     metadata = {k: v for k, v in record.items() if k not in _RESERVED_KEYS}
     if not (title.strip() or text.strip()):
-        return _doc(doc_id, source=source, metadata=metadata, error="empty document")
-    return _doc(doc_id, source=source, title=title, text=text, metadata=metadata)
+        return _doc(doc_id, source=source, error="empty document")
+    row = _doc(doc_id, source=source, title=title, text=text, metadata=metadata)
+    if not all(_is_unicode(row[key]) for key in ("title", "text", "metadata")):
+        reason = "not valid Unicode: an unpaired surrogate in title, text or metadata"
+        return _doc(doc_id, source=source, error=reason)
+    return row
+
+
+def _is_unicode(text: str) -> bool:
+    # JSON escapes can spell lone surrogates ("\ud800"), which Arrow cannot store as UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.3g} MB"
 
 
 class JsonlDatasource(FileBasedDatasource):
@@ -110,23 +136,27 @@ class JsonlDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["jsonl", "ndjson", "json"]
 
-    def __init__(self, paths: str | list[str], *, docs_per_block: int = 1000, **kwargs: Any):
+    def __init__(
+        self, paths: str | list[str], *, docs_per_block: int = 1000, max_doc_mb: float = 64, **kwargs: Any
+    ):
         super().__init__(paths, **kwargs)
         self._docs_per_block = docs_per_block
+        self._max_doc_mb = max_doc_mb
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         name = Path(path).name
-        for line_no, line in enumerate(_lines(f), start=1):
-            if not line.strip():
-                continue
+        limit = int(self._max_doc_mb * 1e6)
+        for line_no, line in enumerate(_lines(f, limit=limit), start=1):
             where = f"{name}:{line_no}"
-            try:
-                record = json.loads(line)
-            except (UnicodeDecodeError, ValueError) as exc:
-                rows.append(_doc(where, source=path, error=f"line {line_no}: invalid JSON ({exc})"))
+            if isinstance(line, int) or len(line) > limit:
+                size = line if isinstance(line, int) else len(line)
+                error = f"line {line_no}: record is {_mb(size)}, over max_doc_mb={self._max_doc_mb}"
+                rows.append(_doc(where, source=path, error=error))
+            elif not line.strip():
+                continue
             else:
-                rows.append(record_to_doc(record, source=path, where=where))
+                rows.append(_line_to_doc(line, line_no, source=path, where=where))
             if len(rows) >= self._docs_per_block:
                 yield pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
                 rows = []
@@ -134,20 +164,38 @@ class JsonlDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
 
 
-def _lines(f: pa.NativeFile, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-    rest = b""
+def _line_to_doc(line: bytes, line_no: int, *, source: str, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; deep nesting recurses
+        return _doc(where, source=source, error=f"line {line_no}: invalid JSON ({str(exc)[:200]})")
+    try:
+        return record_to_doc(record, source=source, where=where)
+    except Exception as exc:  # one odd record must never end the run
+        return _doc(where, source=source, error=f"line {line_no}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _lines(f: pa.NativeFile, *, limit: int, chunk_bytes: int = 1 << 20) -> Iterator[bytes | int]:
+    """The lines of a file; a line longer than ``limit`` comes as its length only, never held whole."""
+    rest, skipped = b"", 0
     while chunk := f.read(chunk_bytes):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
+        for line in lines:
+            yield skipped + len(line) if skipped else line
+            skipped = 0
+        if len(rest) > limit:
+            skipped, rest = skipped + len(rest), b""
+    if skipped or rest:
+        yield skipped + len(rest) if skipped else rest
 
 
-def parquet_to_docs(batch: pa.Table, *, source: str) -> pa.Table:
+def parquet_to_docs(batch: pa.Table, *, source: str, max_doc_mb: float = 64) -> pa.Table:
     """Map a batch of Parquet rows (with _id/id, title, text, anything else) to document rows."""
+    where = f"{Path(source).name}:row"
     rows = [
-        record_to_doc(record, source=source, where=f"{Path(source).name}:row") for record in batch.to_pylist()
+        record_to_doc(record, source=source, where=where, max_chars=max_doc_mb * 1e6)
+        for record in batch.to_pylist()
     ]
     return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
 
@@ -155,12 +203,57 @@ def parquet_to_docs(batch: pa.Table, *, source: str) -> pa.Table:
 # --- files in a directory ------------------------------------------------------------------------
 
 
+def list_files(root: Path, *, max_doc_mb: float) -> list[dict[str, str | None]]:
+    """Every file under ``root`` as ``{path, error}``, where error says why it cannot be a document.
+
+    Hidden files and folders (a name starting with ".") are left out. Everything else comes out:
+    special files, broken links, names that are not UTF-8 and files over max_doc_mb with a reason,
+    found here without reading them.
+    """
+    items: list[dict[str, str | None]] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        dirs[:] = [d for d in dirs if d not in links]
+        for name in sorted(files) + links:
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            error = "file name is not valid UTF-8" if shown != path else _unreadable(path, max_doc_mb)
+            items.append({"path": shown, "error": error})
+    return items
+
+
+def _unreadable(path: str, max_doc_mb: float) -> str | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file vanished while listing"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
+    if stat.S_ISDIR(info.st_mode):
+        return "symbolic link to a folder (not followed)"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    if info.st_size > max_doc_mb * 1e6:
+        return f"file is {_mb(info.st_size)}, over max_doc_mb={max_doc_mb}"
+    return None
+
+
 def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float) -> pa.Table:
-    """Parse a batch of ``{path, bytes}`` rows from read_binary_files into document rows."""
+    """Read and parse a batch of ``{path, error}`` rows (see list_files) into document rows."""
     rows = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist(), strict=True):
+    for path, error in zip(batch.column("path").to_pylist(), batch.column("error").to_pylist(), strict=True):
         doc_id = _relative(path, root)
         try:
+            if error:
+                rows.append(_doc(doc_id, source=path, error=error))
+                continue
+            data = b""
+            if Path(path).suffix.lower() in FILE_SUFFIXES:
+                with open(path, "rb") as f:  # at most one byte past the limit, whatever the file's size
+                    data = f.read(int(max_doc_mb * 1e6) + 1)
             rows.append(_parse_file(path, doc_id, data, max_doc_mb=max_doc_mb))
         except Exception as exc:  # one bad file must never end the run
             rows.append(_doc(doc_id, source=path, error=f"{type(exc).__name__}: {exc}"))
@@ -178,11 +271,8 @@ def _parse_file(path: str, doc_id: str, data: bytes, *, max_doc_mb: float) -> di
         supported = ", ".join(sorted(FILE_SUFFIXES))
         return _doc(doc_id, source=path, error=f"unsupported extension {suffix!r} ({supported})")
     if len(data) > max_doc_mb * 1e6:
-        return _doc(
-            doc_id,
-            source=path,
-            error=f"file is {len(data) / 1e6:.1f} MB, over max_doc_mb={max_doc_mb}",
-        )
+        size = _mb(os.path.getsize(path))
+        return _doc(doc_id, source=path, error=f"file is {size}, over max_doc_mb={max_doc_mb}")
     if not data.strip():
         return _doc(doc_id, source=path, error="empty file")
     if suffix in PDF_SUFFIXES:
@@ -263,26 +353,28 @@ def read_source(
         raise SourceError(f"Source {str(source)!r} does not exist.")
     suffix = path.suffix.lower()
     if path.is_file() and suffix in {".jsonl", ".ndjson"}:
-        return ray.data.read_datasource(JsonlDatasource(str(path), docs_per_block=docs_per_block))
+        return ray.data.read_datasource(
+            JsonlDatasource(str(path), docs_per_block=docs_per_block, max_doc_mb=max_doc_mb)
+        )
     if suffix == ".parquet" or (path.is_dir() and _all_parquet(path)):
         ds = ray.data.read_parquet(str(path))
-        return ds.map_batches(parquet_to_docs, batch_format="pyarrow", fn_kwargs={"source": str(path)})
-    if path.is_dir():
-        if not any(p.is_file() and not p.name.startswith((".", "_")) for p in path.rglob("*")):
-            raise SourceError(f"Source directory {str(source)!r} has no files.")
-        ds = ray.data.read_binary_files(str(path), include_paths=True)
         return ds.map_batches(
+            parquet_to_docs, batch_format="pyarrow", fn_kwargs={"source": str(path), "max_doc_mb": max_doc_mb}
+        )
+    if path.is_dir() or suffix in FILE_SUFFIXES:
+        # Listed here rather than by read_binary_files, which skips what it cannot open and stops the
+        # whole run at a file name that is not UTF-8; the files are read in the tasks.
+        if path.is_dir():
+            root, items = path, list_files(path, max_doc_mb=max_doc_mb)
+        else:
+            root, items = path.parent, [{"path": str(path), "error": _unreadable(str(path), max_doc_mb)}]
+        if not items:
+            raise SourceError(f"Source directory {str(source)!r} has no files.")
+        return ray.data.from_items(items).map_batches(
             files_to_docs,
             batch_format="pyarrow",
             batch_size=16,
-            fn_kwargs={"root": str(path), "max_doc_mb": max_doc_mb},
-        )
-    if path.is_file() and suffix in FILE_SUFFIXES:
-        ds = ray.data.read_binary_files(str(path), include_paths=True)
-        return ds.map_batches(
-            files_to_docs,
-            batch_format="pyarrow",
-            fn_kwargs={"root": str(path.parent), "max_doc_mb": max_doc_mb},
+            fn_kwargs={"root": str(root), "max_doc_mb": max_doc_mb},
         )
     raise SourceError(
         f"Unsupported source {str(source)!r}. Supported: a directory of "

@@ -7,11 +7,19 @@ commit (an ``add``, or a ``merge_insert`` when documents are replaced), one new 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import secrets
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "embedpipe.json"
 RUNS_DIR = "_runs"
 STAGING_DIR = "_staging"
+ERRORS_TABLE = "_errors"  # one row per failed document per run; not a shard, so never searched
 _LAYOUT_VERSION = 1
 
 
@@ -64,6 +73,89 @@ def table_schema(dim: int) -> pa.Schema:
     )
 
 
+def _staging_schema(dim: int) -> pa.Schema:
+    # "attempt" names the write task attempt that staged a row: Ray retries a task whose worker died,
+    # and only the attempt whose result reached the driver may be committed.
+    return table_schema(dim).append(pa.field("attempt", pa.string()))
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("reason", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def record_failures(db: str | Path, *, run_id: str, failed: list[list[str]], at: float) -> int:
+    """Append a run's failed documents (``[doc_id, source, reason]``) to the db's ``_errors`` table."""
+    if not failed:
+        return 0
+    when = datetime.fromtimestamp(at, UTC)
+    rows = pa.Table.from_pylist(
+        [{"run_id": run_id, "doc_id": d, "source": s, "reason": r, "time": when} for d, s, r in failed],
+        schema=ERRORS_SCHEMA,
+    )
+    lancedb.connect(str(db)).create_table(ERRORS_TABLE, schema=ERRORS_SCHEMA, exist_ok=True).add(rows)
+    return rows.num_rows
+
+
+@contextlib.contextmanager
+def run_lock(db: str | Path, run_id: str) -> Iterator[None]:
+    """Hold ``_staging/<run_id>.lock`` while a run lives, and remove the staging that dead runs left.
+
+    The kernel drops a lock when its process ends, SIGKILL included, so a staging folder whose lock
+    nobody holds belongs to a run that can no longer commit it. The lock is taken before the run's
+    staging folder exists and dropped after it is gone, so a live run's folder is never taken for a
+    stale one. (On NFS the lock needs a working lock manager, as flock does there.)
+    """
+    parent = Path(db) / STAGING_DIR
+    path = parent / f"{run_id}.lock"
+    for _ in range(5):
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = path.open("w")
+            break
+        except FileNotFoundError:  # another run removed the empty parent just now
+            continue
+    else:
+        raise StoreError(f"Cannot create {str(path)!r}.")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        f.flush()
+        for stale in clean_stale_staging(db):
+            logger.warning("removed the staging of run %s, which stopped before its commit", stale)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty: other runs may be staging beside this one
+
+
+def clean_stale_staging(db: str | Path) -> list[str]:
+    """Remove the staging folders of runs that died before their commit; returns their run ids."""
+    parent = Path(db) / STAGING_DIR
+    removed: list[str] = []
+    if not parent.is_dir():
+        return removed
+    for folder in sorted(p for p in parent.iterdir() if p.is_dir()):
+        lock = parent / f"{folder.name}.lock"
+        with lock.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run holds it
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        removed.append(folder.name)
+    return removed
+
+
 @dataclass(frozen=True)
 class Manifest:
     shards: int
@@ -74,8 +166,18 @@ class Manifest:
         return json.dumps({"layout": _LAYOUT_VERSION, **self.__dict__}, indent=2)
 
 
+def _local(db: str | Path) -> Path:
+    # A URI given as a CLI path arrives as ".../s3:/bucket/db": never create that on the local disk.
+    if "://" in str(db) or any(p.lower() in ("s3:", "gs:", "gcs:", "az:", "abfs:") for p in Path(db).parts):
+        raise StoreError(
+            f"{str(db)!r}: object-storage URIs are not supported for the db yet (its manifest, reports and "
+            "staging locks are plain files). Use a path every node sees, e.g. a shared NFS/EFS mount."
+        )
+    return Path(db)
+
+
 def read_manifest(db: str | Path) -> Manifest:
-    path = Path(db) / MANIFEST
+    path = _local(db) / MANIFEST
     if not path.exists():
         raise StoreError(f"{str(db)!r} is not an embedpipe db (no {MANIFEST}); run ingest first.")
     data = json.loads(path.read_text())
@@ -84,7 +186,7 @@ def read_manifest(db: str | Path) -> Manifest:
 
 def init_db(db: str | Path, manifest: Manifest) -> Manifest:
     """Create the db (manifest and empty shard tables), or check that an existing one matches."""
-    root = Path(db)
+    root = _local(db)
     if (root / MANIFEST).exists():
         existing = read_manifest(root)
         if existing.shards != manifest.shards:
@@ -153,12 +255,16 @@ class Staging:
     def create(self) -> None:
         conn = lancedb.connect(str(self.path))
         for i in range(self.manifest.shards):
-            conn.create_table(shard_name(i), schema=table_schema(self.manifest.dim), exist_ok=True)
+            conn.create_table(shard_name(i), schema=_staging_schema(self.manifest.dim), exist_ok=True)
 
     def append(self, rows: pa.Table) -> dict[str, int]:
-        """Append chunk rows (with a ``shard`` column) to their staging tables; returns rows per shard."""
+        """Append chunk rows (with ``shard`` and ``attempt`` columns) to their staging tables.
+
+        Returns:
+            Rows written per shard.
+        """
         conn = lancedb.connect(str(self.path))
-        schema = table_schema(self.manifest.dim)
+        schema = _staging_schema(self.manifest.dim)
         written: dict[str, int] = {}
         shards = rows.column("shard")
         for shard in pc.unique(shards).to_pylist():
@@ -166,6 +272,20 @@ class Staging:
             conn.open_table(shard_name(shard)).add(part)
             written[shard_name(shard)] = part.num_rows
         return written
+
+    def drop_attempts(self, shard: int, *, keep: set[str]) -> int:
+        """Delete rows staged by task attempts other than ``keep`` (those whose results the run used).
+
+        Returns:
+            How many attempts were dropped.
+        """
+        table = lancedb.connect(str(self.path)).open_table(shard_name(shard))
+        staged = table.search().select(["attempt"]).limit(None).to_arrow().column("attempt")
+        orphans = sorted(set(pc.unique(staged).to_pylist()) - keep)
+        if orphans:
+            table.delete(f"attempt IN ({_sql_list(orphans)})")
+            logger.warning("%s: dropped rows of %d retried write attempts", shard_name(shard), len(orphans))
+        return len(orphans)
 
     def staged_doc_ids(self, shard: int) -> list[str]:
         """Ids of the documents staged for a shard, once per staged copy."""
@@ -193,7 +313,8 @@ class Staging:
         rows = source.count_rows()
         if rows == 0:
             return 0
-        reader = source.search().limit(None).to_batches(batch_size=4096)
+        columns = table_schema(self.manifest.dim).names
+        reader = source.search().select(columns).limit(None).to_batches(batch_size=4096)
         table = lancedb.connect(self.db).open_table(name)
         if replaced:
             # New chunks in and old ones (surplus chunks of a shrunk document too) out, at once.
@@ -212,10 +333,7 @@ class Staging:
         return rows
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        parent = self.path.parent
-        if parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
+        shutil.rmtree(self.path, ignore_errors=True)  # run_lock removes the emptied parent
 
 
 # --- Ray Data stages that touch the store --------------------------------------------------------
@@ -250,17 +368,17 @@ WRITE_SUMMARY = pa.schema(
         ("failed", pa.string()),  # JSON list of [doc_id, source, reason]
         ("shard_rows", pa.string()),  # JSON {shard name: rows}
         ("finished_at", pa.float64()),
+        ("attempt", pa.string()),  # the write attempt whose staged rows this summary stands for
     ]
 )
 
 
 def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
     """Append embedded chunks to staging and return one summary row for the run report."""
-    import time
-
     status = batch.column("status")
     ok = batch.filter(pc.equal(status, "ok"))
     shard_rows: dict[str, int] = {}
+    attempt = secrets.token_hex(8)
     if ok.num_rows:
         n = staging.manifest.shards
         shards = pa.array([shard_of(d, n) for d in ok.column("doc_id").to_pylist()], pa.int32())
@@ -268,6 +386,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
             ok.append_column("shard", shards)
             .append_column("model", pa.array([model] * ok.num_rows, pa.string()))
             .append_column("run_id", pa.array([staging.run_id] * ok.num_rows, pa.string()))
+            .append_column("attempt", pa.array([attempt] * ok.num_rows, pa.string()))
         )
         shard_rows = staging.append(ok)
     failed_rows = batch.filter(pc.equal(status, "failed")).select(["doc_id", "source", "error"])
@@ -280,5 +399,6 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
         "failed": json.dumps(failed),
         "shard_rows": json.dumps(shard_rows),
         "finished_at": time.time(),
+        "attempt": attempt,
     }
     return pa.Table.from_pylist([summary], schema=WRITE_SUMMARY)

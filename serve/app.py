@@ -47,7 +47,7 @@ def build_app(cfg: ServeConfig) -> Application:
         ShardSearcher.options(
             name=f"ShardSearcher-{store.shard_name(i)}",
             num_replicas=settings.shard_replicas,
-            ray_actor_options={"num_cpus": settings.shard_cpus},
+            ray_actor_options={"num_cpus": settings.shard_cpus, "resources": settings.shard_resources},
         ).bind(db, store.shard_name(i), settings.refresh_s, cfg.index.model_dump())
         for i in range(manifest.shards)
     ]

@@ -29,3 +29,24 @@ def minimal_pdf(text: str, title: str = "") -> bytes:
         xref,
     )
     return bytes(out)
+
+
+def run_ray_script(script: str, tmp_path, docs: list[dict]) -> dict:
+    """Run `script` in a fresh Python (its own Ray driver) on a JSONL corpus of `docs`.
+
+    The script gets the corpus path and a db path as argv and prints one line
+    `RESULT <json>`; that JSON is returned.
+    """
+    import json
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(tmp_path / "db")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-5000:]
+    return json.loads(line.removeprefix("RESULT "))

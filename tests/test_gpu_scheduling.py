@@ -4,12 +4,10 @@ Runs in a subprocess because it needs its own Ray with GPUs; the model falls bac
 torch sees no CUDA device, so the run must still finish with every document embedded.
 """
 
-import json
-import subprocess
-import sys
 import textwrap
 
 from tests.conftest import scifact_docs
+from tests.helpers import run_ray_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -35,15 +33,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_one_gpu_per_embedding_actor(tmp_path, scifact):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in scifact_docs(40)))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(corpus), str(tmp_path / "db")],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = run_ray_script(SCRIPT, tmp_path, scifact_docs(40))
     assert result["pool"]["num_gpus"] == 1.0
     assert result["pool"]["max_size"] == 2  # one actor per GPU
     assert result["actor_gpus"] and all(g == 1.0 for g in result["actor_gpus"])

@@ -1,0 +1,59 @@
+"""cluster.yaml is a valid Ray cluster launcher config, checked with Ray's own schema and validator."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_valid_for_ray_up(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(config, _schema())
+    validate_config(prepare_config(config))  # what `ray up` does before it launches anything
+
+
+def test_the_schema_check_bites(config):
+    with pytest.raises(jsonschema.ValidationError, match="unexpected"):
+        jsonschema.validate({**config, "head_node": {"typo": 1}, "max_worker": 3}, _schema())
+    gpu = config["available_node_types"]["gpu_worker"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(
+            {
+                **config,
+                "available_node_types": {**config["available_node_types"], "gpu_worker": {**gpu, "x": 1}},
+            },
+            _schema(),
+        )
+
+
+def test_head_cpu_and_gpu_groups_and_embedpipe_setup(config):
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) >= 1]
+    cpu = [t for t in workers.values() if not t["resources"].get("GPU")]
+    assert gpu and cpu
+    for group in workers.values():
+        assert 0 <= group["min_workers"] <= group["max_workers"]
+    assert sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
+    setup = " ".join(config["setup_commands"])
+    mount = next(remote for remote, local in config["file_mounts"].items() if local == ".")
+    assert "pip install" in setup and mount in setup  # this checkout, installed on every node
+    assert any("ray start --head" in c for c in config["head_start_ray_commands"])
+    assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
