@@ -84,14 +84,21 @@ def ingest(
     shards: ShardsOpt = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the run report here.")] = None,
     address: AddressOpt = None,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Delete stored documents of SOURCE that it no longer has.")
+    ] = False,
 ) -> None:
-    """Read, chunk, embed and write SOURCE into the shard tables under --db."""
+    """Read, chunk, embed and write SOURCE into the shard tables under --db.
+
+    Documents stored with the same content hash are skipped as unchanged; changed ones have all
+    their chunks replaced in one commit per shard.
+    """
     from pipelines import ingest as pipeline
     from pipelines.report import summary_table
 
     try:
         cfg = load_config(config, shards=shards, **{"ray.address": address})
-        result = pipeline.build(source=source, db=db, cfg=cfg, report_path=report)
+        result = pipeline.build(source=source, db=db, cfg=cfg, report_path=report, prune=prune)
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     Console().print(summary_table(result))
@@ -328,6 +335,165 @@ def report_command(
             console.print(f"wrote {png}", highlight=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise _fail(f"cannot render {run_json}: {exc}") from exc
+
+
+@app.command("quantize")
+def quantize_command(
+    source: Annotated[
+        Path, typer.Argument(help="The corpus to calibrate on (a sample of its chunks is used).")
+    ],
+    db: DbOpt,
+    config: ConfigOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Quantize again even if the db has a model.")
+    ] = False,
+) -> None:
+    """Make the int8 OpenVINO model that dtype int8 (the CPU default) uses, into DB/_models/.
+
+    Ingest does this by itself on first use; run it ahead to keep the first ingest's time clean.
+    """
+    from pipelines import backends
+    from pipelines import ingest as pipeline
+
+    try:
+        cfg = load_config(config, **{"ray.progress_bars": False})
+        target = backends.int8_dir(backends.cache_root(cfg.embedding.model_cache), cfg.embedding.model)
+        if force and target.exists():
+            shutil.rmtree(target)
+        with pipeline.ray_session(cfg.ray):
+            path, meta = pipeline.int8_model(str(source.resolve()), cfg)
+        if path is None:
+            raise ValueError(meta["reason"])
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"int8 model: {path} (calibrated on {meta['calibration_texts']} chunks, {meta['quantize_s']} s)",
+        highlight=False,
+    )
+
+
+@app.command("bench")
+def bench_command(
+    source: Annotated[
+        Path, typer.Argument(exists=True, help="A BEIR directory (scores nDCG@10) or a corpus file/dir.")
+    ],
+    config: ConfigOpt = None,
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Where the bench db (and its int8 model) live.")
+    ] = Path(".embedpipe-bench"),
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Use only the first N documents (no nDCG then).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="Write the figures here.")
+    ] = None,
+    png: Annotated[Path | None, typer.Option("--png", dir_okay=False, help="Write a chart here.")] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", exists=True, dir_okay=False, help="A saved --json to compare with."),
+    ] = None,
+    fail_on_regression: Annotated[
+        bool, typer.Option("--fail-on-regression", help="Exit 4 when a figure is >10% below the baseline.")
+    ] = False,
+) -> None:
+    """Time (a) a plain fp32 encode loop, (b) the same loop in the pipeline's dtype, (c) the full
+    pipeline and (d) a re-ingest of the unchanged corpus, on the same texts; print the ratios."""
+    from pipelines import bench
+
+    try:
+        cfg = load_config(config, **{"ray.progress_bars": False})
+        source = source.resolve()
+        if limit is not None:
+            corpus, _ = bench.corpus_of(source)
+            if corpus.suffix != ".jsonl":
+                raise ValueError("--limit needs a JSONL corpus (or a BEIR directory)")
+            workdir.mkdir(parents=True, exist_ok=True)
+            sample = workdir / f"first-{limit}.jsonl"
+            with corpus.open() as src, sample.open("w") as dst:
+                for _, line in zip(range(limit), src, strict=False):
+                    dst.write(line)
+            source = sample.resolve()
+        result = bench.run(source, workdir=workdir, cfg=cfg)
+        if baseline is not None:
+            result["regressions"] = bench.compare(result, json.loads(baseline.read_text()))
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    Console().print(bench.table(result))
+    typer.echo(bench.ratios_text(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(bench.dumps(result))
+    if png is not None:
+        bench.write_png(result, png)
+    for worse in result.get("regressions", []):
+        console.print(
+            f"[bold red]regression:[/] {worse['figure']} {worse['now']} vs baseline {worse['baseline']} "
+            f"({worse['change']:+.0%})",
+            highlight=False,
+        )
+    if result.get("regressions") and fail_on_regression:
+        raise typer.Exit(4)
+
+
+@app.command("plan")
+def plan_command(
+    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents to plan for.")],
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Plan from this db's latest run.", envvar="EMBEDPIPE_DB")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", exists=True, dir_okay=False, help="Plan from this run report.")
+    ] = None,
+    qps: Annotated[
+        float | None, typer.Option("--qps", min=0.001, help="Queries per second to serve.")
+    ] = None,
+    nodes: Annotated[int | None, typer.Option("--nodes", min=1, help="Embedding nodes/GPUs to use.")] = None,
+    hours: Annotated[
+        float | None, typer.Option("--hours", min=0.001, help="Finish within this time.")
+    ] = None,
+    hourly_usd: Annotated[
+        float | None, typer.Option("--hourly-usd", min=0, help="Price per node-hour (default: config cost).")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Estimate time, nodes/GPUs, storage and cost for --docs documents from a measured run."""
+    from pipelines import plan, store
+
+    if (db is None) == (report is None):
+        raise _fail("give exactly one of --db and --report", EXIT_USAGE)
+    try:
+        cfg = load_config(config)
+        path = report if report is not None else plan.latest_report(db)
+        run = json.loads(path.read_text())
+        run_db = Path(run.get("db") or (db or ""))
+        db_bytes = dim = None
+        if run_db.is_dir():
+            db_bytes = sum(
+                f.stat().st_size
+                for name in run.get("shards", {})
+                for f in (run_db / f"{name}.lance").rglob("*")
+                if f.is_file()
+            )
+            dim = store.read_manifest(run_db).dim if (run_db / store.MANIFEST).exists() else None
+        if hourly_usd is None and cfg.cost.hourly_usd:
+            hourly_usd = cfg.cost.hourly_usd
+        result = plan.plan(
+            run,
+            docs=docs,
+            qps=qps,
+            nodes=nodes,
+            hours=hours,
+            hourly_usd=hourly_usd,
+            db_bytes=db_bytes,
+            dim=dim,
+        )
+    except (*_user_errors(), OSError, json.JSONDecodeError) as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(plan.format_plan(result))
 
 
 if __name__ == "__main__":

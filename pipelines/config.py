@@ -50,13 +50,35 @@ class EmbeddingConfig(_Strict):
         min_length=1,
         description="A sentence-transformers model id or a local path. The default is bundled.",
     )
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
-        description="auto: fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), fp32 otherwise.",
+        description="auto: fp16 on a GPU; on a CPU int8 (OpenVINO, quantized once and cached, see "
+        "model_cache) when openvino is installed, else bf16 with native bf16 (AVX512-BF16/AMX), else fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(256, gt=0, description="Chunks per Ray Data batch sent to an actor.")
-    encode_batch_size: int = Field(32, gt=0, description="Chunks per forward pass inside an actor.")
+    batch_tokens: int = Field(
+        8192, gt=0, description="Starting budget of padded tokens per forward pass (rows x longest row)."
+    )
+    min_batch_tokens: int = Field(256, gt=0, description="The budget never shrinks below this.")
+    max_batch_tokens: int = Field(262_144, gt=0, description="The budget never grows above this.")
+    adapt_batch: bool = Field(
+        True, description="Grow the budget while throughput improves and memory allows; else keep it."
+    )
+    encode_batch_size: int = Field(
+        32, gt=0, description="Texts per forward pass where texts are embedded directly (queries)."
+    )
+    cache: bool = Field(
+        True, description="Reuse embeddings of texts embedded before (the _embed_cache table in the db)."
+    )
+    model_cache: str | None = Field(
+        None,
+        description="Where the driver keeps quantized (int8) models. Default $EMBEDPIPE_CACHE or "
+        "~/.cache/embedpipe; actors receive the model through Ray, so it need not be shared.",
+    )
+    calibration_chunks: int = Field(
+        256, gt=0, description="Chunks of the corpus that calibrate int8 quantization."
+    )
     min_actors: int = Field(1, gt=0, description="Smallest embedding actor pool.")
     max_actors: int | None = Field(
         None, gt=0, description="Largest actor pool. Default: one per GPU, else min_actors."
@@ -77,12 +99,28 @@ class EmbeddingConfig(_Strict):
     def _pool_bounds(self) -> EmbeddingConfig:
         if self.max_actors is not None and self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        if not self.min_batch_tokens <= self.batch_tokens <= self.max_batch_tokens:
+            raise ValueError(
+                f"batch_tokens ({self.batch_tokens}) must lie between min_batch_tokens "
+                f"({self.min_batch_tokens}) and max_batch_tokens ({self.max_batch_tokens})"
+            )
+        if self.dtype == "int8" and self.device == "cuda":
+            raise ValueError("dtype int8 runs on the CPU (OpenVINO); on a GPU use fp16 or bf16")
         return self
 
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded local Ray.")
+    object_store_mb: int | None = Field(
+        None, gt=0, description="Object store size of the embedded local Ray (Ray's default: 30% of RAM)."
+    )
+    data_object_store_limit_mb: int | None = Field(
+        512,
+        gt=0,
+        description="Backpressure: Ray Data pauses reading when blocks in flight take more object store "
+        "memory than this, so memory stays flat however large the corpus. None: Ray's default share.",
+    )
     progress_bars: bool = True
 
 

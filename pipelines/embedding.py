@@ -3,67 +3,50 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines import models
+from pipelines import backends, batching, embed_cache, models
+from pipelines.backends import cpu_has_native_bf16, resolve_device, resolve_dtype
 from pipelines.chunking import embed_input
 
+__all__ = [
+    "Embedder",
+    "actor_options",
+    "cpu_has_native_bf16",
+    "embedding_dim",
+    "resolve_dtype",
+    "vector_array",
+]
+
 logger = logging.getLogger(__name__)
-
-_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose instructions do bf16 math; elsewhere bf16 is emulated and slow.
-
-    Measured on a 2-core AMD EPYC (AVX2, no AVX512): all-MiniLM-L6-v2 ran 16.5 docs/s in fp32 and
-    2.8 docs/s in bf16, so "auto" must not pick bf16 there.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool(_NATIVE_BF16_FLAGS & set(flags.split()))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        logger.warning("device=cuda was asked for but no CUDA device is visible; using the CPU")
-        return "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """Pick fp32/bf16/fp16 for ``auto`` and reject what the device cannot run."""
-    if dtype == "auto":
-        if device == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if dtype == "fp16" and device == "cpu":
-        raise ValueError("dtype 'fp16' needs a GPU. Supported on a CPU: auto, fp32, bf16.")
-    return dtype
 
 
 class Embedder:
     """Adds a normalized ``vector`` column to chunk rows whose status is "ok".
 
+    Rows are looked up in the embedding cache first; the rest are sorted by length and embedded in
+    forward passes of at most ``token_budget.value`` padded tokens. A pass that runs out of memory
+    is split in halves and retried, and the budget shrinks. One ``embed_stats`` JSON value per
+    batch (cache hits, rows computed, budget decisions) travels to the write stage for the report.
+
     Args:
         model: a model id or path (see models.resolve_model).
-        dtype: auto, fp32, bf16 or fp16.
+        dtype: auto, fp32, bf16, fp16 or int8 (int8 needs ``int8_model``).
         device: auto, cpu or cuda.
-        encode_batch_size: inputs per forward pass.
-        cpu_threads: torch threads on a CPU; default all cores of the node.
+        cpu_threads: threads for the forward pass on a CPU; default all cores of the node.
+        int8_model: directory of the quantized model (backends.quantize).
+        batch_tokens: the starting token budget per forward pass.
+        min_batch_tokens, max_batch_tokens: bounds of the budget.
+        adapt_batch: grow/shrink the budget from measured throughput (else only OOM shrinks it).
+        cache_db: db dir whose embedding cache to use; None for no cache.
+        encode_batch_size: rows per pass when ``encode`` is called directly (queries, benchmarks).
     """
 
     def __init__(
@@ -72,49 +55,148 @@ class Embedder:
         model: str,
         dtype: str = "auto",
         device: str = "auto",
-        encode_batch_size: int = 32,
         cpu_threads: int | None = None,
+        int8_model: str | None = None,
+        batch_tokens: int = 8192,
+        min_batch_tokens: int = 256,
+        max_batch_tokens: int = 262_144,
+        adapt_batch: bool = True,
+        cache_db: str | None = None,
+        encode_batch_size: int = 32,
     ):
-        import torch
-        import transformers
-        from sentence_transformers import SentenceTransformer
-
-        transformers.logging.disable_progress_bar()  # one bar per actor start is noise in the logs
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if self.device == "cpu":
-            # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); the forward pass is the one
-            # stage that can use every core, and the others mostly wait on it.
-            torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        self.model = SentenceTransformer(
-            models.resolve_model(model),
+        self.dtype = resolve_dtype(dtype, self.device, int8_ok=int8_model is not None)
+        # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); the forward pass is the one
+        # stage that can use every core, and the others mostly wait on it.
+        threads = (cpu_threads or os.cpu_count() or 1) if self.device == "cpu" else None
+        # Loaded on first use: a run whose documents are all unchanged or cached never needs it.
+        self._load = functools.partial(
+            backends.load_backend,
+            model,
             device=self.device,
-            model_kwargs={"torch_dtype": torch_dtype[self.dtype]},
+            dtype=self.dtype,
+            threads=threads,
+            int8_model=int8_model,
         )
-        self.model.eval()
-        self.dim = self.model.get_embedding_dimension()
+        self._backend: backends.TorchBackend | backends.OpenVINOBackend | None = None
+        self.dim = embedding_dim(model)
         self.encode_batch_size = encode_batch_size
+        free = batching.cuda_free_fraction if self.device == "cuda" else batching.host_free_fraction
+        self.budget = batching.TokenBudget(
+            initial=batch_tokens,
+            minimum=min_batch_tokens,
+            maximum=max_batch_tokens,
+            adapt=adapt_batch,
+            free_memory=free,
+        )
+        self.cache = embed_cache.EmbeddingCache(cache_db, self.dim) if cache_db else None
+        self.namespace = backends.model_key(model, self.dtype)
+        self._events_sent = 0
+
+    @property
+    def backend(self) -> backends.TorchBackend | backends.OpenVINOBackend:
+        if self._backend is None:
+            self._backend = self._load()
+            if self._backend.dim != self.dim:
+                raise ValueError(f"model gives {self._backend.dim}-d vectors, expected {self.dim}")
+        return self._backend
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Unit-length float32 vectors, one row per text."""
+        """Unit-length float32 vectors, one row per text, in passes of ``encode_batch_size``."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts,
-            batch_size=self.encode_batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.encode_batch_size):
+            rows = order[start : start + self.encode_batch_size]
+            out[rows] = self.backend.encode([texts[i] for i in rows])
+        return out
+
+    def embed(self, texts: list[str], lengths: list[int]) -> tuple[np.ndarray, dict[str, int]]:
+        """Embed texts in token-budget passes; ``lengths`` are their token counts.
+
+        Returns:
+            The vectors, and counts: passes, padded tokens, OOM splits.
+        """
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        stats = {"passes": 0, "padded_tokens": 0, "oom_splits": 0}
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        start = 0
+        while start < len(order):
+            end = start + 1  # a row longer than the budget still gets a pass of its own
+            while end < len(order) and (end - start + 1) * max(lengths[order[end]], 1) <= self.budget.value:
+                end += 1
+            self._run(order[start:end], texts, lengths, out, stats)
+            start = end
+        return out, stats
+
+    def _run(
+        self, rows: list[int], texts: list[str], lengths: list[int], out: np.ndarray, stats: dict
+    ) -> None:
+        padded = len(rows) * max(lengths[i] for i in rows)
+        started = time.perf_counter()
+        try:
+            vectors = self.backend.encode([texts[i] for i in rows])
+        except Exception as exc:
+            if not batching.is_out_of_memory(exc) or len(rows) == 1:
+                raise
+            logger.warning("out of memory embedding %d rows (%d padded tokens); splitting", len(rows), padded)
+            self.backend.free_memory()
+            stats["oom_splits"] += 1
+            self.budget.shrink("out of memory", below=padded)
+            half = len(rows) // 2
+            self._run(rows[:half], texts, lengths, out, stats)
+            self._run(rows[half:], texts, lengths, out, stats)
+            return
+        out[rows] = vectors
+        stats["passes"] += 1
+        stats["padded_tokens"] += padded
+        self.budget.observe(
+            tokens=sum(lengths[i] for i in rows), padded=padded, seconds=time.perf_counter() - started
         )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         status = batch.column("status").to_pylist()
         todo = [i for i, s in enumerate(status) if s == "ok"]
         titles, texts = batch.column("title").to_pylist(), batch.column("text").to_pylist()
-        vectors = self.encode([embed_input(titles[i], texts[i]) for i in todo])
-        return batch.append_column("vector", vector_array(vectors, todo, len(status), self.dim))
+        n_tokens = batch.column("n_tokens").to_pylist()
+        inputs = [embed_input(titles[i], texts[i]) for i in todo]
+        vectors = np.zeros((len(todo), self.dim), dtype=np.float32)
+        keys = embed_cache.keys(self.namespace, inputs) if self.cache else []
+        hits = self.cache.lookup(keys) if self.cache else {}
+        # Each distinct text not in the cache is embedded once, however many rows share it.
+        first: dict[str, int] = {}
+        misses: list[int] = []
+        for j, text in enumerate(inputs):
+            key = keys[j] if keys else text
+            if key in hits:
+                vectors[j] = hits[key]
+            elif key not in first:
+                first[key] = j
+                misses.append(j)
+        computed, stats = self.embed([inputs[j] for j in misses], [n_tokens[todo[j]] for j in misses])
+        vectors[misses] = computed
+        for j, text in enumerate(inputs):
+            key = keys[j] if keys else text
+            if key not in hits and first[key] != j:
+                vectors[j] = vectors[first[key]]
+        if self.cache and misses:
+            self.cache.store([keys[j] for j in misses], computed)
+        events = self.budget.events[self._events_sent :]
+        self._events_sent = len(self.budget.events)
+        summary = {
+            **stats,
+            "rows": len(todo),
+            "computed": len(misses),
+            "cache_hits": len(todo) - len(misses),
+            "tokens_computed": int(sum(n_tokens[todo[j]] for j in misses)),
+            "events": events,
+            "actor": os.getpid(),
+        }
+        info = [json.dumps(summary)] + [None] * (batch.num_rows - 1)
+        return batch.append_column(
+            "vector", vector_array(vectors, todo, len(status), self.dim)
+        ).append_column("embed_stats", pa.array(info, pa.string()))
 
 
 def vector_array(vectors: np.ndarray, rows: list[int], n: int, dim: int) -> pa.Array:
@@ -140,7 +222,7 @@ def embedding_dim(model: str) -> int:
         dim = json.loads(pooling.read_text()).get("word_embedding_dimension")
         if dim:
             return int(dim)
-    return Embedder(model=model, device="cpu", dtype="fp32").dim
+    return backends.TorchBackend(model, device="cpu", dtype="fp32").dim
 
 
 def actor_options(

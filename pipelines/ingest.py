@@ -15,9 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 
-from pipelines import chunking, models, report, sources, store
+from pipelines import backends, chunking, embed_cache, models, report, sources, store
+from pipelines.chunking import embed_input
 from pipelines.config import Config, RayConfig
 from pipelines.embedding import Embedder, actor_options, embedding_dim
 
@@ -34,6 +36,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address == "local":
         kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+        if cfg.object_store_mb:
+            kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
     with warnings.catch_warnings():
         # Ray starts its processes with fork+exec, which lancedb's fork hook cannot tell from a bare fork.
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
@@ -53,8 +57,68 @@ def _db_uri(db: str | Path) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
+def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
+    """Up to ``n`` chunk texts from the start of the source, as the model will read them."""
+    ds = sources.read_source(source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb)
+    docs = [t for t in ray.get(ds.limit(n).to_arrow_refs()) if t.num_rows]
+    if not docs:
+        return []
+    chunks = chunking.chunk_docs(
+        pa.concat_tables(docs),
+        model=cfg.embedding.model,
+        max_tokens=cfg.chunking.max_tokens,
+        overlap_tokens=cfg.chunking.overlap_tokens,
+    ).to_pylist()
+    return [embed_input(c["title"], c["text"]) for c in chunks if c["status"] == "ok"][:n]
+
+
+MIN_CALIBRATION = 64  # fewer chunks calibrate int8 poorly, and a corpus that small is embedded in seconds
+
+
+def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, Any]]:
+    """The cached int8 model of the configured embedding model, quantized first if there is none.
+
+    It is calibrated on the first source quantized with; ``embedpipe quantize --force`` redoes it.
+
+    Returns:
+        Its directory and its meta.json (how it was made, and in how many seconds); or None and the
+        reason, when no model is cached and the source has too few chunks to calibrate one.
+    """
+    model = cfg.embedding.model
+    root = backends.cache_root(cfg.embedding.model_cache)
+    target = backends.int8_dir(root, model)
+    if not (target / "meta.json").exists():
+        if source is None:
+            raise ValueError(f"No int8 model in {target}; quantize with a source first")
+        root.mkdir(parents=True, exist_ok=True)
+        with store.db_lock(root, "quantize"):  # two runs on one machine quantize once
+            if not (target / "meta.json").exists():
+                texts = calibration_texts(source, cfg, cfg.embedding.calibration_chunks)
+                if len(texts) < MIN_CALIBRATION:
+                    return None, {
+                        "reason": f"int8 needs {MIN_CALIBRATION} chunks to calibrate on and the source has "
+                        f"{len(texts)}; using the torch backend for this run"
+                    }
+                logger.warning("quantizing %s to int8 on %d chunks of %s (once)", model, len(texts), source)
+                backends.quantize(model, texts, target)
+    return target, json.loads((target / "meta.json").read_text())
+
+
+def embedding_dtype(cfg: Config, *, on_gpu: bool) -> str:
+    """The dtype the actors get: int8 is decided here (the driver quantizes), the rest by each actor."""
+    device = cfg.embedding.device if cfg.embedding.device != "auto" else ("cuda" if on_gpu else "cpu")
+    if device == "cpu" and cfg.embedding.dtype in {"auto", "int8"}:
+        return backends.resolve_dtype(cfg.embedding.dtype, "cpu", int8_ok=True)
+    return cfg.embedding.dtype
+
+
 def build(
-    *, source: str | Path, db: str | Path, cfg: Config, report_path: Path | None = None
+    *,
+    source: str | Path,
+    db: str | Path,
+    cfg: Config,
+    report_path: Path | None = None,
+    prune: bool = False,
 ) -> dict[str, Any]:
     """Ingest ``source`` into the sharded tables under ``db`` and return the run report.
 
@@ -63,6 +127,7 @@ def build(
         db: the db directory (created if missing).
         cfg: validated settings; every resource number comes from here.
         report_path: an extra place to write the report (it always goes to db/_runs/).
+        prune: delete stored documents of this source that the source no longer has.
 
     Returns:
         The run report (see report.build_report).
@@ -74,6 +139,8 @@ def build(
     counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
     failed: list[list[str]] = []
     timeline: list[dict[str, Any]] = []
+    embedded = EmbedTotals(started)
+    seen_ids: set[str] = set()
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_session(cfg.ray))
         sampler = stack.enter_context(report.ResourceSampler())
@@ -92,6 +159,23 @@ def build(
             min_actors=cfg.embedding.min_actors,
             max_actors=cfg.embedding.max_actors,
         )
+        dtype = embedding_dtype(cfg, on_gpu=bool(pool["num_gpus"]))
+        backend: dict[str, Any] = {"dtype": dtype}
+        int8_files = None
+        if dtype == "int8":
+            path, backend["int8_meta"] = int8_model(source, cfg)
+            if path is None:
+                dtype = backend["dtype"] = backends.resolve_dtype("auto", "cpu")
+            else:
+                backend["int8_model"] = str(path)
+                int8_files = ray.put(backends.read_int8(path))  # actors on any node load it from here
+        if cfg.embedding.cache:
+            embed_cache.create(db, manifest.dim)
+        if cfg.ray.data_object_store_limit_mb:
+            options = ray.data.DataContext.get_current().execution_options
+            options.resource_limits = options.resource_limits.copy(
+                object_store_memory=cfg.ray.data_object_store_limit_mb * 2**20
+            )
         ds = (
             sources.read_source(
                 source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
@@ -116,10 +200,15 @@ def build(
                 Embedder,
                 fn_constructor_kwargs={
                     "model": model,
-                    "dtype": cfg.embedding.dtype,
-                    "device": cfg.embedding.device,
-                    "encode_batch_size": cfg.embedding.encode_batch_size,
+                    "dtype": dtype,
+                    "device": "cpu" if dtype == "int8" else cfg.embedding.device,
                     "cpu_threads": cfg.embedding.cpu_threads,
+                    "int8_model": int8_files,
+                    "batch_tokens": cfg.embedding.batch_tokens,
+                    "min_batch_tokens": cfg.embedding.min_batch_tokens,
+                    "max_batch_tokens": cfg.embedding.max_batch_tokens,
+                    "adapt_batch": cfg.embedding.adapt_batch,
+                    "cache_db": db if cfg.embedding.cache else None,
                 },
                 batch_format="pyarrow",
                 batch_size=cfg.embedding.batch_size,
@@ -144,6 +233,8 @@ def build(
                 for key in ("chunks", "tokens", "ingested", "unchanged"):
                     counts[key] += row[key]
                 failed.extend(json.loads(row["failed"]))
+                seen_ids.update(json.loads(row["doc_ids"]))
+                embedded.add(json.loads(row["embed_stats"]))
                 timeline.append(
                     {
                         "t": round(row["finished_at"] - started, 2),
@@ -156,6 +247,9 @@ def build(
         dropped, counts["chunks"] = _commit(staging, failed, attempts)
         counts["ingested"] -= dropped
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
+        pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
+        if cfg.embedding.cache:
+            embed_cache.compact(db)
     indexes = None
     if cfg.index.after_ingest:
         from pipelines import index
@@ -177,6 +271,18 @@ def build(
         hourly_usd=cfg.cost.hourly_usd,
         timeline=timeline,
     )
+    result["throughput"]["embeddings_per_s"] = round(embedded.totals["computed"] / max(wall_s, 1e-9), 2)
+    result["embeddings"] = embedded.summary()
+    result["batching"] = {
+        "initial_token_budget": cfg.embedding.batch_tokens,
+        "adaptive": cfg.embedding.adapt_batch,
+        "timeline": embedded.timeline,
+    }
+    result["backend"] = {k: v for k, v in backend.items() if k != "int8_meta"}
+    if "int8_meta" in backend:
+        result["backend"]["int8"] = backend["int8_meta"]
+    if prune:
+        result["docs"]["pruned"] = len(pruned)
     if indexes is not None:
         result["indexes"] = indexes
     paths = [Path(db) / store.RUNS_DIR / f"{run_id}.json"]
@@ -184,6 +290,37 @@ def build(
         paths.append(Path(report_path))
     report.write_report(result, *paths)
     return result
+
+
+class EmbedTotals:
+    """Sums the embedding stage's per-batch stats; keeps the token budget's decisions over time."""
+
+    KEYS = ("rows", "computed", "cache_hits", "tokens_computed", "passes", "padded_tokens", "oom_splits")
+
+    def __init__(self, started: float):
+        self.started = started
+        self.totals = dict.fromkeys(self.KEYS, 0)
+        self.timeline: list[dict[str, Any]] = []
+        self.actors: set[int] = set()
+
+    def add(self, stats: list[dict[str, Any]]) -> None:
+        for batch in stats:
+            for key in self.KEYS:
+                self.totals[key] += int(batch.get(key, 0))
+            self.actors.add(batch.get("actor", 0))
+            for event in batch.get("events", []):
+                point = {"t": round(event["at"] - self.started, 2), "token_budget": event["token_budget"]}
+                if "tokens_per_s" in event:
+                    point["tokens_per_s"] = event["tokens_per_s"]
+                self.timeline.append({**point, "reason": event["reason"]})
+        self.timeline.sort(key=lambda p: p["t"])
+
+    def summary(self) -> dict[str, Any]:
+        totals = dict(self.totals)
+        tokens = totals["tokens_computed"]
+        totals["padding_overhead"] = round(totals["padded_tokens"] / tokens - 1, 4) if tokens else 0.0
+        totals["actors"] = len(self.actors)
+        return totals
 
 
 def _commit(staging: store.Staging, failed: list[list[str]], attempts: set[str]) -> tuple[int, int]:

@@ -174,6 +174,19 @@ def summary_table(report: dict[str, Any]):
             f"{docs['failed']} failed",
         ),
         ("chunks written", str(report["chunks"]["written"])),
+        *([("pruned", f"{docs['pruned']} documents no longer in the source")] if "pruned" in docs else []),
+        *(
+            [
+                (
+                    "embeddings",
+                    f"{report['embeddings']['computed']} computed, {report['embeddings']['cache_hits']} "
+                    f"from the cache ({report.get('backend', {}).get('dtype', '?')}, "
+                    f"{report['embeddings']['oom_splits']} OOM splits)",
+                )
+            ]
+            if "embeddings" in report
+            else []
+        ),
         ("tokens embedded", str(report["tokens_embedded"])),
         ("wall time", f"{report['wall_s']:.1f} s"),
         (

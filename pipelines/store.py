@@ -137,6 +137,16 @@ def run_lock(db: str | Path, run_id: str) -> Iterator[None]:
             parent.rmdir()  # only when empty: other runs may be staging beside this one
 
 
+@contextlib.contextmanager
+def db_lock(db: str | Path, name: str) -> Iterator[None]:
+    """Wait for and hold the db-wide lock ``name`` (e.g. so that two runs quantize a model once)."""
+    path = Path(db) / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def clean_stale_staging(db: str | Path) -> list[str]:
     """Remove the staging folders of runs that died before their commit; returns their run ids."""
     parent = Path(db) / STAGING_DIR
@@ -369,6 +379,8 @@ WRITE_SUMMARY = pa.schema(
         ("shard_rows", pa.string()),  # JSON {shard name: rows}
         ("finished_at", pa.float64()),
         ("attempt", pa.string()),  # the write attempt whose staged rows this summary stands for
+        ("doc_ids", pa.string()),  # JSON list of every document id this batch saw, for --prune
+        ("embed_stats", pa.string()),  # JSON list of the embedding stage's per-batch stats
     ]
 )
 
@@ -391,6 +403,9 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
         shard_rows = staging.append(ok)
     failed_rows = batch.filter(pc.equal(status, "failed")).select(["doc_id", "source", "error"])
     failed = [[r["doc_id"], r["source"], r["error"]] for r in failed_rows.to_pylist()]
+    first = pc.or_(pc.equal(batch.column("chunk_index"), 0), pc.not_equal(status, "ok"))
+    seen = batch.filter(first).column("doc_id").to_pylist()
+    stats = batch.column("embed_stats").drop_null().to_pylist() if "embed_stats" in batch.column_names else []
     summary = {
         "chunks": ok.num_rows,
         "tokens": int(pc.sum(ok.column("n_tokens")).as_py() or 0) if ok.num_rows else 0,
@@ -400,5 +415,39 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
         "shard_rows": json.dumps(shard_rows),
         "finished_at": time.time(),
         "attempt": attempt,
+        "doc_ids": json.dumps(seen),
+        "embed_stats": json.dumps([json.loads(x) for x in stats]),
     }
     return pa.Table.from_pylist([summary], schema=WRITE_SUMMARY)
+
+
+def prune(db: str | Path, *, source: str, keep: set[str]) -> list[str]:
+    """Delete the documents read from ``source`` that are not in ``keep`` (they left the source).
+
+    A document's chunks all live in one shard and go in one delete, so no reader sees part of one.
+
+    Args:
+        db: the db directory.
+        source: the resolved source path: a file, or a directory whose files are the source.
+        keep: ids of every document the run saw (ingested, unchanged or failed).
+
+    Returns:
+        The ids deleted.
+    """
+    prefix = source.rstrip("/") + "/"
+    deleted: list[str] = []
+    for table in open_shards(db).values():
+        if table.count_rows() == 0:
+            continue
+        rows = table.search().where("chunk_index = 0").select(["doc_id", "source"]).limit(None).to_arrow()
+        gone = [
+            doc_id
+            for doc_id, src in zip(
+                rows.column("doc_id").to_pylist(), rows.column("source").to_pylist(), strict=True
+            )
+            if (src == source or src.startswith(prefix)) and doc_id not in keep
+        ]
+        for start in range(0, len(gone), 1000):
+            table.delete(f"doc_id IN ({_sql_list(gone[start : start + 1000])})")
+        deleted.extend(gone)
+    return deleted

@@ -1,0 +1,343 @@
+"""``embedpipe bench``: the pipeline against plain embedding loops, on the same texts, in one run.
+
+Phases, each timed on its own:
+
+- (a) a plain sentence-transformers ``encode`` loop in fp32 over the chunk texts the pipeline embeds,
+- (b) the same loop in the pipeline's dtype/backend (for int8: the OpenVINO model, batches of 32),
+- (c) the full pipeline, read -> chunk -> embed -> write -> commit, into a fresh db,
+- (d) the same ingest again on the unchanged corpus (every document skipped).
+
+The loops exclude loading the model; the pipeline's times are its run reports' wall times, in a Ray
+that the bench started beforehand (its start-up is reported on its own, as is a first quantization).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from pipelines import backends, models, store
+from pipelines.config import Config
+
+REGRESSION = 0.10  # a figure worse than the baseline by more than this is flagged
+PLAIN_BATCH = 32  # sentence-transformers' default batch size
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def corpus_of(source: Path) -> tuple[Path, Path | None]:
+    """The corpus file to ingest and, for a BEIR directory with qrels, the directory to score."""
+    if source.is_dir() and (source / "corpus.jsonl").exists():
+        beir = source if (source / "qrels").is_dir() and (source / "queries.jsonl").exists() else None
+        return source / "corpus.jsonl", beir
+    return source, None
+
+
+def flops_per_text(model: Any, lengths: list[int]) -> float:
+    """Forward-pass FLOPs of a BERT-like encoder over texts of the given token lengths.
+
+    Dense layers cost 2 FLOPs per weight per token; attention adds 4 * layers * hidden * n^2 per text
+    (scores and the weighted sum). Embedding look-ups are free.
+    """
+    transformer = model[0].auto_model
+    config = transformer.config
+    dense = sum(p.numel() for name, p in transformer.named_parameters() if "embeddings" not in name)
+    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    return float(sum(2 * dense * n + 4 * layers * hidden * n * n for n in lengths))
+
+
+def _read_back(db: Path) -> tuple[list[str], list[int]]:
+    from pipelines.chunking import embed_input
+
+    texts: list[str] = []
+    lengths: list[int] = []
+    for table in store.open_shards(db).values():
+        rows = table.search().select(["title", "text", "n_tokens"]).limit(None).to_arrow()
+        texts += [
+            embed_input(t, x)
+            for t, x in zip(rows["title"].to_pylist(), rows["text"].to_pylist(), strict=True)
+        ]
+        lengths += rows["n_tokens"].to_pylist()
+    return texts, lengths
+
+
+def _plain_fp32(model_name: str, texts: list[str], threads: int) -> tuple[float, float, Any]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(models.resolve_model(model_name), device="cpu")
+    model.encode(texts[:PLAIN_BATCH], batch_size=PLAIN_BATCH)  # warm-up
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        model.encode(texts, batch_size=PLAIN_BATCH, normalize_embeddings=True, show_progress_bar=False)
+        seconds = time.perf_counter() - started
+    return seconds, rss.mb, model
+
+
+def _plain_backend(backend: Any, texts: list[str]) -> tuple[float, float]:
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # as sentence-transformers does
+    backend.encode([texts[i] for i in order[:PLAIN_BATCH]])  # warm-up
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        for start in range(0, len(order), PLAIN_BATCH):
+            backend.encode([texts[i] for i in order[start : start + PLAIN_BATCH]])
+        seconds = time.perf_counter() - started
+    return seconds, rss.mb
+
+
+def _phase(name: str, seconds: float, docs: int, tokens: int, flops: float, rss_mb: float) -> dict[str, Any]:
+    seconds = max(seconds, 1e-9)
+    return {
+        "phase": name,
+        "wall_s": round(seconds, 3),
+        "docs_per_s": round(docs / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "gflops_per_s": round(flops / seconds / 1e9, 2),
+        "peak_rss_mb": rss_mb,
+    }
+
+
+def _fresh_db(db: Path) -> None:
+    shutil.rmtree(db, ignore_errors=True)
+
+
+def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None) -> dict[str, Any]:
+    """Run the four phases and return every figure (see module docstring).
+
+    Args:
+        source: a BEIR directory (corpus.jsonl, queries.jsonl, qrels/) or a corpus file/directory.
+        workdir: where the bench db goes (emptied first).
+        cfg: the pipeline's config; the bench runs on an embedded Ray unless ray.address is set.
+        threads: threads for the plain loops; default every core.
+    """
+    from pipelines import ingest
+
+    corpus, beir = corpus_of(source)
+    threads = threads or psutil.cpu_count() or 1
+    db = workdir / "db"
+    _fresh_db(db)
+    result: dict[str, Any] = {"source": str(source), "machine": _machine()}
+    started = time.time()
+    with ingest.ray_session(cfg.ray):
+        result["ray_start_s"] = round(time.time() - started, 2)
+        dtype = ingest.embedding_dtype(cfg, on_gpu=_cluster_gpus() > 0)
+        result["dtype"] = dtype
+        if dtype == "int8":
+            started = time.time()
+            int8_path, meta = ingest.int8_model(str(corpus.resolve()), cfg)
+            if int8_path is None:
+                raise ValueError(meta["reason"])
+            result["quantize_s"] = round(time.time() - started, 2)
+            result["int8_model"] = {"path": str(int8_path), **meta}
+        report_c = ingest.build(source=corpus, db=db, cfg=cfg)
+        report_d = ingest.build(source=corpus, db=db, cfg=cfg)
+    texts, lengths = _read_back(db)
+    docs = report_c["docs"]["ingested"]
+    tokens = int(sum(lengths))
+    max_len = models.max_seq_length(cfg.embedding.model)
+
+    seconds_a, rss_a, st_model = _plain_fp32(cfg.embedding.model, texts, threads)
+    flops = flops_per_text(st_model, [min(n, max_len) for n in lengths])
+    del st_model
+    if dtype == "int8":
+        backend = backends.OpenVINOBackend(cfg.embedding.model, files=int8_path, threads=threads)
+    else:
+        device = backends.resolve_device(cfg.embedding.device)
+        backend = backends.TorchBackend(
+            cfg.embedding.model, device=device, dtype=backends.resolve_dtype(dtype, device), threads=threads
+        )
+    seconds_b, rss_b = _plain_backend(backend, texts)
+    del backend
+
+    phases = {
+        "a": _phase("plain sentence-transformers loop, fp32", seconds_a, docs, tokens, flops, rss_a),
+        "b": _phase(f"plain loop, {dtype}", seconds_b, docs, tokens, flops, rss_b),
+        "c": _phase(
+            "full pipeline (read, chunk, embed, write)",
+            report_c["wall_s"],
+            docs,
+            tokens,
+            flops,
+            report_c["resources"]["peak_rss_mb"],
+        ),
+        "d": _phase(
+            "re-ingest of the unchanged corpus",
+            report_d["wall_s"],
+            report_d["docs"]["unchanged"],
+            0,
+            0.0,
+            report_d["resources"]["peak_rss_mb"],
+        ),
+    }
+    result.update(
+        {
+            "docs": docs,
+            "chunks": len(texts),
+            "tokens": tokens,
+            "model": models.model_id(cfg.embedding.model),
+            "gflop_per_chunk": round(flops / max(len(texts), 1) / 1e9, 4),
+            "phases": phases,
+            "ratio_vs_plain_fp32": round(seconds_a / report_c["wall_s"], 3),
+            "ratio_vs_plain_same_dtype": round(seconds_b / report_c["wall_s"], 3),
+            "reingest_speedup": round(report_c["wall_s"] / max(report_d["wall_s"], 1e-9), 2),
+            "reingest": {
+                "unchanged": report_d["docs"]["unchanged"],
+                "embeddings_computed": report_d["embeddings"]["computed"],
+            },
+            "pipeline": {
+                "embeddings": report_c["embeddings"],
+                "stages": report_c["stages"],
+                "run_id": report_c["run_id"],
+                "reingest_run_id": report_d["run_id"],
+                "token_budget_final": (report_c["batching"]["timeline"] or [{}])[-1].get("token_budget"),
+            },
+        }
+    )
+    if beir is not None:
+        from pipelines import evaluate
+        from pipelines.search import Searcher
+
+        queries, qrels = evaluate.load_beir(beir)
+        ranking = evaluate.run_local(Searcher(db, index=cfg.index), queries)
+        result["ndcg@10"] = evaluate.score(ranking, qrels)["ndcg@10"]
+    return result
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "native_bf16": backends.cpu_has_native_bf16(),
+    }
+
+
+# Figures where bigger is better; a drop of more than REGRESSION against the baseline is flagged.
+_COMPARED = ("ratio_vs_plain_fp32", "ratio_vs_plain_same_dtype", "reingest_speedup", "ndcg@10")
+
+
+def compare(result: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Figures that fell more than 10% below the baseline (docs/s per phase, the ratios, nDCG@10)."""
+    pairs = [(key, result.get(key), baseline.get(key)) for key in _COMPARED]
+    for phase in "abcd":
+        pairs.append(
+            (
+                f"{phase}.docs_per_s",
+                result.get("phases", {}).get(phase, {}).get("docs_per_s"),
+                baseline.get("phases", {}).get(phase, {}).get("docs_per_s"),
+            )
+        )
+    worse = []
+    for key, now, before in pairs:
+        if isinstance(now, int | float) and isinstance(before, int | float) and before > 0:
+            change = now / before - 1
+            if change < -REGRESSION:
+                worse.append({"figure": key, "baseline": before, "now": now, "change": round(change, 3)})
+    return worse
+
+
+def table(result: dict[str, Any]):
+    from rich.table import Table
+
+    out = Table(title=f"embedpipe bench: {result['docs']} docs, {result['chunks']} chunks, {result['dtype']}")
+    for column in ("phase", "wall s", "docs/s", "tokens/s", "GFLOP/s", "peak RSS MB"):
+        out.add_column(column, justify="left" if column == "phase" else "right")
+    for key, phase in result["phases"].items():
+        out.add_row(
+            f"({key}) {phase['phase']}",
+            f"{phase['wall_s']:.1f}",
+            f"{phase['docs_per_s']:.1f}",
+            f"{phase['tokens_per_s']:.0f}",
+            f"{phase['gflops_per_s']:.1f}",
+            f"{phase['peak_rss_mb']:.0f}",
+        )
+    return out
+
+
+def ratios_text(result: dict[str, Any]) -> str:
+    lines = [
+        f"(c)/(a) pipeline vs plain fp32 loop: {result['ratio_vs_plain_fp32']:.2f}x",
+        f"(c)/(b) pipeline vs plain {result['dtype']} loop: {result['ratio_vs_plain_same_dtype']:.2f}x",
+        f"(d)/(c) re-ingest speed-up: {result['reingest_speedup']:.1f}x ({result['reingest']['unchanged']} "
+        f"unchanged, {result['reingest']['embeddings_computed']} embedded)",
+        f"Ray start {result['ray_start_s']:.1f} s (not in (c))"
+        + (
+            f"; int8 quantization {result['quantize_s']:.1f} s (not in (c))" if "quantize_s" in result else ""
+        ),
+    ]
+    if "ndcg@10" in result:
+        lines.append(f"nDCG@10: {result['ndcg@10']:.4f}")
+    return "\n".join(lines)
+
+
+def write_png(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = result["phases"]
+    labels = [f"({k})\n{p['phase'][:28]}" for k, p in phases.items()]
+    values = [p["docs_per_s"] for p in phases.values()]
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    bars = ax.bar(labels, values, color=["#9aa5b1", "#6b7a8c", "#2f6fdd", "#1a9850"])
+    ax.set_yscale("log" if max(values) > 20 * max(min(values), 1e-9) else "linear")
+    ax.set_ylabel("documents per second")
+    ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values])
+    ax.set_title(
+        f"{result['model']} ({result['dtype']}), {result['docs']} docs: "
+        f"(c)/(a) {result['ratio_vs_plain_fp32']:.2f}x, (c)/(b) {result['ratio_vs_plain_same_dtype']:.2f}x, "
+        f"(d) {result['reingest_speedup']:.0f}x faster than (c)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def finite(result: dict[str, Any]) -> bool:
+    """Whether every ratio is a finite number (a sanity check for tests and CI)."""
+    return all(math.isfinite(float(result[k])) for k in _COMPARED[:3])
+
+
+def dumps(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

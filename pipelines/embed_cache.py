@@ -1,0 +1,103 @@
+"""A persistent embedding cache: a LanceDB table in the db dir, keyed by model, format and text.
+
+The key hashes (model id + weights hash, dtype/backend, the exact text the model reads), so a text
+embedded once is never embedded again by the same model in the same numeric format, whichever
+document or run it comes from. Embedding actors look keys up before a forward pass and append what
+they compute; the driver compacts the table and indexes its keys after each run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+from lancedb.index import BTree
+
+logger = logging.getLogger(__name__)
+
+TABLE = "_embed_cache"
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema([("key", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
+
+
+def keys(namespace: str, texts: list[str]) -> list[str]:
+    """One key per text: blake2b of the model key and the text."""
+    prefix = namespace.encode("utf-8") + b"\0"
+    return [
+        hashlib.blake2b(prefix + t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        for t in texts
+    ]
+
+
+def create(db: str | Path, dim: int) -> None:
+    conn = lancedb.connect(str(db))
+    table = conn.create_table(TABLE, schema=schema(dim), exist_ok=True)
+    if table.schema.field("vector").type.list_size != dim:
+        raise ValueError(f"{TABLE} in {db} holds vectors of another size; delete it to start over")
+
+
+class EmbeddingCache:
+    """Look-ups and appends from an embedding actor."""
+
+    def __init__(self, db: str | Path, dim: int):
+        # Other actors append while this one reads: look for their new versions every few seconds.
+        conn = lancedb.connect(str(db), read_consistency_interval=timedelta(seconds=2))
+        self.table = conn.open_table(TABLE)
+        self.schema = schema(dim)
+
+    def lookup(self, wanted: list[str]) -> dict[str, np.ndarray]:
+        if not wanted:
+            return {}
+        found: dict[str, np.ndarray] = {}
+        unique = sorted(set(wanted))
+        for start in range(0, len(unique), 1000):
+            quoted = ", ".join(f"'{k}'" for k in unique[start : start + 1000])  # hex digests: no quotes
+            rows = (
+                self.table.search()
+                .where(f"key IN ({quoted})")
+                .select(["key", "vector"])
+                .limit(None)
+                .to_arrow()
+            )
+            if rows.num_rows:
+                vectors = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                vectors = vectors.reshape(rows.num_rows, -1)
+                for key, vector in zip(rows.column("key").to_pylist(), vectors, strict=True):
+                    found[key] = vector
+        return found
+
+    def store(self, new_keys: list[str], vectors: np.ndarray) -> None:
+        if not new_keys:
+            return
+        dim = self.schema.field("vector").type.list_size
+        values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(values, dim)
+        self.table.add(
+            pa.table({"key": pa.array(new_keys, pa.string()), "vector": column}, schema=self.schema)
+        )
+
+
+def compact(db: str | Path) -> int:
+    """Merge the many small appends of a run into few files and index the keys.
+
+    Returns:
+        Rows in the cache.
+    """
+    if not (Path(db) / f"{TABLE}.lance").exists():
+        return 0
+    table = lancedb.connect(str(db)).open_table(TABLE)
+    rows = table.count_rows()
+    if rows == 0:
+        return 0
+    # Old versions go after a while, not at once: another run may be reading one.
+    table.optimize(cleanup_older_than=timedelta(minutes=10))
+    if not any(index.columns == ["key"] for index in table.list_indices()):
+        table.create_index("key", config=BTree())
+    return rows

@@ -1,0 +1,153 @@
+"""Incremental ingest with the real model and Ray: unchanged documents skipped, edited ones replaced
+with only their changed chunks embedded (the embedding cache has the rest), vanished ones pruned."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines import embed_cache, ingest, store
+from pipelines.config import load_config
+from pipelines.embedding import Embedder
+from pipelines.search import Searcher
+from tests.conftest import scifact_docs
+
+
+def _write(path, docs):
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def _rows(db):
+    rows = []
+    for table in store.open_shards(db).values():
+        rows += (
+            table.search()
+            .select(["chunk_id", "doc_id", "text", "content_hash"])
+            .limit(None)
+            .to_arrow()
+            .to_pylist()
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory, scifact):
+    root = tmp_path_factory.mktemp("incremental")
+    docs = scifact_docs(80)
+    source = _write(root / "corpus.jsonl", docs)
+    db = root / "db"
+    cfg = load_config(None, shards=3, **{"ray.progress_bars": False})
+    first = ingest.build(source=source, db=db, cfg=cfg)
+    again = ingest.build(source=source, db=db, cfg=cfg)
+
+    edited = {d["_id"] for d in docs[:10]}
+    removed = {d["_id"] for d in docs[10:15]}
+    changed = []
+    for doc in docs:
+        if doc["_id"] in removed:
+            continue
+        if doc["_id"] in edited:
+            doc = {
+                **doc,
+                "text": doc["text"] + f" Erratum {doc['_id']}: the quokka zebra assay was repeated.",
+            }
+        changed.append(doc)
+    added = [
+        {"_id": f"new-{i}", "title": "Added", "text": f"A new abstract number {i} on tardigrades."}
+        for i in range(3)
+    ]
+    _write(source, changed + added)
+    before = {r["chunk_id"]: r for r in _rows(db)}
+    third = ingest.build(source=source, db=db, cfg=cfg, prune=True)
+    return {
+        "db": db,
+        "cfg": cfg,
+        "docs": docs,
+        "first": first,
+        "again": again,
+        "third": third,
+        "edited": edited,
+        "removed": removed,
+        "added": {d["_id"] for d in added},
+        "before": before,
+    }
+
+
+def test_unchanged_rerun_embeds_nothing(runs):
+    first, again = runs["first"], runs["again"]
+    assert first["docs"]["ingested"] == 80
+    assert first["embeddings"]["computed"] == first["chunks"]["written"] > 80
+    assert again["docs"] == {"seen": 80, "ingested": 0, "unchanged": 80, "failed": 0}
+    assert again["embeddings"]["computed"] == 0 and again["chunks"]["written"] == 0
+    dtype = first["backend"]["dtype"]
+    print(f"\nfirst run {first['wall_s']:.1f} s ({dtype}), unchanged rerun {again['wall_s']:.1f} s")
+
+
+def test_edits_replace_exactly_the_edited_documents(runs):
+    third, edited, added = runs["third"], runs["edited"], runs["added"]
+    assert third["docs"]["ingested"] == len(edited) + len(added)
+    assert third["docs"]["unchanged"] == 80 - len(edited) - len(runs["removed"])
+    assert third["docs"]["pruned"] == len(runs["removed"])
+    rows = _rows(runs["db"])
+    ids = [r["chunk_id"] for r in rows]
+    assert len(ids) == len(set(ids))  # no duplicate chunks
+    stored_docs = {r["doc_id"] for r in rows}
+    assert not stored_docs & runs["removed"]
+    assert stored_docs == {d["_id"] for d in runs["docs"]} - runs["removed"] | added
+
+    # Only chunks of edited and added documents went through the model; the edited documents'
+    # chunks whose text did not change came from the embedding cache.
+    new_chunks = [r for r in rows if r["doc_id"] in edited | added]
+    emb = third["embeddings"]
+    assert emb["computed"] + emb["cache_hits"] == len(new_chunks) == third["chunks"]["written"]
+    changed_text = [r for r in new_chunks if runs["before"].get(r["chunk_id"], {}).get("text") != r["text"]]
+    assert emb["computed"] == len(changed_text)
+    assert emb["computed"] >= len(edited) + len(added)
+
+    # Untouched documents keep their rows from the first run.
+    untouched = [r for r in rows if r["doc_id"] not in edited | added]
+    assert all(runs["before"][r["chunk_id"]] == r for r in untouched)
+
+
+def test_search_returns_the_new_text(runs):
+    searcher = Searcher(runs["db"])
+    doc_id = sorted(runs["edited"])[3]
+    hits = searcher.search(f"Erratum {doc_id}: the quokka zebra assay was repeated", k=5).to_pylist()
+    assert any(h["doc_id"] == doc_id and "quokka zebra" in h["text"] for h in hits)
+    old = [r for r in _rows(runs["db"]) if r["doc_id"] == doc_id]
+    assert any("Erratum" in r["text"] for r in old)
+
+
+def test_cache_holds_every_embedding_once_per_text(runs):
+    import lancedb
+
+    table = lancedb.connect(str(runs["db"])).open_table(embed_cache.TABLE)
+    stored = sum(runs[k]["embeddings"]["computed"] for k in ("first", "again", "third"))
+    assert table.count_rows() == stored
+    assert any(index.columns == ["key"] for index in table.list_indices())
+
+
+def test_tiny_token_budget_embeds_every_row_once_and_in_place(ray_local, tmp_path, scifact):
+    """A budget of 256 padded tokens forces about one chunk per forward pass."""
+    docs = scifact_docs(12)
+    source = _write(tmp_path / "c.jsonl", docs)
+    overrides = {
+        "embedding.dtype": "fp32",
+        "embedding.batch_tokens": 256,
+        "embedding.min_batch_tokens": 256,
+        "embedding.max_batch_tokens": 256,
+        "embedding.cache": False,
+        "ray.progress_bars": False,
+    }
+    report = ingest.build(source=source, db=tmp_path / "db", cfg=load_config(None, shards=2, **overrides))
+    emb = report["embeddings"]
+    assert emb["computed"] == report["chunks"]["written"]
+    assert emb["passes"] >= emb["computed"] // 2
+    assert all(p["token_budget"] == 256 for p in report["batching"]["timeline"])
+    rows = []
+    for table in store.open_shards(tmp_path / "db").values():
+        rows += table.search().select(["title", "text", "vector"]).limit(None).to_arrow().to_pylist()
+    embedder = Embedder(model=report["model"], device="cpu", dtype="fp32")
+    expected = embedder.encode([f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in rows])
+    np.testing.assert_allclose(np.array([r["vector"] for r in rows]), expected, atol=1e-4)
