@@ -171,19 +171,32 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
     seconds_a, rss_a, st_model = _plain_fp32(cfg.embedding.model, texts, threads)
     flops = flops_per_text(st_model, [min(n, max_len) for n in lengths])
     del st_model
-    if dtype == "int8":
-        backend = backends.OpenVINOBackend(cfg.embedding.model, files=int8_path, threads=threads)
+    device = backends.resolve_device(cfg.embedding.device)
+    resolved = dtype if dtype == "int8" else backends.resolve_dtype(dtype, device)
+    if resolved == "fp32" and device == "cpu":
+        seconds_b, rss_b = seconds_a, rss_a  # (b) would be (a) again: the pipeline runs torch fp32 too
+        result["b_is_a"] = True
     else:
-        device = backends.resolve_device(cfg.embedding.device)
-        backend = backends.TorchBackend(
-            cfg.embedding.model, device=device, dtype=backends.resolve_dtype(dtype, device), threads=threads
-        )
-    seconds_b, rss_b = _plain_backend(backend, texts)
-    del backend
+        if resolved == "int8":
+            backend = backends.OpenVINOBackend(cfg.embedding.model, files=int8_path, threads=threads)
+        else:
+            backend = backends.TorchBackend(
+                cfg.embedding.model, device=device, dtype=resolved, threads=threads
+            )
+        seconds_b, rss_b = _plain_backend(backend, texts)
+        del backend
+    result["dtype"] = dtype = resolved
 
     phases = {
         "a": _phase("plain sentence-transformers loop, fp32", seconds_a, docs, tokens, flops, rss_a),
-        "b": _phase(f"plain loop, {dtype}", seconds_b, docs, tokens, flops, rss_b),
+        "b": _phase(
+            f"plain loop, {dtype}" + (" (= a)" if result.get("b_is_a") else ""),
+            seconds_b,
+            docs,
+            tokens,
+            flops,
+            rss_b,
+        ),
         "c": _phase(
             "full pipeline (read, chunk, embed, write)",
             report_c["wall_s"],

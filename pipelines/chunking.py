@@ -181,15 +181,17 @@ def chunk_docs(
     Returns:
         One row per chunk, and one status row per document that gives no chunk.
     """
-    tokenizer = models.load_tokenizer(model)
-    limit = max_tokens or models.max_seq_length(model)
-    specials = models.special_token_count(model)
     docs = batch.to_pylist()
     ok = [d for d in docs if not d.get("error") and d.get("status", "ok") == "ok"]
-    encodings = tokenizer.encode_batch([d["text"] for d in ok], add_special_tokens=False)
-    title_lengths = tokenizer.encode_batch(
-        [d["title"] + " " if d["title"] else "" for d in ok], add_special_tokens=False
-    )
+    encodings = title_lengths = []
+    if ok:  # a batch of unchanged documents needs no tokenizer
+        tokenizer = models.load_tokenizer(model)
+        limit = max_tokens or models.max_seq_length(model)
+        specials = models.special_token_count(model)
+        encodings = tokenizer.encode_batch([d["text"] for d in ok], add_special_tokens=False)
+        title_lengths = tokenizer.encode_batch(
+            [d["title"] + " " if d["title"] else "" for d in ok], add_special_tokens=False
+        )
     chunked: dict[int, list[Span]] = {}
     titled: dict[int, int] = {}
     for doc, enc, title_enc in zip(ok, encodings, title_lengths, strict=True):

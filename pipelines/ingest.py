@@ -248,7 +248,7 @@ def build(
         counts["ingested"] -= dropped
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
-        if cfg.embedding.cache:
+        if cfg.embedding.cache and embedded.totals["computed"]:
             embed_cache.compact(db)
     indexes = None
     if cfg.index.after_ingest:

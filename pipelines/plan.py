@@ -242,7 +242,8 @@ def format_plan(result: dict[str, Any]) -> str:
 
 
 def latest_report(db: Path) -> Path:
-    """The newest run report of a db directory.
+    """The newest run report of a db directory that embedded documents (a run whose documents were
+    all unchanged measured no throughput).
 
     Args:
         db: the db directory; reports live in ``db/_runs/<run_id>.json``.
@@ -262,13 +263,17 @@ def latest_report(db: Path) -> Path:
             data = json.loads(path.read_text())
             started = data.get("started_at")
             when = float(started) if isinstance(started, int | float) else path.stat().st_mtime
+            if not (data.get("docs") or {}).get("ingested"):
+                continue
         except (OSError, ValueError, AttributeError) as exc:
             logger.warning("skipping unreadable run report %s: %s", path, exc)
             continue
         if newest is None or (when, path.name) > newest:
             newest, found = (when, path.name), path
     if found is None:
-        raise FileNotFoundError(f"No run report in {str(folder)!r}: ingest into {str(db)!r} first.")
+        raise FileNotFoundError(
+            f"No report of a run that ingested documents in {str(folder)!r}: ingest into {str(db)!r} first."
+        )
     return found
 
 

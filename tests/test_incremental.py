@@ -151,3 +151,27 @@ def test_tiny_token_budget_embeds_every_row_once_and_in_place(ray_local, tmp_pat
     embedder = Embedder(model=report["model"], device="cpu", dtype="fp32")
     expected = embedder.encode([f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in rows])
     np.testing.assert_allclose(np.array([r["vector"] for r in rows]), expected, atol=1e-4)
+
+
+def test_int8_backend_end_to_end(ray_local, tmp_path, scifact):
+    """dtype int8: quantized with NNCF on the corpus (once, cached), shipped to the actor through Ray."""
+    docs = scifact_docs(60)
+    source = _write(tmp_path / "c.jsonl", docs)
+    cfg = load_config(None, shards=2, **{"embedding.dtype": "int8", "ray.progress_bars": False})
+    report = ingest.build(source=source, db=tmp_path / "db", cfg=cfg)
+    assert report["backend"]["dtype"] == "int8"
+    assert report["backend"]["int8"]["calibration_texts"] >= ingest.MIN_CALIBRATION
+    assert report["embeddings"]["computed"] == report["chunks"]["written"]
+    rows = []
+    for table in store.open_shards(tmp_path / "db").values():
+        rows += (
+            table.search().select(["doc_id", "title", "text", "vector"]).limit(None).to_arrow().to_pylist()
+        )
+    fp32 = Embedder(model=report["model"], device="cpu", dtype="fp32")
+    expected = fp32.encode([f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in rows])
+    cosine = np.sum(np.array([r["vector"] for r in rows]) * expected, axis=1)
+    print(f"\nint8 vs fp32 cosine: mean {cosine.mean():.4f}, min {cosine.min():.4f}")
+    assert cosine.mean() > 0.98 and cosine.min() > 0.9
+    searcher = Searcher(tmp_path / "db")
+    top = [searcher.search(d["title"], k=1).to_pylist()[0]["doc_id"] for d in docs[:20]]
+    assert sum(t == d["_id"] for t, d in zip(top, docs[:20], strict=True)) >= 18

@@ -255,11 +255,19 @@ def test_latest_report_is_the_newest_by_started_at_then_by_mtime(tmp_path):
     os.utime(undated, (300.0, 300.0))
     assert latest_report(tmp_path) == undated
 
+    # A later run whose documents were all unchanged measured nothing: it is passed over.
+    (runs / "20250111T000000Z-eeeeee.json").write_text(
+        json.dumps(
+            {**_report(started_at=999.0), "docs": {"seen": 5, "ingested": 0, "unchanged": 5, "failed": 0}}
+        )
+    )
+    assert latest_report(tmp_path) == undated
+
 
 def test_latest_report_without_reports_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No run report"):
+    with pytest.raises(FileNotFoundError, match="No report of a run that ingested"):
         latest_report(tmp_path)
     (tmp_path / "_runs").mkdir()
     (tmp_path / "_runs" / "20250101T000000Z-aaaaaa.json").write_text("[1, 2")
-    with pytest.raises(FileNotFoundError, match="No run report"):
+    with pytest.raises(FileNotFoundError, match="No report of a run that ingested"):
         latest_report(tmp_path)

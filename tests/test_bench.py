@@ -1,0 +1,55 @@
+"""`embedpipe bench` and `embedpipe plan` end to end, on a small real BEIR collection cut from SciFact."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+
+@pytest.mark.slow
+def test_bench_then_plan(ray_local, mini_beir, tmp_path):
+    runner = CliRunner()
+    out_json, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [
+        "bench",
+        str(mini_beir),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out_json),
+        "--png",
+        str(png),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out_json.read_text())
+    for key in ("ratio_vs_plain_fp32", "ratio_vs_plain_same_dtype", "reingest_speedup", "ndcg@10"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert set(figures["phases"]) == {"a", "b", "c", "d"}
+    assert figures["reingest"] == {"unchanged": figures["docs"], "embeddings_computed": 0}
+    assert figures["phases"]["c"]["gflops_per_s"] > 0 and figures["gflop_per_chunk"] > 0
+    assert figures["ndcg@10"] > 0.5  # the judged docs of 20 queries among ~150
+    assert png.stat().st_size > 10_000
+    assert "(c)/(a)" in result.output
+
+    # A baseline twice as fast is a regression; --fail-on-regression turns it into exit code 4.
+    better = {
+        **figures,
+        "phases": {k: {**v, "docs_per_s": v["docs_per_s"] * 2} for k, v in figures["phases"].items()},
+    }
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(better))
+    again = runner.invoke(app, [*args, "--baseline", str(baseline), "--fail-on-regression"])
+    assert again.exit_code == 4, again.output
+    assert "regression: c.docs_per_s" in again.output
+
+    plan = runner.invoke(app, ["plan", "--docs", "1000000", "--db", str(tmp_path / "work" / "db"), "--json"])
+    assert plan.exit_code == 0, plan.output
+    estimate = json.loads(plan.stdout)["estimate"]
+    assert estimate["hours"] > 0 and estimate["storage_bytes"] > 0
+    hours = runner.invoke(
+        app, ["plan", "--docs", "1000000", "--db", str(tmp_path / "work" / "db"), "--hours", "1"]
+    )
+    assert hours.exit_code == 0 and "capacity plan" in hours.stdout
