@@ -12,30 +12,48 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+MAX_PADDING = 0.10  # a pass stops taking longer rows once padding would be over 10% of its tokens
 
-def plan_batches(lengths: list[int], budget: int, *, max_rows: int = 4096) -> list[list[int]]:
-    """Cut row indices, sorted by length, into groups of at most ``budget`` padded tokens.
+
+def group_end(
+    order: list[int], lengths: list[int], start: int, budget: int, max_padding: float = MAX_PADDING
+) -> int:
+    """Where the pass that starts at ``order[start]`` ends (exclusive), rows sorted by length.
+
+    A pass takes rows while ``rows * longest`` stays within ``budget`` and padding stays under
+    ``max_padding`` of it; its first row always fits, however long.
+    """
+    end = start + 1
+    real = max(lengths[order[start]], 1)
+    while end < len(order):
+        longest = max(lengths[order[end]], 1)  # sorted ascending: the new row is the longest
+        padded = (end - start + 1) * longest
+        if padded > budget or padded - (real + longest) > max_padding * padded:
+            break
+        real += longest
+        end += 1
+    return end
+
+
+def plan_batches(lengths: list[int], budget: int, *, max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Cut row indices, sorted by length, into passes of at most ``budget`` padded tokens.
 
     Args:
         lengths: tokens per row.
         budget: most ``len(group) * max(length in group)`` per group (a longer single row still
             gets a group of its own).
-        max_rows: most rows per group.
+        max_padding: most share of a group's padded tokens that may be padding.
 
     Returns:
         Groups of indices into ``lengths``; every index appears exactly once.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = max(lengths[i], 1)  # sorted ascending: this row is the group's longest
-        if current and ((len(current) + 1) * longest > budget or len(current) >= max_rows):
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
+    start = 0
+    while start < len(order):
+        end = group_end(order, lengths, start, budget, max_padding)
+        groups.append(order[start:end])
+        start = end
     return groups
 
 

@@ -122,10 +122,8 @@ class Embedder:
         stats = {"passes": 0, "padded_tokens": 0, "oom_splits": 0}
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         start = 0
-        while start < len(order):
-            end = start + 1  # a row longer than the budget still gets a pass of its own
-            while end < len(order) and (end - start + 1) * max(lengths[order[end]], 1) <= self.budget.value:
-                end += 1
+        while start < len(order):  # the budget may change after every pass
+            end = batching.group_end(order, lengths, start, self.budget.value)
             self._run(order[start:end], texts, lengths, out, stats)
             start = end
         return out, stats
