@@ -17,6 +17,7 @@ import json
 import math
 import platform
 import shutil
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -328,7 +329,7 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     phases = result["phases"]
-    labels = [f"({k})\n{p['phase'][:28]}" for k, p in phases.items()]
+    labels = [f"({k})\n" + textwrap.fill(p["phase"], 26) for k, p in phases.items()]
     values = [p["docs_per_s"] for p in phases.values()]
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     bars = ax.bar(labels, values, color=["#9aa5b1", "#6b7a8c", "#2f6fdd", "#1a9850"])

@@ -357,10 +357,7 @@ def read_source(
             JsonlDatasource(str(path), docs_per_block=docs_per_block, max_doc_mb=max_doc_mb)
         )
     if suffix == ".parquet" or (path.is_dir() and _all_parquet(path)):
-        ds = ray.data.read_parquet(str(path))
-        return ds.map_batches(
-            parquet_to_docs, batch_format="pyarrow", fn_kwargs={"source": str(path), "max_doc_mb": max_doc_mb}
-        )
+        return _read_parquet(path, max_doc_mb=max_doc_mb)
     if path.is_dir() or suffix in FILE_SUFFIXES:
         # Listed here rather than by read_binary_files, which skips what it cannot open and stops the
         # whole run at a file name that is not UTF-8; the files are read in the tasks.
@@ -382,8 +379,42 @@ def read_source(
     )
 
 
+def _read_parquet(path: Path, *, max_doc_mb: float) -> ray.data.Dataset:
+    """Parquet files whose footer reads are streamed; any other file becomes a failed row, so one
+    truncated or mislabelled file does not stop the run."""
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else sorted(_visible_files(path))
+    readable: list[str] = []
+    failed: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            pq.ParquetFile(file).metadata  # noqa: B018  (reads and checks the footer)
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            reason = f"unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}"
+            failed.append(_doc(str(file), source=str(file), error=reason))
+            continue
+        readable.append(str(file))
+    parts = []
+    if readable:
+        parts.append(
+            ray.data.read_parquet(readable).map_batches(
+                parquet_to_docs,
+                batch_format="pyarrow",
+                fn_kwargs={"source": str(path), "max_doc_mb": max_doc_mb},
+            )
+        )
+    if failed:
+        parts.append(ray.data.from_arrow(pa.Table.from_pylist(failed, schema=DOC_SCHEMA)))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _visible_files(path: Path) -> Iterator[Path]:
+    return (p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+
+
 def _all_parquet(path: Path) -> bool:
-    files = (p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+    files = _visible_files(path)
     first = next(files, None)
     return first is not None and all(p.suffix.lower() == ".parquet" for p in (first, *files))
 

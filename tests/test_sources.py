@@ -1,6 +1,7 @@
 """Readers on a real local Ray: every document comes out as a row, readable or failed with a reason."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,6 +85,19 @@ def test_parquet(ray_local, tmp_path):
     assert set(rows) == {"1", "2"}
     assert json.loads(rows["2"]["metadata"]) == {"lang": "fr"}
     assert rows["1"]["content_hash"] != rows["2"]["content_hash"]
+
+
+def test_a_broken_parquet_file_fails_alone(ray_local, tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), folder / "good.parquet")
+    (folder / "truncated.parquet").write_bytes((folder / "good.parquet").read_bytes()[:-40])
+    (folder / "not-parquet.parquet").write_text("id,text\nc,z\n")
+    rows = _rows(read_source(folder))
+    assert {k for k, r in rows.items() if not r["error"]} == {"a", "b"}
+    broken = {Path(k).name: r["error"] for k, r in rows.items() if r["error"]}
+    assert set(broken) == {"truncated.parquet", "not-parquet.parquet"}
+    assert all(reason.startswith("unreadable Parquet file") for reason in broken.values())
 
 
 def test_content_hash_is_stable_and_content_sensitive(ray_local, tmp_path):
