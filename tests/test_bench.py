@@ -41,7 +41,7 @@ def test_bench_then_plan(ray_local, mini_beir, tmp_path):
     }
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(better))
-    again = runner.invoke(app, [*args, "--baseline", str(baseline), "--fail-on-regression"])
+    again = runner.invoke(app, [*args, "--limit", "40", "--baseline", str(baseline), "--fail-on-regression"])
     assert again.exit_code == 4, again.output
     assert "regression: c.docs_per_s" in again.output
 
