@@ -44,7 +44,7 @@ def test_flags_override_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("shards: 2\nray:\n  address: null\n")
     cfg = load_config(path, shards=7, **{"ray.address": "auto", "embedding.batch_size": None})
-    assert (cfg.shards, cfg.ray.address, cfg.embedding.batch_size) == (7, "auto", 256)
+    assert (cfg.shards, cfg.ray.address, cfg.embedding.batch_size) == (7, "auto", 1024)
 
 
 def test_not_yaml_mapping(tmp_path):

@@ -47,6 +47,11 @@ def _staged_data(db) -> bool:
     return any((Path(db) / store.STAGING_DIR).glob("*/shard_*.lance/data/*.lance"))
 
 
+def _cached_files(db) -> set[Path]:
+    """Data files of the embedding cache, which the embedding actor appends to after each batch."""
+    return set((Path(db) / "_embed_cache.lance" / "data").glob("*.lance"))
+
+
 def _embedders() -> list[psutil.Process]:
     found = []
     for proc in psutil.Process().children(recursive=True):
@@ -197,11 +202,18 @@ def test_sigkilled_driver_then_rerun_equals_an_undisturbed_run(ray_local, corpus
     env.pop("RAY_ADDRESS", None)
     command = [str(Path(sys.executable).parent / "embedpipe"), "ingest", str(full), "--db", str(db),
                "--config", str(config)]  # fmt: skip
+    cached_before = _cached_files(db)
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
-        while not _staged_data(db) and driver.poll() is None and time.time() < deadline:
+        # Mid-run: new embeddings reached the cache or rows were staged; the commit comes only
+        # after the last batch is written.
+        while (
+            not (_staged_data(db) or _cached_files(db) - cached_before)
+            and driver.poll() is None
+            and time.time() < deadline
+        ):
             children = _descendants(driver.pid) or children
             time.sleep(0.2)
         children = _descendants(driver.pid) or children
