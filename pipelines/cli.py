@@ -342,14 +342,12 @@ def quantize_command(
     source: Annotated[
         Path, typer.Argument(help="The corpus to calibrate on (a sample of its chunks is used).")
     ],
-    db: DbOpt,
     config: ConfigOpt = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Quantize again even if the db has a model.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Quantize again even if one is cached.")] = False,
 ) -> None:
-    """Make the int8 OpenVINO model that dtype int8 (the CPU default) uses, into DB/_models/.
+    """Make the int8 OpenVINO model that dtype int8 uses, calibrated on chunks of SOURCE.
 
+    It is cached (embedding.model_cache, $EMBEDPIPE_CACHE or ~/.cache/embedpipe) for every later run.
     Ingest does this by itself on first use; run it ahead to keep the first ingest's time clean.
     """
     from pipelines import backends
