@@ -223,7 +223,7 @@ def build(
                 store.write_chunks,
                 batch_format="pyarrow",
                 batch_size=None,
-                fn_kwargs={"staging": staging, "model": manifest.model},
+                fn_kwargs={"staging": staging, "model": manifest.model, "report_ids": prune},
             )
         )
         attempts: set[str] = set()  # write attempts whose results arrived; retried ones staged too

@@ -385,8 +385,12 @@ WRITE_SUMMARY = pa.schema(
 )
 
 
-def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
-    """Append embedded chunks to staging and return one summary row for the run report."""
+def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: bool = False) -> pa.Table:
+    """Append embedded chunks to staging and return one summary row for the run report.
+
+    With ``report_ids`` the summary lists every document id of the batch (``--prune`` needs them;
+    other runs do not carry them to the driver).
+    """
     status = batch.column("status")
     ok = batch.filter(pc.equal(status, "ok"))
     shard_rows: dict[str, int] = {}
@@ -404,7 +408,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str) -> pa.Table:
     failed_rows = batch.filter(pc.equal(status, "failed")).select(["doc_id", "source", "error"])
     failed = [[r["doc_id"], r["source"], r["error"]] for r in failed_rows.to_pylist()]
     first = pc.or_(pc.equal(batch.column("chunk_index"), 0), pc.not_equal(status, "ok"))
-    seen = batch.filter(first).column("doc_id").to_pylist()
+    seen = batch.filter(first).column("doc_id").to_pylist() if report_ids else []
     stats = batch.column("embed_stats").drop_null().to_pylist() if "embed_stats" in batch.column_names else []
     summary = {
         "chunks": ok.num_rows,
