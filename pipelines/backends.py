@@ -140,8 +140,16 @@ def cache_root(configured: str | None = None) -> Path:
 
 
 def int8_dir(root: str | Path, model: str) -> Path:
+    return _model_dir(root, "int8", model)
+
+
+def openvino_fp32_dir(root: str | Path, model: str) -> Path:
+    return _model_dir(root, "openvino-fp32", model)
+
+
+def _model_dir(root: str | Path, kind: str, model: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", models.model_id(model)).strip("_")
-    return Path(root) / "int8" / f"{slug}-{weights_hash(model)}"
+    return Path(root) / kind / f"{slug}-{weights_hash(model)}"
 
 
 def read_int8(model_dir: str | Path) -> dict[str, Any]:
@@ -191,13 +199,14 @@ class TorchBackend:
 
 
 class OpenVINOBackend:
-    """An int8 OpenVINO model on the CPU; tokenization by the model's own fast tokenizer."""
+    """An OpenVINO model (int8, or fp32 for short queries) on the CPU; tokenization by the model's
+    own fast tokenizer."""
 
     def __init__(self, model: str, *, files: str | Path | dict[str, Any], threads: int | None = None):
         """
         Args:
             model: the source model (its tokenizer is used).
-            files: the quantized model's directory, or ``read_int8`` of it.
+            files: the model's directory (``export_openvino``), or ``read_int8`` of it.
             threads: inference threads; default every core.
         """
         import openvino as ov
@@ -205,7 +214,7 @@ class OpenVINOBackend:
 
         if not isinstance(files, dict):
             if not (Path(files) / "model.xml").exists():
-                raise FileNotFoundError(f"No int8 model in {files}; run `embedpipe quantize` first")
+                raise FileNotFoundError(f"No OpenVINO model in {files}; run `embedpipe quantize` first")
             files = read_int8(files)
         core = ov.Core()
         weights = ov.Tensor(np.frombuffer(files["bin"], dtype=np.uint8).copy())
@@ -216,7 +225,8 @@ class OpenVINOBackend:
         config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.device, self.dtype = "cpu", "int8"
+        self.device = "cpu"
+        self.dtype = "fp32" if files["meta"].get("format") == "openvino-fp32" else "int8"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         enc = self.tokenizer(
@@ -237,10 +247,19 @@ class OpenVINOBackend:
 
 
 def load_backend(
-    model: str, *, device: str, dtype: str, threads: int | None = None, int8_model: Any = None
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    threads: int | None = None,
+    int8_model: Any = None,
+    openvino_model: str | Path | None = None,
 ) -> TorchBackend | OpenVINOBackend:
     """The backend for a dtype; int8 needs ``int8_model`` (a directory, ``read_int8`` bytes or a Ray
-    object reference to them)."""
+    object reference to them). ``openvino_model``, an fp32 export, runs fp32 on OpenVINO instead of
+    torch."""
+    if openvino_model is not None and dtype == "fp32" and device == "cpu":
+        return OpenVINOBackend(model, files=openvino_model, threads=threads)
     if dtype == "int8":
         if int8_model is None:
             raise ValueError("dtype int8 needs a quantized model (see `embedpipe quantize`)")
@@ -270,7 +289,29 @@ def quantize(
     Returns:
         The model's meta.json: source model, weights hash, calibration size, seconds taken.
     """
-    import nncf
+    if not texts:
+        raise ValueError("quantize needs calibration texts; the corpus gave none")
+    return export_openvino(model, out_dir, texts=texts, batch_size=batch_size, force=force)
+
+
+def openvino_fp32_model(model: str, root: str | Path | None = None) -> Path:
+    """The model exported to OpenVINO in fp32, converted once per machine and cached under
+    ``cache_root()``. On a CPU it embeds one short query about twice as fast as torch."""
+    out_dir = openvino_fp32_dir(root or cache_root(), model)
+    export_openvino(model, out_dir)
+    return out_dir
+
+
+def export_openvino(
+    model: str,
+    out_dir: Path,
+    *,
+    texts: list[str] | None = None,
+    batch_size: int = 8,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Export a sentence-transformers model (mean pooling included) to OpenVINO: fp32, or int8
+    quantized with NNCF when calibration ``texts`` are given (see ``quantize``)."""
     import openvino as ov
     import torch
     from sentence_transformers import SentenceTransformer
@@ -278,8 +319,6 @@ def quantize(
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists() and not force:
         return json.loads((out_dir / "meta.json").read_text())
-    if not texts:
-        raise ValueError("quantize needs calibration texts; the corpus gave none")
     started = time.time()
     st = SentenceTransformer(models.resolve_model(model), device="cpu")
     st.eval()
@@ -295,7 +334,11 @@ def quantize(
 
     max_length = int(st.max_seq_length)
     example = st.tokenizer(
-        texts[:2], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        (texts or ["an example input"])[:2],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     shape = ov.PartialShape([-1, -1])
     with torch.inference_mode():
@@ -304,41 +347,48 @@ def quantize(
             example_input={"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]},
             input=[("input_ids", shape, ov.Type.i64), ("attention_mask", shape, ov.Type.i64)],
         )
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = st.tokenizer(
-            texts[start : start + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        batches.append(
-            {
-                "input_ids": enc["input_ids"].astype(np.int64),
-                "attention_mask": enc["attention_mask"].astype(np.int64),
-            }
-        )
-    quantized = nncf.quantize(
-        converted, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches)
-    )
     meta = {
         "model": models.model_id(model),
         "weights_hash": weights_hash(model),
-        "format": "openvino-int8",
+        "format": "openvino-int8" if texts else "openvino-fp32",
         "max_seq_length": max_length,
         "dim": int(st.get_embedding_dimension()),
-        "calibration_texts": len(texts),
-        "quantize_s": round(time.time() - started, 1),
-        "created_at": time.time(),
     }
+    if texts:
+        import nncf
+
+        batches = []
+        for start in range(0, len(texts), batch_size):
+            enc = st.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="np",
+            )
+            batches.append(
+                {
+                    "input_ids": enc["input_ids"].astype(np.int64),
+                    "attention_mask": enc["attention_mask"].astype(np.int64),
+                }
+            )
+        converted = nncf.quantize(
+            converted, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches)
+        )
+        meta["calibration_texts"] = len(texts)
+    meta.update(quantize_s=round(time.time() - started, 1), created_at=time.time())
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ov.save_model(quantized, str(tmp / "model.xml"))
+    # fp32 stays fp32 (save_model would halve the weights by default).
+    ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
+    if force and out_dir.exists():
         shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    logger.info("int8 model for %s written to %s in %.1f s", model, out_dir, meta["quantize_s"])
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process wrote it meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads((out_dir / "meta.json").read_text())
+    logger.info("%s model for %s written to %s in %.1f s", meta["format"], model, out_dir, meta["quantize_s"])
     return meta

@@ -42,6 +42,8 @@ class Embedder:
         device: auto, cpu or cuda.
         cpu_threads: threads for the forward pass on a CPU; default all cores of the node.
         int8_model: directory of the quantized model (backends.quantize).
+        openvino_model: directory of an fp32 OpenVINO export (backends.openvino_fp32_model): fp32 on
+            a CPU then runs on OpenVINO instead of torch.
         batch_tokens: the starting token budget per forward pass.
         min_batch_tokens, max_batch_tokens: bounds of the budget.
         adapt_batch: grow/shrink the budget from measured throughput (else only OOM shrinks it).
@@ -57,6 +59,7 @@ class Embedder:
         device: str = "auto",
         cpu_threads: int | None = None,
         int8_model: str | None = None,
+        openvino_model: str | None = None,
         batch_tokens: int = 8192,
         min_batch_tokens: int = 256,
         max_batch_tokens: int = 262_144,
@@ -77,6 +80,7 @@ class Embedder:
             dtype=self.dtype,
             threads=threads,
             int8_model=int8_model,
+            openvino_model=openvino_model,
         )
         self._backend: backends.TorchBackend | backends.OpenVINOBackend | None = None
         self.dim = embedding_dim(model)

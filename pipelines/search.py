@@ -89,6 +89,65 @@ class NoTextIndexError(ValueError):
     """Hybrid search on a shard without full-text indexes."""
 
 
+class MemoryShard:
+    """Exact cosine search over a shard held in memory: its vectors and the result columns.
+
+    A LanceDB query costs a few milliseconds of planning even on a tiny table; a small shard searched
+    many times (the Serve deployments) answers from memory instead, many queries in one matrix
+    product. The rows, scores and order equal ``search_shard(..., exact=True)``: score is
+    1 - cosine distance, and rows tied with the k-th best are kept or cut by chunk_id, as the merge
+    orders them.
+
+    Args:
+        table: an open LanceDB table, at the version to hold.
+        shard: the shard's name, added as a column.
+    """
+
+    def __init__(self, table: Any, *, shard: str):
+        data = table.to_arrow().select([*RESULT_COLUMNS, "vector"])
+        vectors = data.column("vector").combine_chunks()
+        dim = vectors.type.list_size
+        self.vectors = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+            -1, dim
+        )
+        norms = np.linalg.norm(self.vectors, axis=1)
+        self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
+        self.rows = data.drop_columns(["vector"])
+        # Position of each row in chunk_id order: ties in score are cut by it, as merge_topk does.
+        chunk_ids = np.asarray(self.rows.column("chunk_id").to_pylist(), dtype=object)
+        self.id_rank = np.argsort(np.argsort(chunk_ids))
+        self.shard = shard
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.nbytes + self.rows.nbytes
+
+    def search(self, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
+        """The top ``ks[i]`` rows for each query vector ``vectors[i]``, best first."""
+        queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        qnorms = np.linalg.norm(queries, axis=1, keepdims=True)
+        cosine = (queries @ self.vectors.T) / (np.where(qnorms > 0, qnorms, 1.0) * self.norms)
+        scores = (1.0 - (1.0 - cosine)).astype(np.float32)  # as LanceDB: 1 - cosine distance
+        return [self._top(row, k) for row, k in zip(scores, ks, strict=True)]
+
+    def _top(self, scores: np.ndarray, k: int) -> pa.Table:
+        n = min(k, scores.size)
+        if n == 0:
+            idx = np.zeros(0, dtype=np.int64)
+        else:
+            if n < scores.size:
+                cutoff = scores[np.argpartition(-scores, n - 1)[:n]].min()
+                idx = np.flatnonzero(scores >= cutoff)  # every row tied with the k-th
+            else:
+                idx = np.arange(scores.size)
+            idx = idx[np.lexsort((self.id_rank[idx], -scores[idx]))][:n]
+        return _finish(self.rows.take(idx), pa.array(scores[idx], pa.float32()), self.shard)
+
+
 class Searcher:
     """Holds a db's shard tables and its embedding model for repeated local searches.
 

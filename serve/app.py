@@ -48,7 +48,7 @@ def build_app(cfg: ServeConfig) -> Application:
             name=f"ShardSearcher-{store.shard_name(i)}",
             num_replicas=settings.shard_replicas,
             ray_actor_options={"num_cpus": settings.shard_cpus, "resources": settings.shard_resources},
-        ).bind(db, store.shard_name(i), settings.refresh_s, cfg.index.model_dump())
+        ).bind(db, store.shard_name(i), settings.refresh_s, cfg.index.model_dump(), settings.memory_rows)
         for i in range(manifest.shards)
     ]
     return Router.options(

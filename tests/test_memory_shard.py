@@ -1,0 +1,97 @@
+"""Small shards searched from memory give LanceDB's exact answers; the Serve shard class follows new
+table versions, sends filtered queries to LanceDB, and tells a bad filter from a fault of its own."""
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines import store
+from pipelines.search import MemoryShard, search_shard
+from serve.shard import FilterError, ShardSearcher, decode
+from tests.test_index import DIM, _db
+
+
+def _queries(rng, table, n):
+    stored = np.stack(table.to_arrow().column("vector").to_numpy(zero_copy_only=False))
+    near = stored[rng.integers(0, len(stored), n // 2)] + 0.05 * rng.normal(size=(n // 2, DIM))
+    far = rng.normal(size=(n - n // 2, DIM))
+    queries = np.vstack([near, far]).astype(np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def _with_ties(table):
+    # Rows 0-4 copied under new ids: exact ties, which both searches must cut by chunk_id alike.
+    copies = table.to_arrow().slice(0, 5)
+    ids = [f"tie-{i}#0" for i in range(5)]
+    table.add(copies.set_column(0, "chunk_id", pa.array(ids)))
+
+
+@pytest.mark.parametrize("k", [1, 10, 700])
+def test_memory_search_equals_lancedb_exact_search(tmp_path, k):
+    db, rng, _ = _db(tmp_path, rows_per_shard=600, shards=1)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    _with_ties(table)
+    memory = MemoryShard(table, shard="shard_000")
+    queries = _queries(rng, table, 40)
+    queries[0] = np.asarray(table.to_arrow().column("vector")[0].values, np.float32)  # hits the ties
+    for query, hits in zip(queries, memory.search(queries, [k] * len(queries)), strict=True):
+        exact = search_shard(table, query, k=k, shard="shard_000", exact=True)
+        assert hits.schema == exact.schema
+        assert hits.num_rows == exact.num_rows == min(k, 605)
+        got, want = hits["score"].to_numpy(), exact["score"].to_numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        # The same rows, up to which copy of an exact tie at the cut is kept (LanceDB leaves that
+        # open); memory orders ties by chunk_id, as the merge does.
+        ids, want_ids = hits["chunk_id"].to_pylist(), exact["chunk_id"].to_pylist()
+        above = want[-1] + 1e-5
+        assert {c for c, g in zip(ids, got, strict=True) if g > above} == {
+            c for c, w in zip(want_ids, want, strict=True) if w > above
+        }
+        order = list(zip(-got, ids, strict=True))
+        assert order == sorted(order)
+    assert sum("tie-" in c for c in memory.search(queries[:1], [10])[0]["chunk_id"].to_pylist()) >= 1
+
+
+def test_shard_searcher_follows_new_versions_and_filters(tmp_path):
+    db, rng, _ = _db(tmp_path, rows_per_shard=400, shards=1)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    shard = ShardSearcher.func_or_class(str(db), "shard_000", refresh_s=0, memory_rows=10_000)
+    assert shard.stats()["in_memory"] is True
+    query = _queries(rng, table, 2)[0]
+    hits, version = shard.search(query, 10)
+    exact = search_shard(table, query, k=10, shard="shard_000", exact=True)
+    assert hits["chunk_id"].to_pylist() == exact["chunk_id"].to_pylist()
+
+    # A new row equal to the query is the best hit as soon as it is committed.
+    new = table.to_arrow().slice(0, 1)
+    new = new.set_column(0, "chunk_id", pa.array(["fresh#0"])).set_column(
+        new.schema.get_field_index("vector"),
+        "vector",
+        pa.FixedSizeListArray.from_arrays(pa.array(query), DIM).cast(new.schema.field("vector").type),
+    )
+    table.add(new)
+    hits2, version2 = shard.search(query, 10)
+    assert version2 > version and hits2["chunk_id"][0].as_py() == "fresh#0"
+
+    # A filter goes through LanceDB (prefilter), with the same scores.
+    filtered, _ = shard.search(query, 5, "doc_id != 's0-d1'")
+    assert filtered.num_rows == 5 and "s0-d1#0" not in filtered["chunk_id"].to_pylist()
+    with pytest.raises(FilterError, match="invalid filter"):
+        shard.search(query, 5, "no_such_column = 1")
+
+    # Batched: one call answers many queries, a bad filter fails only its own query.
+    import asyncio
+
+    answers, _ = asyncio.run(
+        shard.search_many(np.stack([query, query]), [3, 3], [None, "no_such_column = 1"])
+    )
+    assert decode(answers[0])["chunk_id"][0].as_py() == "fresh#0"
+    with pytest.raises(FilterError):
+        decode(answers[1])
+
+
+def test_large_shards_are_not_held_in_memory(tmp_path):
+    db, *_ = _db(tmp_path, rows_per_shard=300, shards=1)
+    assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=100).stats()["in_memory"] is False
+    assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0).stats()["in_memory"] is False
