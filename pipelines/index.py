@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipelines.config import IndexSettings
 
 logger = logging.getLogger(__name__)
 
-VECTOR_INDEX = "vector_idx"
+VECTOR_INDEX = "vector_idx"  # + "_p<partitions>": LanceDB does not report an IVF partition count
 FTS_COLUMNS = ("title", "text")
 # Rows per IVF partition: HNSW graphs stay fast up to a few tens of thousands of rows per partition;
 # IVF_PQ wants about sqrt(rows) partitions.
@@ -45,6 +46,7 @@ class ShardIndexes:
     vector_kind: str  # "exact" when there is no vector index
     num_partitions: int | None
     fts_columns: tuple[str, ...]
+    vector_index_name: str | None = None
 
 
 def plan_vector_index(rows: int, *, dim: int, settings: IndexSettings) -> VectorPlan:
@@ -110,17 +112,18 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
 
 def read_indexes(table: Any) -> ShardIndexes:
     """What indexes ``table`` holds (read from the table itself)."""
-    vector_kind, partitions, fts = "exact", None, []
+    vector_kind, partitions, fts, name = "exact", None, [], None
     for index in table.list_indices():
         if index.index_type == "FTS":
             fts.extend(index.columns)
         elif "vector" in index.columns:
-            # LanceDB reports no partition count; the index was built by plan_vector_index from the
-            # rows it indexed, so the same rule gives it back.
             stats = table.index_stats(index.name)
-            vector_kind = str(stats.index_type)
-            partitions = partitions_for(vector_kind, stats.num_indexed_rows)
-    return ShardIndexes(vector_kind, partitions, tuple(c for c in FTS_COLUMNS if c in fts))
+            vector_kind, name = str(stats.index_type), index.name
+            # LanceDB reports no partition count: index_shard writes it into the name. An index made
+            # elsewhere gets the count the planning rule gives for the rows it indexed.
+            recorded = re.fullmatch(rf"{VECTOR_INDEX}_p(\d+)", index.name)
+            partitions = int(recorded[1]) if recorded else partitions_for(vector_kind, stats.num_indexed_rows)
+    return ShardIndexes(vector_kind, partitions, tuple(c for c in FTS_COLUMNS if c in fts), name)
 
 
 def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool = False) -> dict[str, Any]:
@@ -140,10 +143,13 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
     plan = plan_vector_index(rows, dim=dim, settings=settings)
     have = read_indexes(table)
     if plan.kind == "exact":
-        if have.vector_kind != "exact":
-            table.drop_index(VECTOR_INDEX)
+        if have.vector_index_name:
+            table.drop_index(have.vector_index_name)
     elif rebuild or (have.vector_kind, have.num_partitions) != (plan.kind, plan.num_partitions):
-        table.create_index("vector", config=_vector_config(plan), replace=True, name=VECTOR_INDEX)
+        name = f"{VECTOR_INDEX}_p{plan.num_partitions}"
+        if have.vector_index_name and have.vector_index_name != name:
+            table.drop_index(have.vector_index_name)  # by its own name, whoever made it
+        table.create_index("vector", config=_vector_config(plan), replace=True, name=name)
     if settings.fts:
         for column in FTS_COLUMNS:
             if rebuild or column not in have.fts_columns:

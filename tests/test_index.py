@@ -113,3 +113,22 @@ def test_text_search_without_fts_index_is_a_clear_error(tmp_path):
     db, *_ = _db(tmp_path, rows_per_shard=300)
     with pytest.raises(NoTextIndexError, match="embedpipe index"):
         Searcher(db).search_text("alpha", k=3)
+
+
+def test_index_name_records_partitions_and_foreign_indexes_are_dropped(tmp_path):
+    from lancedb.index import IvfPq
+
+    db, *_ = _db(tmp_path, rows_per_shard=1500, shards=1)
+    [summary] = index.build(db, settings=IndexSettings(exact_below_rows=1000))
+    table = store.open_shards(db)["shard_000"]
+    have = index.read_indexes(table)
+    assert have.vector_index_name == f"vector_idx_p{summary['num_partitions']}"
+    assert have.num_partitions == summary["num_partitions"] == 1
+    # A vector index made outside embedpipe, under a name of its own, is found and dropped by it.
+    table.drop_index(have.vector_index_name)
+    table.create_index(
+        "vector", config=IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=4), name="mine"
+    )
+    assert index.read_indexes(table).vector_kind == "IVF_PQ"
+    index.build(db, settings=IndexSettings())  # 1500 rows: below the default threshold, exact
+    assert index.read_indexes(store.open_shards(db)["shard_000"]).vector_kind == "exact"
