@@ -6,6 +6,7 @@ Start it with ``embedpipe serve --db DIR`` or the Ray way: ``serve run serve.app
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
@@ -29,16 +30,19 @@ class ServeConfig(BaseModel):
     dtype: str = "auto"
 
 
-def build_app(cfg: ServeConfig) -> Application:
+def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
     """The search application over every shard of ``cfg.db``.
 
     Args:
-        cfg: the db, serve settings and optional API key.
+        cfg: the db, serve settings and optional API key; ``serve run serve.app:build_app db=DIR``
+            passes them as a dict of strings.
 
     Returns:
         A bound Serve application; pass it to ``serve.run``.
     """
     import os
+
+    cfg = ServeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
 
     db = cfg.db if "://" in cfg.db else str(Path(cfg.db).expanduser().resolve())  # replicas run elsewhere
     manifest = store.read_manifest(db)

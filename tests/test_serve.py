@@ -229,3 +229,17 @@ def test_new_ingest_invalidates_the_cache(served, tmp_path):
     # Rows not yet in the full-text index are still found by hybrid search.
     hybrid = _search(url, query="axolotls regrow", k=3, mode="hybrid").json()["results"]
     assert hybrid[0]["doc_id"] == "new-doc"
+
+
+def test_build_app_takes_serve_run_arguments(tmp_path):
+    # `serve run serve.app:build_app db=DIR` hands the builder a dict of strings.
+    from ray.serve import Application
+
+    from serve.app import build_app
+    from tests.test_index import _db
+
+    db, *_ = _db(tmp_path, rows_per_shard=10, shards=3)
+    app = build_app({"db": str(db), "settings": {"memory_rows": "0"}})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="db"):
+        build_app({"settings": {}})
