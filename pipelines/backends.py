@@ -380,8 +380,8 @@ def export_openvino(
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # fp32 stays fp32 (save_model would halve the weights by default).
-    ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+    # fp32 stays fp32 (save_model would halve the weights by default); int8 as it always was.
+    ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=bool(texts))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if force and out_dir.exists():
         shutil.rmtree(out_dir)

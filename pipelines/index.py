@@ -147,9 +147,10 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
             table.drop_index(have.vector_index_name)
     elif rebuild or (have.vector_kind, have.num_partitions) != (plan.kind, plan.num_partitions):
         name = f"{VECTOR_INDEX}_p{plan.num_partitions}"
+        # The new index first: searches keep an index while it builds, and keep the old one if it fails.
+        table.create_index("vector", config=_vector_config(plan), replace=True, name=name)
         if have.vector_index_name and have.vector_index_name != name:
             table.drop_index(have.vector_index_name)  # by its own name, whoever made it
-        table.create_index("vector", config=_vector_config(plan), replace=True, name=name)
     if settings.fts:
         for column in FTS_COLUMNS:
             if rebuild or column not in have.fts_columns:

@@ -107,9 +107,8 @@ class MemoryShard:
         data = table.to_arrow().select([*RESULT_COLUMNS, "vector"])
         vectors = data.column("vector").combine_chunks()
         dim = vectors.type.list_size
-        self.vectors = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
-            -1, dim
-        )
+        flat = vectors.flatten()  # respects the array's offset, unlike .values
+        self.vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
         norms = np.linalg.norm(self.vectors, axis=1)
         self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
         self.rows = data.drop_columns(["vector"])

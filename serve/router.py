@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: FastAPI must see the real reques
 """
 
 import asyncio
+import importlib.util
 import logging
 import time
 from typing import Any, Literal, NamedTuple
@@ -20,7 +21,7 @@ from pipelines.search import NoTextIndexError
 from serve import ui
 from serve.cache import QueryCache
 from serve.merge import merge_topk, rrf_fuse
-from serve.shard import FilterError, decode
+from serve.shard import FilterError, ShardError, decode
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +123,21 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
     engine = settings.query_engine
     on_cpu = backends.resolve_device(device) == "cpu"
     if engine == "auto":
-        engine = (
-            "openvino" if on_cpu and dtype in ("auto", "fp32") and backends.openvino_available() else "torch"
-        )
+        on_cpu = backends.resolve_device(device) == "cpu"
+        fits = on_cpu and dtype in ("auto", "fp32") and importlib.util.find_spec("openvino") is not None
+        engine = "openvino" if fits else "torch"
     if engine == "openvino":
-        return Embedder(
-            model=model, device="cpu", dtype="fp32", cpu_threads=settings.router_threads,
-            openvino_model=str(backends.openvino_fp32_model(model)),
-        )  # fmt: skip
+        try:
+            exported = backends.openvino_fp32_model(model)
+        except Exception:
+            if settings.query_engine == "openvino":
+                raise
+            logger.exception("OpenVINO export of %s failed; queries are embedded with torch", model)
+        else:
+            return Embedder(
+                model=model, device="cpu", dtype="fp32", cpu_threads=settings.router_threads,
+                openvino_model=str(exported),
+            )  # fmt: skip
     return Embedder(model=model, device=device, dtype=dtype, cpu_threads=settings.router_threads)
 
 
@@ -178,21 +186,26 @@ class Router:
         self._versions: tuple[int, ...] | None = None
         self._versions_at = 0.0
         self._versions_task: asyncio.Task | None = None
+        self._embed_lock = asyncio.Lock()
         self.embedder = _query_embedder(model, device, dtype, self.settings)
         self._run_batch.set_max_batch_size(self.settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _run_batch(self, jobs: list[_Job]) -> list[_Answer | Exception]:
         """Answer the queries that arrived together: one forward pass, one call per shard for all.
 
         Batching the fan-out matters as much as batching the model: each deployment-handle call costs
         milliseconds of CPU, so per-query calls to every shard would cap throughput long before the
-        searches do. A job's own error (a bad filter) comes back as its answer, not the batch's.
+        searches do. Two batches run at once, so that one is embedded while the shards search the
+        other. A job's own error (a bad filter, a failed shard query) comes back as its answer, not
+        the batch's.
         """
         self.metrics.EMBED_BATCH.observe(len(jobs))
-        # The forward pass blocks; a thread keeps the event loop serving other requests meanwhile.
-        vectors = await asyncio.to_thread(self.embedder.encode, [job.query for job in jobs])
+        # One forward pass at a time (a model is not for two threads at once), in a thread so that
+        # the event loop serves other requests meanwhile.
+        async with self._embed_lock:
+            vectors = await asyncio.to_thread(self.embedder.encode, [job.query for job in jobs])
         started = time.perf_counter()
         candidates = self.settings.hybrid_candidates
         depth = [job.k if job.mode == "vector" else max(job.k, candidates) for job in jobs]
@@ -214,7 +227,7 @@ class Router:
                 per_shard = [decode(hits[i]) for hits, _ in vector_answers]
                 j = hybrid.index(i) if job.mode == "hybrid" else None
                 per_shard_text = [decode(hits[j]) for hits, _ in text_answers] if j is not None else []
-            except (FilterError, NoTextIndexError) as error:
+            except (FilterError, NoTextIndexError, ShardError) as error:
                 results.append(error)
                 continue
             if job.mode == "vector":

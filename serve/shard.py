@@ -21,16 +21,26 @@ from pipelines.search import MemoryShard, NoTextIndexError, search_shard, text_s
 
 logger = logging.getLogger(__name__)
 
+# Memory searches smaller than this (rows x queries) run on the replica's event loop; larger ones,
+# like every LanceDB query, in a thread.
+INLINE_SCORES = 262_144
+
 
 class FilterError(ValueError):
     """A filter predicate that LanceDB cannot run (bad syntax, unknown column)."""
 
 
+class ShardError(RuntimeError):
+    """A query that failed inside a shard for a reason of the shard's own (not the user's input)."""
+
+
 @dataclass(frozen=True)
 class _Snapshot:
-    """What the shard serves from: one table version, its indexes, and its rows in memory if small."""
+    """What the shard serves from: one table version (its own handle, pinned there), its indexes,
+    and its rows in memory if small."""
 
     version: int
+    table: Any
     indexes: ShardIndexes
     memory: MemoryShard | None
 
@@ -39,9 +49,10 @@ class _Snapshot:
 class ShardSearcher:
     """Holds one shard table open and answers searches on it, many queries per call.
 
-    The table stays at one version between refreshes, so every answer is computed on exactly the
-    version it reports; the router never caches a result under newer versions than the data behind it.
-    A shard without a vector index and with at most ``memory_rows`` rows is searched in memory
+    Each table version is served through its own table handle, pinned to it, so every answer is
+    computed on exactly the version it reports, even while a refresh moves on to the next one; the
+    router never caches a result under newer versions than the data behind it. A shard without a
+    vector index and with at most ``memory_rows`` rows is searched in memory
     (``pipelines.search.MemoryShard``: the same rows and order as LanceDB's exact search); a filtered
     query, or a larger or indexed shard, goes through LanceDB.
 
@@ -62,7 +73,8 @@ class ShardSearcher:
         memory_rows: int = 0,
     ):
         self.shard = shard
-        self.table = lancedb.connect(db).open_table(shard)
+        self.conn = lancedb.connect(db)
+        self.probe = self.conn.open_table(shard)  # only asks for the latest version
         self.refresh_s = refresh_s
         self.memory_rows = memory_rows
         self.index_settings = IndexSettings.model_validate(index or {})
@@ -83,34 +95,40 @@ class ShardSearcher:
 
     def _refresh(self) -> _Snapshot:
         with self._lock:
-            return self._refresh_locked()
+            if self._fresh():
+                return self._snapshot  # another thread refreshed meanwhile
+            try:
+                self._snapshot = self._load_latest()
+            except Exception:
+                if self._snapshot is None:
+                    raise
+                logger.exception("%s: refresh failed; serving version %d", self.shard, self._snapshot.version)
+            self._checked_at = time.monotonic()
+            return self._snapshot
 
-    def _refresh_locked(self) -> _Snapshot:
-        now = time.monotonic()
-        if self._snapshot is not None and now - self._checked_at < self.refresh_s:
-            return self._snapshot  # another thread refreshed meanwhile
-        self.table.checkout_latest()
-        self._checked_at = now
-        version = self.table.version
-        self.table.checkout(version)  # pinned: concurrent commits are seen at the next refresh
-        if self._snapshot is None or self._snapshot.version != version:
-            indexes = read_indexes(self.table)
-            memory = None
-            if indexes.vector_kind == "exact" and 0 < self.table.count_rows() <= self.memory_rows:
-                memory = MemoryShard(self.table, shard=self.shard)
-            self._snapshot = _Snapshot(version, indexes, memory)
-            logger.info("%s: serving version %d (%s)", self.shard, version,
-                        "in memory" if memory else indexes.vector_kind)  # fmt: skip
-        return self._snapshot
+    def _load_latest(self) -> _Snapshot:
+        self.probe.checkout_latest()
+        version = self.probe.version
+        if self._snapshot is not None and self._snapshot.version == version:
+            return self._snapshot
+        table = self.conn.open_table(self.shard)
+        table.checkout(version)
+        indexes = read_indexes(table)
+        memory = None
+        if indexes.vector_kind == "exact" and 0 < table.count_rows() <= self.memory_rows:
+            memory = MemoryShard(table, shard=self.shard)
+        logger.info("%s: serving version %d (%s)", self.shard, version,
+                    "in memory" if memory else indexes.vector_kind)  # fmt: skip
+        return _Snapshot(version, table, indexes, memory)
 
     async def search_many(
         self, vectors: np.ndarray, ks: list[int], wheres: list[str | None]
     ) -> tuple[list[bytes | Exception], int]:
-        """Each query's top-k rows (or the error its filter raised), and the table version searched.
+        """Each query's top-k rows (or the error it raised), and the table version searched.
 
         Rows travel as Arrow IPC bytes (``decode`` reads them): Ray pickles an Arrow table in about a
-        millisecond each way, the IPC bytes in a few microseconds. Searches from memory run on the
-        replica's event loop (well under a millisecond a query); LanceDB searches in a thread.
+        millisecond each way, the IPC bytes in a few microseconds. Small memory searches run on the
+        replica's event loop; the rest in threads, LanceDB queries side by side.
 
         Args:
             vectors: unit query vectors, one row per query.
@@ -118,108 +136,116 @@ class ShardSearcher:
             wheres: an optional SQL predicate per query, applied before the search.
         """
         snap = await self._current_async()
-        if snap.memory is not None and not any(wheres):
-            return self._vector_rows(snap, vectors, ks, wheres), snap.version
-        return await asyncio.to_thread(self._vector_rows, snap, vectors, ks, wheres), snap.version
+        plain = [i for i, where in enumerate(wheres) if not where] if snap.memory else []
+        answers: list[bytes | Exception | None] = [None] * len(ks)
+        if plain:
+            if snap.memory.num_rows * len(plain) <= INLINE_SCORES:
+                found = self._memory_rows(snap, vectors, ks, plain)
+            else:
+                found = await asyncio.to_thread(self._memory_rows, snap, vectors, ks, plain)
+            for i, hits in zip(plain, found, strict=True):
+                answers[i] = hits
+        pending = [i for i, answer in enumerate(answers) if answer is None]
+        found = await asyncio.gather(
+            *(asyncio.to_thread(self._lancedb_rows, snap, vectors[i], ks[i], wheres[i]) for i in pending)
+        )
+        for i, hits in zip(pending, found, strict=True):
+            answers[i] = hits
+        return answers, snap.version
 
     async def text_search_many(
         self, texts: list[str], ks: list[int], wheres: list[str | None]
     ) -> tuple[list[bytes | Exception], int]:
         """Each query's BM25 top-k rows (or its error) as in ``search_many``, and the version searched."""
         snap = await self._current_async()
-        return await asyncio.to_thread(self._text_rows, snap, texts, ks, wheres), snap.version
+        found = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._text_rows, snap, t, k, w)
+                for t, k, w in zip(texts, ks, wheres, strict=True)
+            )
+        )
+        return list(found), snap.version
 
     def search(
         self, vector: list[float] | np.ndarray, k: int, where: str | None = None
     ) -> tuple[pa.Table, int]:
         """One query's top-k rows and the table version searched; a bad filter raises FilterError."""
         snap = self._current()
-        (hits,) = self._vector_rows(snap, np.atleast_2d(np.asarray(vector, np.float32)), [k], [where])
+        vectors = np.atleast_2d(np.asarray(vector, np.float32))
+        if snap.memory is not None and not where:
+            (hits,) = self._memory_rows(snap, vectors, [k], [0])
+        else:
+            hits = self._lancedb_rows(snap, vectors[0], k, where)
         return decode(hits), snap.version
 
     def text_search(self, text: str, k: int, where: str | None = None) -> tuple[pa.Table, int]:
         """One query's BM25 top-k rows and the table version searched."""
         snap = self._current()
-        (hits,) = self._text_rows(snap, [text], [k], [where])
-        return decode(hits), snap.version
+        return decode(self._text_rows(snap, text, k, where)), snap.version
 
     async def version(self) -> int:
         return (await self._current_async()).version
-
-    def _vector_rows(
-        self, snap: _Snapshot, vectors: np.ndarray, ks: list[int], wheres: list[str | None]
-    ) -> list[bytes | Exception]:
-        answers: list[pa.Table | Exception | None] = [None] * len(ks)
-        plain = [i for i, where in enumerate(wheres) if not where] if snap.memory else []
-        if plain:
-            found = snap.memory.search(vectors[plain], [ks[i] for i in plain])
-            for i, hits in zip(plain, found, strict=True):
-                answers[i] = hits
-        for i, answer in enumerate(answers):
-            if answer is None:
-                params = query_params(snap.indexes, k=ks[i], settings=self.index_settings)
-                answers[i] = self._guarded(
-                    lambda i=i, params=params: search_shard(
-                        self.table, np.asarray(vectors[i], dtype=np.float32), k=ks[i], shard=self.shard,
-                        where=wheres[i], params=params,
-                    ),
-                    wheres[i],
-                )  # fmt: skip
-        return [_encode(a) for a in answers]
-
-    def _text_rows(
-        self, snap: _Snapshot, texts: list[str], ks: list[int], wheres: list[str | None]
-    ) -> list[bytes | Exception]:
-        return [
-            _encode(
-                self._guarded(
-                    lambda text=text, k=k, where=where: text_search_shard(
-                        self.table,
-                        text,
-                        k=k,
-                        shard=self.shard,
-                        where=where,
-                        columns=snap.indexes.fts_columns,
-                    ),
-                    where,
-                )  # fmt: skip
-            )
-            for text, k, where in zip(texts, ks, wheres, strict=True)
-        ]
 
     def stats(self) -> dict[str, Any]:
         snap = self._current()
         return {
             "shard": self.shard,
-            "rows": self.table.count_rows(),
+            "rows": snap.table.count_rows(),
             "version": snap.version,
             "vector_index": snap.indexes.vector_kind,
             "in_memory": snap.memory is not None,
             "fts": list(snap.indexes.fts_columns),
         }
 
-    def _guarded(self, run: Callable[[], pa.Table], where: str | None) -> pa.Table | Exception:
-        """``run()``, or the user's error it raised: a bad filter or a missing full-text index.
+    def _memory_rows(
+        self, snap: _Snapshot, vectors: np.ndarray, ks: list[int], rows: list[int]
+    ) -> list[bytes]:
+        return [_encode(hits) for hits in snap.memory.search(vectors[rows], [ks[i] for i in rows])]
 
-        Some bad predicates only fail while the query executes, as a RuntimeError that could as well be
-        a fault of the shard; the filter is then run alone, and blamed only if it fails alone too.
+    def _lancedb_rows(
+        self, snap: _Snapshot, vector: np.ndarray, k: int, where: str | None
+    ) -> bytes | Exception:
+        params = query_params(snap.indexes, k=k, settings=self.index_settings)
+        run = lambda: search_shard(  # noqa: E731
+            snap.table,
+            np.asarray(vector, dtype=np.float32),
+            k=k,
+            shard=self.shard,
+            where=where,
+            params=params,
+        )
+        return _encode(self._guarded(snap, run, where))
+
+    def _text_rows(self, snap: _Snapshot, text: str, k: int, where: str | None) -> bytes | Exception:
+        run = lambda: text_search_shard(  # noqa: E731
+            snap.table, text, k=k, shard=self.shard, where=where, columns=snap.indexes.fts_columns
+        )
+        return _encode(self._guarded(snap, run, where))
+
+    def _guarded(
+        self, snap: _Snapshot, run: Callable[[], pa.Table], where: str | None
+    ) -> pa.Table | Exception:
+        """``run()``, or the error it raised, as a value: one query's failure is not its batch's.
+
+        A bad filter is the user's (FilterError, a 400), and so is hybrid search without full-text
+        indexes. Some bad predicates only fail while the query executes, as a RuntimeError that could
+        as well be a fault of the shard; the filter is then run alone, and blamed only if it fails
+        alone too. Anything else is the shard's (ShardError, a 500), logged here.
         """
         try:
             return run()
         except NoTextIndexError as exc:
             return exc
-        except ValueError as exc:  # LanceDB: "Invalid input, ..." for a predicate it cannot parse
-            if not where:
-                raise
-            return _filter_error(exc)
-        except RuntimeError as exc:
-            if not where:
-                raise
-            try:
-                self.table.count_rows(where)
-            except Exception as probe:  # noqa: BLE001 - any failure of the filter alone is the filter's
-                return _filter_error(probe)
-            raise exc from None
+        except Exception as exc:  # noqa: BLE001 - returned to the router, which answers for it
+            if where and isinstance(exc, ValueError):  # LanceDB: "Invalid input, ..." for a bad predicate
+                return _filter_error(exc)
+            if where:
+                try:
+                    snap.table.count_rows(where)
+                except Exception as probe:  # noqa: BLE001 - the filter fails alone: it is the filter's
+                    return _filter_error(probe)
+            logger.exception("%s: query failed", self.shard)
+            return ShardError(f"{self.shard}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
 
 
 def _encode(answer: pa.Table | Exception) -> bytes | Exception:
@@ -232,7 +258,7 @@ def _encode(answer: pa.Table | Exception) -> bytes | Exception:
 
 
 def decode(answer: bytes | Exception) -> pa.Table:
-    """One query's rows from a shard's answer; the user's error it holds is raised."""
+    """One query's rows from a shard's answer; the error it holds is raised."""
     if isinstance(answer, Exception):
         raise answer
     return pa.ipc.open_stream(answer).read_all()

@@ -95,3 +95,41 @@ def test_large_shards_are_not_held_in_memory(tmp_path):
     db, *_ = _db(tmp_path, rows_per_shard=300, shards=1)
     assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=100).stats()["in_memory"] is False
     assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0).stats()["in_memory"] is False
+
+
+def test_a_shard_answers_from_one_version_until_it_refreshes(tmp_path):
+    db, rng, _ = _db(tmp_path, rows_per_shard=200, shards=1)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    for memory_rows in (10_000, 0):  # from memory, and through LanceDB
+        shard = ShardSearcher.func_or_class(str(db), "shard_000", refresh_s=3600, memory_rows=memory_rows)
+        query = _queries(rng, table, 2)[0]
+        before, version = shard.search(query, 1000)
+        new = pa.array([f"new{memory_rows}-{i}" for i in range(3)])
+        table.add(table.to_arrow().slice(0, 3).set_column(0, "chunk_id", new))
+        during, same = shard.search(query, 1000)
+        assert same == version and during.num_rows == before.num_rows  # the commit is not seen yet
+        shard._checked_at = 0.0  # the refresh interval has passed
+        after, newer = shard.search(query, 1000)
+        assert newer > version and after.num_rows == before.num_rows + 3
+
+
+def test_a_failing_query_fails_alone(tmp_path, monkeypatch):
+    import asyncio
+
+    import serve.shard
+
+    db, rng, _ = _db(tmp_path, rows_per_shard=100, shards=1)
+    real = serve.shard.search_shard
+
+    def flaky(table, vector, *, k, **kw):
+        if k == 7:
+            raise RuntimeError("disk on fire")
+        return real(table, vector, k=k, **kw)
+
+    monkeypatch.setattr(serve.shard, "search_shard", flaky)
+    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    answers, _ = asyncio.run(shard.search_many(_queries(rng, table, 2), [7, 3], [None, None]))
+    with pytest.raises(serve.shard.ShardError, match="disk on fire"):
+        decode(answers[0])
+    assert decode(answers[1]).num_rows == 3
