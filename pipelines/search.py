@@ -111,7 +111,7 @@ class MemoryShard:
         self.vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
         norms = np.linalg.norm(self.vectors, axis=1)
         self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
-        self.rows = data.drop_columns(["vector"])
+        self.rows = data.drop_columns(["vector"]).combine_chunks()  # one chunk: cheaper take per query
         # Position of each row in chunk_id order: ties in score are cut by it, as merge_topk does.
         chunk_ids = np.asarray(self.rows.column("chunk_id").to_pylist(), dtype=object)
         self.id_rank = np.argsort(np.argsort(chunk_ids))

@@ -121,7 +121,6 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
     from pipelines.embedding import Embedder
 
     engine = settings.query_engine
-    on_cpu = backends.resolve_device(device) == "cpu"
     if engine == "auto":
         on_cpu = backends.resolve_device(device) == "cpu"
         fits = on_cpu and dtype in ("auto", "fp32") and importlib.util.find_spec("openvino") is not None
@@ -211,6 +210,7 @@ class Router:
         depth = [job.k if job.mode == "vector" else max(job.k, candidates) for job in jobs]
         wheres = [job.filter for job in jobs]
         hybrid = [i for i, job in enumerate(jobs) if job.mode == "hybrid"]
+        text_row = {i: j for j, i in enumerate(hybrid)}  # a hybrid job's row in the text answers
         calls = [shard.search_many.remote(vectors, depth, wheres) for shard in self.shards]
         if hybrid:
             texts = [jobs[i].query for i in hybrid]
@@ -225,7 +225,7 @@ class Router:
         for i, job in enumerate(jobs):
             try:
                 per_shard = [decode(hits[i]) for hits, _ in vector_answers]
-                j = hybrid.index(i) if job.mode == "hybrid" else None
+                j = text_row.get(i)
                 per_shard_text = [decode(hits[j]) for hits, _ in text_answers] if j is not None else []
             except (FilterError, NoTextIndexError, ShardError) as error:
                 results.append(error)
