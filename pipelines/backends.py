@@ -222,11 +222,15 @@ class OpenVINOBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(models.resolve_model(model))
         self.max_length = int(files["meta"]["max_seq_length"])
         self.dim = int(files["meta"]["dim"])
+        self.dtype = "fp32" if files["meta"].get("format") == "openvino-fp32" else "int8"
         config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "PERFORMANCE_HINT": "LATENCY"}
+        if self.dtype == "fp32":
+            # OpenVINO runs an fp32 model in bf16 on CPUs with AVX512-BF16 or AMX unless told not to;
+            # an fp32 export must give the vectors torch fp32 gives on every CPU.
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.device = "cpu"
-        self.dtype = "fp32" if files["meta"].get("format") == "openvino-fp32" else "int8"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         enc = self.tokenizer(

@@ -69,3 +69,16 @@ def test_actor_pool_follows_the_cluster():
     gpu = actor_options(cluster_gpus=4, gpus_per_actor=None, min_actors=1, max_actors=None)
     assert (gpu["num_gpus"], gpu["max_size"]) == (1.0, 4)
     assert actor_options(cluster_gpus=4, gpus_per_actor=1, min_actors=1, max_actors=2)["max_size"] == 2
+
+
+def test_openvino_fp32_runs_in_fp32_on_every_cpu(embedder, tmp_path):
+    """OpenVINO would run an fp32 model in bf16 on AVX512-BF16/AMX CPUs; the query path (Serve) must
+    give torch fp32's vectors (`embedpipe query`) wherever it runs."""
+    from pipelines import backends
+
+    exported = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    ov = Embedder(model=MODEL, device="cpu", dtype="fp32", openvino_model=str(exported))
+    precision = ov.backend.compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert str(precision).lower().endswith("f32") or "float32" in str(precision).lower(), precision
+    texts = ["Vitamin D and bone density in older women.", "galaxy rotation curves", "x"]
+    np.testing.assert_allclose(ov.encode(texts), embedder.encode(texts), atol=2e-5)
