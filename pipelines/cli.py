@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, api_key_from_env, load_config
 
 EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
 
@@ -168,7 +168,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--endpoint",
-            help="Score a running service instead, e.g. http://127.0.0.1:8000 (EMBEDPIPE_API_KEY is sent).",
+            help="Score a running service instead, e.g. http://127.0.0.1:8000 (the key of "
+            "EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY is sent).",
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -185,8 +186,12 @@ def evaluate(
     try:
         queries, qrels = ev.load_beir(beir_dir)
         cfg = load_config(config, shards=shards, **{"ray.address": address, "serve.default_mode": mode})
+        refused: dict[str, str] = {}
         if endpoint is not None:
-            run = ev.run_endpoint(endpoint, queries, api_key=os.environ.get("EMBEDPIPE_API_KEY"), mode=mode)
+            key = api_key_from_env()
+            run = ev.run_endpoint(endpoint, queries, api_key=key, mode=mode, refused=refused)
+            if not run:
+                raise ev.EndpointError(f"{endpoint} refused every query, e.g. {next(iter(refused.values()))}")
         else:
             from pipelines import ingest as pipeline
             from pipelines.search import Searcher
@@ -202,11 +207,21 @@ def evaluate(
                 Searcher(db, index=cfg.index), queries, mode=cfg.serve.default_mode,
                 candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
             )  # fmt: skip
-        scores = ev.score(run, qrels)
+        scores = ev.score(run, {qid: qrels[qid] for qid in run})
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
+    if refused:
+        # Scored over the queries the service answered; the refused ones are named, not hidden.
+        scores["refused"] = len(refused)
+        for qid, reason in sorted(refused.items()):
+            console.print(f"query {qid} refused by the service: {reason}", highlight=False, markup=False)
+        console.print(
+            f"{len(refused)} of {len(queries)} queries refused by the service; "
+            f"scores are over the other {len(run)}.",
+            highlight=False,
+        )
     if as_json:
-        typer.echo(json.dumps(scores))
+        typer.echo(json.dumps({**scores, "refused_queries": refused} if refused else scores))
         return
     for name, value in scores.items():
         typer.echo(f"{name:>11}  {value}")
@@ -253,7 +268,8 @@ def serve_command(
 ) -> None:
     """Serve POST /search, GET /healthz and /docs over HTTP with Ray Serve until interrupted.
 
-    Set EMBEDPIPE_API_KEY to require ``Authorization: Bearer <key>`` on every endpoint but /healthz.
+    Set EMBEDPIPE_API_KEY_FILE (a file holding the key) or EMBEDPIPE_API_KEY to require
+    ``Authorization: Bearer <key>`` on every endpoint but /healthz and the pages' HTML shells.
     """
     from ray import serve
 
@@ -262,7 +278,8 @@ def serve_command(
 
     try:
         cfg = load_config(config, **{"serve.host": host, "serve.port": port, "ray.address": address})
-        application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index))
+        key = api_key_from_env()
+        application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index, api_key=key))
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     # Serve reads these when Ray starts, so they shape an embedded Ray only; set them on a cluster's nodes.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,9 +187,28 @@ class ServeSettings(_Strict):
         description="How long a batch waits to fill up. 0: it takes the queries that queued while the "
         "previous batch ran, so a lone query is never held back and batches grow with the load.",
     )
-    max_query_chars: int = Field(2000, gt=0, description="Longer queries are a 422.")
-    max_k: int = Field(1000, gt=0, le=10000)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names clients use to reach the service, besides loopback, the bind address and "
+        "(when bound to every interface) this machine's names; other Host headers are a 400, which stops "
+        "DNS rebinding. '*' allows any.",
+    )
+    max_query_chars: int = Field(
+        8192,
+        gt=0,
+        description="Longer queries are a 422. The model reads a query's first max_seq_length tokens "
+        "(256 for the default model), as embedpipe query does; hybrid mode's BM25 reads all of it.",
+    )
+    max_k: int = Field(300, gt=0, le=10000, description="Larger k is a 422.")
     max_body_bytes: int = Field(65536, gt=0, description="Larger request bodies are a 413.")
+    filter_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns a filter may use besides doc_id, chunk_id, title, text and chunk_index: "
+        "source and/or metadata (never returned by /search, so off by default).",
+    )
+    query_timeout_s: float = Field(
+        10.0, gt=0, description="A query not answered in this time is a 504 (its batch's others are not)."
+    )
     refresh_s: float = Field(
         1.0, ge=0, description="Shards look for new table versions this often (0: on every query)."
     )
@@ -207,7 +228,18 @@ class ServeSettings(_Strict):
     cache_size: int = Field(
         4096, ge=0, description="Cached responses per router replica; 0 turns the cache off."
     )
+    cache_mb: float = Field(
+        64, gt=0, description="Bytes of cached responses per router replica (their JSON size), in MiB."
+    )
+    cache_max_k: int = Field(100, ge=0, description="Answers with a larger k are not cached.")
     cache_ttl_s: float = Field(300.0, gt=0, description="A cached response is dropped after this long.")
+
+    @model_validator(mode="after")
+    def _known_filter_columns(self) -> ServeSettings:
+        from pipelines.filters import allowed_columns
+
+        allowed_columns(self.filter_columns)  # raises, naming the unknown ones
+        return self
 
 
 class CostConfig(_Strict):
@@ -266,3 +298,33 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"Invalid config{where}: {problems}") from exc
+
+
+def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The service's API key: the contents of $EMBEDPIPE_API_KEY_FILE, or $EMBEDPIPE_API_KEY; None
+    when neither is set. A file keeps the key off command lines (``ps``, ``ray job list`` show those).
+
+    Raises:
+        ConfigError: a variable that is set but empty (which would silently turn auth off), both set,
+            or a file that cannot be read.
+    """
+    env = os.environ if environ is None else environ
+    path, key = env.get("EMBEDPIPE_API_KEY_FILE"), env.get("EMBEDPIPE_API_KEY")
+    if path is not None and key is not None:
+        raise ConfigError("Set EMBEDPIPE_API_KEY or EMBEDPIPE_API_KEY_FILE, not both.")
+    if path is not None:
+        if not path.strip():
+            raise ConfigError("EMBEDPIPE_API_KEY_FILE is set but empty; name the file that holds the key.")
+        try:
+            key = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"Cannot read EMBEDPIPE_API_KEY_FILE: {exc.strerror}") from None
+        if not key:
+            raise ConfigError("The file named by EMBEDPIPE_API_KEY_FILE is empty; put the key in it.")
+        return key
+    if key is not None and not key.strip():
+        raise ConfigError(
+            "EMBEDPIPE_API_KEY is set but empty, which would turn authentication off; "
+            "unset it to serve without a key, or set a key."
+        )
+    return key.strip() if key is not None else None

@@ -115,27 +115,67 @@ def run_endpoint(
     *,
     n_docs: int = 100,
     api_key: str | None = None,
-    max_k: int = 1000,
+    max_k: int = 300,
     mode: str | None = None,
+    refused: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Document rankings for every query, searched through a running ``embedpipe serve``."""
+    """Document rankings for every query the service answers, searched through ``embedpipe serve``.
+
+    Args:
+        url: the service, e.g. http://127.0.0.1:8000.
+        queries: ``{qid: text}``.
+        n_docs: documents ranked per query.
+        api_key: sent as a bearer token.
+        max_k: the most chunks asked for at once (the service's serve.max_k, 300 by default).
+        mode: vector or hybrid; None: the service's default.
+        refused: filled with ``{qid: reason}`` for each query the service refused with a 4xx (a query
+            over its max_query_chars, say); those are left out of the rankings, not the whole run.
+
+    Raises:
+        EndpointError: the service is unreachable, refuses the key, or fails (5xx).
+    """
     import requests
 
     session = requests.Session()
     if api_key:
         session.headers["Authorization"] = f"Bearer {api_key}"
     endpoint = url.rstrip("/") + "/search"
+    refused = {} if refused is None else refused
 
     def searcher_for(text: str) -> Callable[[int], list[tuple[str, float]]]:
         def search(k: int) -> list[tuple[str, float]]:
-            response = session.post(endpoint, json={"query": text, "k": k, "mode": mode}, timeout=120)
-            if response.status_code != 200:
+            try:
+                response = session.post(endpoint, json={"query": text, "k": k, "mode": mode}, timeout=120)
+            except requests.RequestException as exc:
+                raise EndpointError(f"{endpoint} did not answer: {type(exc).__name__}") from exc
+            if response.status_code in (401, 403) or response.status_code >= 500:
                 raise EndpointError(f"{endpoint} answered {response.status_code}: {response.text[:300]}")
+            if response.status_code != 200:
+                raise _Refused(f"{response.status_code}: {_detail(response)}")
             return [(hit["doc_id"], hit["score"]) for hit in response.json()["results"]]
 
         return search
 
-    return {qid: rank_docs(searcher_for(queries[qid]), n_docs=n_docs, max_k=max_k) for qid in sorted(queries)}
+    run: dict[str, dict[str, float]] = {}
+    for qid in sorted(queries):
+        try:
+            run[qid] = rank_docs(searcher_for(queries[qid]), n_docs=n_docs, max_k=max_k)
+        except _Refused as exc:
+            refused[qid] = str(exc)
+            logger.warning("query %s refused by the service: %s", qid, exc)
+    return run
+
+
+class _Refused(Exception):
+    """A 4xx for one query: the service will not answer that query, whatever else it answers."""
+
+
+def _detail(response: Any) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return response.text[:300]
+    return (detail if isinstance(detail, str) else json.dumps(detail))[:300]
 
 
 def score(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from pipelines import store
-from pipelines.config import IndexSettings, ServeSettings
+from pipelines.config import IndexSettings, ServeSettings, api_key_from_env
 from serve.router import Router
 from serve.shard import ShardSearcher
 
@@ -25,7 +25,12 @@ class ServeConfig(BaseModel):
     db: str = Field(..., description="The db directory written by embedpipe ingest.")
     settings: ServeSettings = ServeSettings()
     index: IndexSettings = IndexSettings()
-    api_key: str | None = Field(None, description="Bearer key; default from EMBEDPIPE_API_KEY.")
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Bearer key; default from EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY (an empty one "
+        "is refused, not taken as 'no key').",
+    )
     device: str = "auto"
     dtype: str = "auto"
 
@@ -40,8 +45,6 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
     Returns:
         A bound Serve application; pass it to ``serve.run``.
     """
-    import os
-
     cfg = ServeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
 
     db = cfg.db if "://" in cfg.db else str(Path(cfg.db).expanduser().resolve())  # replicas run elsewhere
@@ -63,7 +66,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         shards,
         model=manifest.model,
         settings=settings.model_dump(),
-        api_key=cfg.api_key if cfg.api_key is not None else os.environ.get("EMBEDPIPE_API_KEY") or None,
+        api_key=cfg.api_key if cfg.api_key is not None else api_key_from_env(),
         device=cfg.device,
         dtype=cfg.dtype,
         db=db,

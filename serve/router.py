@@ -6,22 +6,25 @@ No ``from __future__ import annotations`` here: FastAPI must see the real reques
 
 import asyncio
 import importlib.util
+import json
 import logging
+import re
 import time
 from typing import Any, Literal, NamedTuple
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ServeSettings
+from pipelines.filters import FilterError, allowed_columns, compile_filter
 from pipelines.search import NoTextIndexError
 from serve import ui
 from serve.cache import QueryCache
 from serve.merge import merge_topk, rrf_fuse
-from serve.shard import FilterError, ShardError, decode
+from serve.shard import QueryTimeout, ShardError, decode
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,11 @@ class SearchRequest(BaseModel):
     query: str = Field(..., min_length=1, description="Text to search for.")
     k: int = Field(10, ge=1, le=1000, description="How many chunks to return.")
     filter: str | None = Field(
-        None, max_length=2000, description="SQL predicate over doc_id, source, title, metadata..."
+        None,
+        max_length=2000,
+        description="A predicate over doc_id, chunk_id, title, text, chunk_index (and the columns "
+        "serve.filter_columns adds): comparisons, BETWEEN, IN (values), LIKE/ILIKE, IS [NOT] NULL, "
+        "AND/OR/NOT. No function calls.",
     )
     mode: Literal["vector", "hybrid"] | None = Field(
         None, description="vector (cosine) or hybrid (vector + BM25, fused by rank); default from config."
@@ -62,13 +69,20 @@ class ShardHealth(BaseModel):
     vector_index: str = Field(..., description="exact, or the ANN index type.")
     in_memory: bool = Field(..., description="Searched from rows held in memory (small exact shards).")
     fts: list[str] = Field(..., description="Columns with a full-text index (hybrid mode needs them).")
+    refresh_failing_s: float | None = Field(
+        None, description="Seconds for which looking for new table versions has failed (old data served)."
+    )
+    refresh_error: str | None = None
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
-    model: str
-    shards: list[ShardHealth]
-    rows: int
+    status: Literal["ok", "degraded"] = Field(
+        ..., description="degraded: a shard does not answer, or serves an old version it cannot refresh."
+    )
+    model: str | None = Field(None, description="Details below come only with the API key, if one is set.")
+    shards: list[ShardHealth] | None = None
+    rows: int | None = None
+    unavailable: list[str] | None = Field(None, description="Shards that did not answer in time.")
 
 
 class _Job(NamedTuple):
@@ -108,10 +122,20 @@ async def _guard_requests(request: Request, call_next):
     return response
 
 
+# An absolute path in an error message: a Unix path of two or more parts, or a Windows drive path.
+_ABS_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s'\"/]+){2,}/?|[A-Za-z]:\\[^\s'\"]+")
+
+
+def scrub(message: str) -> str:
+    """An error message fit for a client: no absolute paths of the server's."""
+    return _ABS_PATH.sub("<path>", message)
+
+
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    detail = scrub(exc.detail) if isinstance(exc.detail, str) else exc.detail
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
 def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings):
@@ -138,6 +162,12 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
                 openvino_model=str(exported),
             )  # fmt: skip
     return Embedder(model=model, device=device, dtype=dtype, cpu_threads=settings.router_threads)
+
+
+def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
+    # The results' JSON, the query and filter in the key, and a few hundred bytes of Python objects.
+    job = key[0]
+    return len(value) + len(job.query) + len(job.filter or "") + 512
 
 
 def _user_message(exc: Exception, kind: type[Exception]) -> str:
@@ -179,9 +209,20 @@ class Router:
         self.settings = ServeSettings.model_validate(settings)
         # The guard middleware runs before FastAPI validates a body, so a request without the key is a
         # 401 whatever it holds. One replica per process: module state is this replica's.
-        guard.configure(api_key=api_key, max_body_bytes=self.settings.max_body_bytes)
+        guard.configure(
+            api_key=api_key,
+            max_body_bytes=self.settings.max_body_bytes,
+            allowed_hosts=guard.allowed_hosts(self.settings.host, self.settings.allowed_hosts),
+        )
+        self.guard = guard
         self.metrics = metrics
-        self.cache = QueryCache(self.settings.cache_size, self.settings.cache_ttl_s)
+        self.filter_columns = allowed_columns(self.settings.filter_columns)
+        self.cache = QueryCache(
+            self.settings.cache_size,
+            self.settings.cache_ttl_s,
+            max_bytes=int(self.settings.cache_mb * 2**20),
+            sizeof=_entry_bytes,
+        )
         self._versions: tuple[int, ...] | None = None
         self._versions_at = 0.0
         self._versions_task: asyncio.Task | None = None
@@ -211,11 +252,12 @@ class Router:
         wheres = [job.filter for job in jobs]
         hybrid = [i for i, job in enumerate(jobs) if job.mode == "hybrid"]
         text_row = {i: j for j, i in enumerate(hybrid)}  # a hybrid job's row in the text answers
-        calls = [shard.search_many.remote(vectors, depth, wheres) for shard in self.shards]
+        timeout = self.settings.query_timeout_s
+        calls = [shard.search_many.remote(vectors, depth, wheres, timeout) for shard in self.shards]
         if hybrid:
             texts = [jobs[i].query for i in hybrid]
             ks, filters = [depth[i] for i in hybrid], [wheres[i] for i in hybrid]
-            calls += [shard.text_search_many.remote(texts, ks, filters) for shard in self.shards]
+            calls += [shard.text_search_many.remote(texts, ks, filters, timeout) for shard in self.shards]
         answers = await asyncio.gather(*calls)
         vector_answers, text_answers = answers[: len(self.shards)], answers[len(self.shards) :]
         versions = tuple(version for _, version in vector_answers)
@@ -227,7 +269,7 @@ class Router:
                 per_shard = [decode(hits[i]) for hits, _ in vector_answers]
                 j = text_row.get(i)
                 per_shard_text = [decode(hits[j]) for hits, _ in text_answers] if j is not None else []
-            except (FilterError, NoTextIndexError, ShardError) as error:
+            except (FilterError, NoTextIndexError, ShardError, QueryTimeout) as error:
                 results.append(error)
                 continue
             if job.mode == "vector":
@@ -235,8 +277,10 @@ class Router:
             else:
                 rankings = [merge_topk(per_shard, k=depth[i]), merge_topk(per_shard_text, k=depth[i])]
                 merged = rrf_fuse(rankings, k=job.k, rrf_k=self.settings.rrf_k)
-            hits = merged.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
-            results.append(([Hit(**hit) for hit in hits], versions))
+            hits = merged.select(list(Hit.model_fields)).to_pylist()
+            # The response's results, serialized once: the cache keeps these bytes (their size is
+            # what it bounds) and a hit is sent without serializing again.
+            results.append((json.dumps(hits, ensure_ascii=False).encode(), versions))
         self.metrics.SHARD_FANOUT.observe(time.perf_counter() - started)
         return results
 
@@ -251,19 +295,26 @@ class Router:
             self._versions, self._versions_at = versions, time.monotonic()
         return self._versions
 
-    async def _search(self, body: SearchRequest, mode: str, key_versions: tuple[int, ...]):
-        """The merged hits, and whether they came from exactly ``key_versions`` (so may be cached)."""
-        answer = await self._run_batch(_Job(body.query, body.k, body.filter, mode))
+    async def _search(self, job: _Job, key_versions: tuple[int, ...]) -> tuple[bytes, bool]:
+        """The merged hits as JSON, and whether they may be cached: computed on exactly
+        ``key_versions``, and k small enough. Past ``query_timeout_s`` a QueryTimeout is raised (the
+        batch goes on for the queries that came with it)."""
+        try:
+            answer = await asyncio.wait_for(self._run_batch(job), self.settings.query_timeout_s)
+        except TimeoutError:
+            raise QueryTimeout(
+                f"no answer within query_timeout_s={self.settings.query_timeout_s:g}"
+            ) from None
         if isinstance(answer, Exception):
             raise answer
         hits, versions = answer
-        return hits, versions == key_versions
+        return hits, versions == key_versions and job.k <= self.settings.cache_max_k
 
     @app.post(
         "/search",
         response_model=SearchResponse,
         responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                   422: {"model": ErrorBody}},
+                   422: {"model": ErrorBody}, 504: {"model": ErrorBody}},
     )  # fmt: skip
     async def search(self, body: SearchRequest) -> SearchResponse:
         """Embed the query, search every shard concurrently, and return the global top-k.
@@ -278,26 +329,54 @@ class Router:
         if body.k > self.settings.max_k:
             raise HTTPException(422, f"k={body.k} is over max_k={self.settings.max_k}")
         mode = body.mode or self.settings.default_mode
-        versions = await self._table_versions()
-        key = (body.query, body.k, body.filter, mode, versions)
         try:
-            hits, outcome = await self.cache.get_or_compute(key, lambda: self._search(body, mode, versions))
+            # Checked and written anew from its parse tree: the client's text never reaches LanceDB.
+            where = compile_filter(body.filter, columns=self.filter_columns) if body.filter else None
+        except FilterError as exc:
+            raise HTTPException(400, str(exc)) from None
+        versions = await self._table_versions()
+        job = _Job(body.query, body.k, where, mode)
+        try:
+            hits, outcome = await self.cache.get_or_compute(
+                (job, versions), lambda: self._search(job, versions)
+            )
         except FilterError as exc:
             raise HTTPException(400, _user_message(exc, FilterError)) from None
         except NoTextIndexError as exc:
             raise HTTPException(400, _user_message(exc, NoTextIndexError)) from None
+        except QueryTimeout:
+            raise HTTPException(
+                504, f"the query took over query_timeout_s={self.settings.query_timeout_s:g}"
+            ) from None
         self.metrics.CACHE.labels(outcome=outcome).inc()
-        return SearchResponse(results=hits, took_ms=round((time.perf_counter() - started) * 1000, 3))
+        took_ms = round((time.perf_counter() - started) * 1000, 3)
+        return Response(b'{"results":%s,"took_ms":%s}' % (hits, repr(took_ms).encode()),
+                        media_type="application/json")  # fmt: skip
 
-    @app.get("/healthz", response_model=Health)
-    async def healthz(self) -> Health:
-        """Shards, their rows, indexes and table versions, and the model."""
-        stats = await asyncio.gather(*(shard.stats.remote() for shard in self.shards))
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True)
+    async def healthz(self, request: Request) -> Health:
+        """ok or degraded; with the API key (or when none is set) also the shards, their rows,
+        indexes and table versions, and the model.
+
+        degraded: a shard did not answer within 2 s, or its refreshes keep failing (it serves an
+        old table version).
+        """
+        calls = [asyncio.wait_for(shard.stats.remote(), 2.0) for shard in self.shards]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        stats = [a for a in answers if isinstance(a, dict)]
+        unavailable = [
+            f"shard {i}" for i, a in enumerate(answers) if not isinstance(a, dict)
+        ]  # fmt: skip
+        failing = unavailable or any(s.get("refresh_failing_s") is not None for s in stats)
+        status = "degraded" if failing else "ok"
+        if not self.guard.authorized(request):
+            return Health(status=status)
         return Health(
-            status="ok",
+            status=status,
             model=self.model,
             shards=[ShardHealth(**s) for s in stats],
             rows=sum(s["rows"] for s in stats),
+            unavailable=unavailable or None,
         )
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorBody}})
@@ -309,7 +388,9 @@ class Router:
     # The web pages (serve/ui.py): HTML shells open to all, data behind the key at /api/runs...
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def search_page(self) -> HTMLResponse:
-        return ui.search_page(auth=self.auth, default_mode=self.settings.default_mode)
+        return ui.search_page(
+            auth=self.auth, default_mode=self.settings.default_mode, max_k=self.settings.max_k
+        )
 
     @app.get("/runs", response_class=HTMLResponse, include_in_schema=False)
     async def runs_page(self) -> HTMLResponse:

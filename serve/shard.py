@@ -16,6 +16,7 @@ import pyarrow as pa
 from ray import serve
 
 from pipelines.config import IndexSettings
+from pipelines.filters import FilterError
 from pipelines.index import ShardIndexes, query_params, read_indexes
 from pipelines.search import MemoryShard, NoTextIndexError, search_shard, text_search_shard
 
@@ -26,12 +27,12 @@ logger = logging.getLogger(__name__)
 INLINE_SCORES = 262_144
 
 
-class FilterError(ValueError):
-    """A filter predicate that LanceDB cannot run (bad syntax, unknown column)."""
-
-
 class ShardError(RuntimeError):
     """A query that failed inside a shard for a reason of the shard's own (not the user's input)."""
+
+
+class QueryTimeout(TimeoutError):
+    """A query that a shard did not answer within its deadline."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class ShardSearcher:
         self.index_settings = IndexSettings.model_validate(index or {})
         self._snapshot: _Snapshot | None = None
         self._checked_at = 0.0
+        self._refresh_failed_since: float | None = None  # a refresh failing since then (monotonic)
+        self._refresh_error = ""
         self._lock = threading.Lock()  # refreshes run in threads
 
     def _fresh(self) -> bool:
@@ -99,9 +102,13 @@ class ShardSearcher:
                 return self._snapshot  # another thread refreshed meanwhile
             try:
                 self._snapshot = self._load_latest()
-            except Exception:
+                self._refresh_failed_since = None
+            except Exception as exc:
                 if self._snapshot is None:
                     raise
+                if self._refresh_failed_since is None:
+                    self._refresh_failed_since = time.monotonic()
+                self._refresh_error = type(exc).__name__
                 logger.exception("%s: refresh failed; serving version %d", self.shard, self._snapshot.version)
             self._checked_at = time.monotonic()
             return self._snapshot
@@ -122,7 +129,11 @@ class ShardSearcher:
         return _Snapshot(version, table, indexes, memory)
 
     async def search_many(
-        self, vectors: np.ndarray, ks: list[int], wheres: list[str | None]
+        self,
+        vectors: np.ndarray,
+        ks: list[int],
+        wheres: list[str | None],
+        timeout_s: float | None = None,
     ) -> tuple[list[bytes | Exception], int]:
         """Each query's top-k rows (or the error it raised), and the table version searched.
 
@@ -133,7 +144,9 @@ class ShardSearcher:
         Args:
             vectors: unit query vectors, one row per query.
             ks: rows to return per query.
-            wheres: an optional SQL predicate per query, applied before the search.
+            wheres: an optional predicate per query (``pipelines.filters.compile_filter``'s output),
+                applied before the search.
+            timeout_s: a LanceDB query not done by then answers QueryTimeout (its thread runs on).
         """
         snap = await self._current_async()
         plain = [i for i, where in enumerate(wheres) if not where] if snap.memory else []
@@ -147,20 +160,27 @@ class ShardSearcher:
                 answers[i] = hits
         pending = [i for i, answer in enumerate(answers) if answer is None]
         found = await asyncio.gather(
-            *(asyncio.to_thread(self._lancedb_rows, snap, vectors[i], ks[i], wheres[i]) for i in pending)
+            *(
+                _within(timeout_s, self.shard, self._lancedb_rows, snap, vectors[i], ks[i], wheres[i])
+                for i in pending
+            )
         )
         for i, hits in zip(pending, found, strict=True):
             answers[i] = hits
         return answers, snap.version
 
     async def text_search_many(
-        self, texts: list[str], ks: list[int], wheres: list[str | None]
+        self,
+        texts: list[str],
+        ks: list[int],
+        wheres: list[str | None],
+        timeout_s: float | None = None,
     ) -> tuple[list[bytes | Exception], int]:
         """Each query's BM25 top-k rows (or its error) as in ``search_many``, and the version searched."""
         snap = await self._current_async()
         found = await asyncio.gather(
             *(
-                asyncio.to_thread(self._text_rows, snap, t, k, w)
+                _within(timeout_s, self.shard, self._text_rows, snap, t, k, w)
                 for t, k, w in zip(texts, ks, wheres, strict=True)
             )
         )
@@ -187,7 +207,10 @@ class ShardSearcher:
         return (await self._current_async()).version
 
     def stats(self) -> dict[str, Any]:
+        """Rows, version and indexes served, and whether refreshes are failing (the shard then serves
+        an old version: /healthz says degraded)."""
         snap = self._current()
+        failing = self._refresh_failed_since is not None
         return {
             "shard": self.shard,
             "rows": snap.table.count_rows(),
@@ -195,6 +218,8 @@ class ShardSearcher:
             "vector_index": snap.indexes.vector_kind,
             "in_memory": snap.memory is not None,
             "fts": list(snap.indexes.fts_columns),
+            "refresh_failing_s": round(time.monotonic() - self._refresh_failed_since, 1) if failing else None,
+            "refresh_error": self._refresh_error if failing else None,
         }
 
     def _memory_rows(
@@ -227,10 +252,11 @@ class ShardSearcher:
     ) -> pa.Table | Exception:
         """``run()``, or the error it raised, as a value: one query's failure is not its batch's.
 
-        A bad filter is the user's (FilterError, a 400), and so is hybrid search without full-text
-        indexes. Some bad predicates only fail while the query executes, as a RuntimeError that could
-        as well be a fault of the shard; the filter is then run alone, and blamed only if it fails
-        alone too. Anything else is the shard's (ShardError, a 500), logged here.
+        Hybrid search without full-text indexes is the user's (a 400). So is a predicate LanceDB
+        rejects as invalid input (a ValueError; the router's filter check lets few through), told in
+        words of our own: LanceDB's message names columns and types of the schema. The filter is never
+        run a second time to tell who is to blame. Anything else is the shard's (ShardError, a 500),
+        logged here with its details; the client sees none of them.
         """
         try:
             return run()
@@ -238,12 +264,8 @@ class ShardSearcher:
             return exc
         except Exception as exc:  # noqa: BLE001 - returned to the router, which answers for it
             if where and isinstance(exc, ValueError):  # LanceDB: "Invalid input, ..." for a bad predicate
-                return _filter_error(exc)
-            if where:
-                try:
-                    snap.table.count_rows(where)
-                except Exception as probe:  # noqa: BLE001 - the filter fails alone: it is the filter's
-                    return _filter_error(probe)
+                logger.info("%s: filter %r rejected by LanceDB: %s", self.shard, where, exc)
+                return FilterError("invalid filter: it cannot be applied to these columns' values")
             logger.exception("%s: query failed", self.shard)
             return ShardError(f"{self.shard}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
 
@@ -264,6 +286,11 @@ def decode(answer: bytes | Exception) -> pa.Table:
     return pa.ipc.open_stream(answer).read_all()
 
 
-def _filter_error(exc: Exception) -> FilterError:
-    text = str(exc).removeprefix("Invalid input, ").removeprefix("lance error: ")
-    return FilterError(f"invalid filter: {text.splitlines()[0][:500]}")
+async def _within(timeout_s: float | None, shard: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a thread, or QueryTimeout as the answer once ``timeout_s`` has passed (a
+    LanceDB query cannot be stopped; its thread finishes on its own and its answer is dropped)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout_s)
+    except TimeoutError:
+        logger.warning("%s: a query ran past its deadline of %.3g s", shard, timeout_s)
+        return QueryTimeout(f"{shard}: no answer within {timeout_s:g} s")

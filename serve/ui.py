@@ -55,14 +55,15 @@ def _page(
     return HTMLResponse(document, status_code=status, headers=headers)
 
 
-def search_page(*, auth: bool, default_mode: str = "vector") -> HTMLResponse:
+def search_page(*, auth: bool, default_mode: str = "vector", max_k: int = 300) -> HTMLResponse:
     """The search page: query, k, mode and filter; results with highlighted snippets.
 
     Args:
         auth: whether the service wants an API key (the page then asks for one).
         default_mode: the mode selected at first (the service's default).
+        max_k: the largest k the service answers.
     """
-    form = _asset("search.html")
+    form = _asset("search.html").replace("{max_k}", str(int(max_k)))
     for mode in ("vector", "hybrid"):
         form = form.replace("{" + mode + "}", " selected" if mode == default_mode else "")
     return _page(title="embedpipe search", body=form, script="search.js", auth=auth)

@@ -102,3 +102,20 @@ def test_lru_bound_and_off_switch():
 
     asyncio.run(run())
     assert len(cache) == 2 and len(off) == 0
+
+
+def test_bytes_bound_keeps_memory_flat_and_skips_entries_too_large():
+    # Values of 1,000 bytes in a cache of 4,500 bytes: at most 4 stay, however many entries are allowed.
+    cache = QueryCache(maxsize=1000, ttl_s=60, max_bytes=4500, sizeof=lambda key, value: len(value))
+
+    async def run():
+        for i in range(50):
+            await cache.get_or_compute(f"k{i}", _counting(value=b"x" * 1000)[0])
+        assert len(cache) == 4 and cache.nbytes == 4000
+        assert (await cache.get_or_compute("k49", _counting(value=b"x" * 1000)[0]))[1] == "hit"
+        huge, calls = _counting(value=b"y" * 5000)
+        assert (await cache.get_or_compute("huge", huge))[1] == "miss"
+        assert (await cache.get_or_compute("huge", huge))[1] == "miss"  # too large to keep
+        assert len(calls) == 2 and cache.nbytes <= 4500
+
+    asyncio.run(run())

@@ -57,3 +57,16 @@ def test_head_cpu_and_gpu_groups_and_embedpipe_setup(config):
     assert "pip install" in setup and mount in setup  # this checkout, installed on every node
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
+
+
+def test_token_auth_on_every_node_and_a_loopback_dashboard(config):
+    """Whoever reaches the dashboard can submit jobs: it listens on loopback only (reached through
+    `ray dashboard cluster.yaml`), and every node runs Ray with token authentication."""
+    head = " ".join(config["head_start_ray_commands"])
+    workers = " ".join(config["worker_start_ray_commands"])
+    for commands in (head, workers):
+        starts = [c for c in commands.split(";") if "ray start" in c]
+        assert starts and "RAY_AUTH_MODE=token" in commands.split("ray start")[0]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    token = [remote for remote in config["file_mounts"] if remote.endswith("/.ray/auth_token")]
+    assert token and config["file_mounts"][token[0]] == "~/.ray/auth_token"  # one token, every node

@@ -1,6 +1,8 @@
 """Small shards searched from memory give LanceDB's exact answers; the Serve shard class follows new
 table versions, sends filtered queries to LanceDB, and tells a bad filter from a fault of its own."""
 
+import time
+
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -108,7 +110,8 @@ def test_a_shard_answers_from_one_version_until_it_refreshes(tmp_path):
         table.add(table.to_arrow().slice(0, 3).set_column(0, "chunk_id", new))
         during, same = shard.search(query, 1000)
         assert same == version and during.num_rows == before.num_rows  # the commit is not seen yet
-        shard._checked_at = 0.0  # the refresh interval has passed
+        shard._checked_at = time.monotonic() - 3601  # the refresh interval has passed (0.0 is not
+        # long enough ago on a machine up for less than an hour)
         after, newer = shard.search(query, 1000)
         assert newer > version and after.num_rows == before.num_rows + 3
 
@@ -133,3 +136,39 @@ def test_a_failing_query_fails_alone(tmp_path, monkeypatch):
     with pytest.raises(serve.shard.ShardError, match="disk on fire"):
         decode(answers[0])
     assert decode(answers[1]).num_rows == 3
+
+
+def test_a_slow_query_times_out_alone_and_a_failing_refresh_shows(tmp_path, monkeypatch):
+    import asyncio
+
+    import serve.shard
+
+    db, rng, _ = _db(tmp_path, rows_per_shard=100, shards=1)
+    real = serve.shard.search_shard
+
+    def slow(table, vector, *, k, **kw):
+        if k == 7:
+            time.sleep(1.5)
+        return real(table, vector, k=k, **kw)
+
+    monkeypatch.setattr(serve.shard, "search_shard", slow)
+    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0, refresh_s=0)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+
+    async def timed():
+        started = time.monotonic()
+        vectors = _queries(rng, table, 2)
+        found = await shard.search_many(vectors, [7, 3], [None, "chunk_index >= 0"], timeout_s=0.3)
+        return found, time.monotonic() - started
+
+    (answers, _), took = asyncio.run(timed())  # (asyncio.run then waits for the slow thread to end)
+    assert took < 1.2  # answered at the deadline, not after the slow query
+    with pytest.raises(serve.shard.QueryTimeout):
+        decode(answers[0])
+    assert decode(answers[1]).num_rows == 3
+
+    assert shard.stats()["refresh_failing_s"] is None
+    monkeypatch.setattr(shard, "_load_latest", lambda: (_ for _ in ()).throw(OSError("disk gone")))
+    stats = shard.stats()  # the last good version still serves, and says its refreshes fail
+    assert stats["refresh_failing_s"] is not None and stats["refresh_error"] == "OSError"
+    assert stats["rows"] == 100

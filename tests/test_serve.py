@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import pytest
 import requests
@@ -136,8 +137,9 @@ def test_api_key(served):
 
 def test_healthz_and_openapi(served):
     url, db, *_ = served
-    health = requests.get(f"{url}/healthz", timeout=30).json()
-    assert health["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}  # details need the key
+    health = requests.get(f"{url}/healthz", headers=AUTH, timeout=30).json()
+    assert health["status"] == "ok" and health["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert [s["shard"] for s in health["shards"]] == [f"shard_{i:03d}" for i in range(4)]
     from pipelines import store
 
@@ -170,8 +172,10 @@ def test_eval_through_the_endpoint_equals_local(served):
     remote_scores = json.loads(remote.stdout.strip().splitlines()[-1])
     assert remote_scores == json.loads(local.stdout.strip().splitlines()[-1])
     assert remote_scores["queries"] == 15 and remote_scores["ndcg@10"] > 0.9
-    unauthorized = runner.invoke(app, ["eval", str(root), "--endpoint", url], env={"EMBEDPIPE_API_KEY": ""})
+    unauthorized = runner.invoke(app, ["eval", str(root), "--endpoint", url], env={"EMBEDPIPE_API_KEY": "no"})
     assert unauthorized.exit_code == 1 and "401" in unauthorized.output
+    empty = runner.invoke(app, ["eval", str(root), "--endpoint", url], env={"EMBEDPIPE_API_KEY": ""})
+    assert empty.exit_code == 1 and "set but empty" in empty.output
 
 
 def test_hybrid_matches_local_hybrid(served):
@@ -243,3 +247,216 @@ def test_build_app_takes_serve_run_arguments(tmp_path):
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="db"):
         build_app({"settings": {}})
+
+
+# Hostile input: each attack gets its 4xx, nothing of the schema, the server's paths or other columns
+# leaks, and the service keeps answering.
+
+LEAKS = ("vector", "metadata", "source", "/tmp", "/home", "/root", "Traceback", "lance", "DataFusion")
+
+
+def _no_leak(response, db=None, sent=""):
+    """Nothing in the body but what the client sent itself: no schema, paths or internals."""
+    body = response.text
+    for word in LEAKS:
+        assert word in sent or word not in body, (word, body)
+    if db is not None:
+        assert str(db) not in body
+
+
+@pytest.mark.parametrize(
+    ("flt", "needle"),
+    [
+        ("source LIKE '/home/alice%'", "'source' is not a filterable column"),
+        ("metadata LIKE '%secret%'", "'metadata' is not a filterable column"),
+        ("vector[1] > 0.5", "subscript"),
+        ("nosuchcolumn = 1", "'nosuchcolumn' is not a filterable column"),
+        (r"regexp_like(repeat(text,200),'(\w+\s+){1,30}zz')", "REGEXP_LIKE() is not allowed"),
+        ("length(repeat(text,1000)) > 0", "LENGTH() is not allowed"),
+        ("doc_id = 'a'; DROP TABLE shard_000", "one predicate"),
+        ("doc_id IN (SELECT doc_id FROM shard_000)", "subquery"),
+        ("chunk_index = 'x'", "holds numbers"),
+        ("(" * 600 + "doc_id = 'a'" + ")" * 600, "invalid filter"),
+    ],
+)
+def test_filter_attacks_are_400s_that_leak_nothing(served, flt, needle):
+    url, db, *_ = served
+    response = _search(url, query="cancer", k=3, filter=flt[:2000])
+    assert response.status_code == (400 if len(flt) <= 2000 else 422), response.text
+    if len(flt) <= 2000:
+        assert needle in response.json()["detail"]
+    _no_leak(response, db, sent=flt)
+
+
+def test_allowed_filters_still_filter(served):
+    url, _, docs, *_ = served
+    ids = [docs[1]["_id"], docs[2]["_id"]]
+    response = _search(
+        url, query="cancer", k=20, filter=f"doc_id IN ('{ids[0]}', '{ids[1]}') AND chunk_index >= 0"
+    )
+    assert response.status_code == 200, response.text
+    assert {h["doc_id"] for h in response.json()["results"]} == set(ids)
+    quote = _search(url, query="x", k=3, filter="title = 'it''s' OR title LIKE '%''%'")
+    assert quote.status_code == 200, quote.text
+
+
+def test_open_paths_take_no_body_and_bodies_are_cut_at_the_limit(served):
+    url, *_ = served
+
+    def chunks(n):
+        for _ in range(n):
+            yield b"x" * 65536
+
+    for path in ("/healthz", "/", "/runs", "/runs/abc"):
+        response = requests.post(f"{url}{path}", data=b"{}", timeout=30)
+        assert response.status_code == 405, (path, response.text)
+    try:  # 64 MiB, chunked (no Content-Length): refused without being read
+        response = requests.post(f"{url}/healthz", data=chunks(1024), timeout=60)
+        assert response.status_code == 405
+    except requests.ConnectionError:
+        pass  # the service answered and closed while the client was still sending: also a refusal
+    streamed = requests.post(
+        f"{url}/search", data=chunks(2), headers={**AUTH, "Content-Type": "application/json"}, timeout=60
+    )
+    assert streamed.status_code == 413 and "max_body_bytes=4096" in streamed.text
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # still answering
+
+
+def test_host_header_is_checked_against_dns_rebinding(served):
+    url, *_ = served
+    port = url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+        response = requests.post(
+            f"{url}/search", json={"query": "x"}, headers={**AUTH, "Host": host}, timeout=30
+        )
+        assert response.status_code == 400 and "Host" in response.json()["detail"], host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        response = requests.post(
+            f"{url}/search", json={"query": "x", "k": 1}, headers={**AUTH, "Host": host}, timeout=30
+        )
+        assert response.status_code == 200, host
+
+
+def test_large_k_is_refused_or_not_cached(served):
+    url, *_ = served
+    assert _search(url, query="x", k=301).status_code == 422  # over the default max_k
+    before = requests.get(f"{url}/metrics", headers=AUTH, timeout=30).text
+    for _ in range(2):
+        assert _search(url, query="cholesterol lowering drugs", k=150).status_code == 200
+    after = requests.get(f"{url}/metrics", headers=AUTH, timeout=30).text
+    hit = lambda text: _metric(text, "embedpipe_cache_lookups_total", outcome="hit")  # noqa: E731
+    assert hit(after) == hit(before)  # k=150 is over cache_max_k=100: computed twice, never kept
+
+
+def test_error_bodies_carry_no_paths(served):
+    url, db, *_ = served
+    missing = requests.get(f"{url}/api/runs/20990101-000000-abcdef", headers=AUTH, timeout=30)
+    assert missing.status_code == 404
+    _no_leak(missing, db)
+
+
+def test_empty_or_missing_keys_refuse_to_start(tmp_path):
+    from pydantic import ValidationError
+
+    from pipelines.config import ConfigError, api_key_from_env
+    from serve.app import ServeConfig
+
+    with pytest.raises(ConfigError, match="set but empty"):
+        api_key_from_env({"EMBEDPIPE_API_KEY": " "})
+    with pytest.raises(ValidationError):
+        ServeConfig(db="x", api_key="")
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert api_key_from_env({"EMBEDPIPE_API_KEY_FILE": str(key_file)}) == "s3cret"
+    assert api_key_from_env({}) is None
+    (tmp_path / "empty").write_text("\n")
+    for env, needle in [
+        ({"EMBEDPIPE_API_KEY_FILE": str(tmp_path / "empty")}, "is empty"),
+        ({"EMBEDPIPE_API_KEY_FILE": str(tmp_path / "nope")}, "Cannot read"),
+        ({"EMBEDPIPE_API_KEY_FILE": str(key_file), "EMBEDPIPE_API_KEY": "k"}, "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            api_key_from_env(env)
+
+
+def test_serve_command_refuses_an_empty_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--db", str(tmp_path)], env={"EMBEDPIPE_API_KEY": ""})
+    assert result.exit_code != 0 and "set but empty" in result.output
+
+
+def test_eval_scores_the_queries_the_service_answers(served):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    url, db, docs, _, root = served
+    beir = root / "refused-beir"
+    (beir / "qrels").mkdir(parents=True, exist_ok=True)
+    (beir / "corpus.jsonl").write_text("")
+    queries = [{"_id": f"q{i}", "text": d["title"]} for i, d in enumerate(docs[:5])]
+    queries.append({"_id": "long", "text": "word " * 100})  # 500 characters: over max_query_chars=300
+    (beir / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n"
+        + "".join(f"q{i}\t{d['_id']}\t1\n" for i, d in enumerate(docs[:5]))
+        + f"long\t{docs[0]['_id']}\t1\n"
+    )
+    result = CliRunner().invoke(
+        app, ["eval", str(beir), "--endpoint", url, "--json"], env={"EMBEDPIPE_API_KEY": KEY}
+    )
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["queries"] == 5 and scores["refused"] == 1 and "long" in scores["refused_queries"]
+    assert "max_query_chars=300" in scores["refused_queries"]["long"]
+    assert "1 of 6 queries refused" in result.output
+
+
+def test_a_query_past_its_deadline_is_a_504(served):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    url, db, *_ = served
+    settings = ServeSettings(shard_cpus=0, router_cpus=0, query_timeout_s=0.0005, cache_size=0)
+    serve.run(
+        build_app(ServeConfig(db=str(db), settings=settings, api_key=KEY, device="cpu", dtype="fp32")),
+        name="deadline",
+        route_prefix="/deadline",
+    )
+    try:
+        response = requests.post(f"{url}/deadline/search", json={"query": "x"}, headers=AUTH, timeout=60)
+        assert response.status_code == 504 and "query_timeout_s" in response.json()["detail"]
+        assert _search(url, query="x", k=1).status_code == 200  # the main app is untouched
+    finally:
+        serve.delete("deadline")
+
+
+def test_healthz_says_degraded_while_a_shard_cannot_refresh(served):
+    url, db, *_ = served
+    shard_dir = db / "shard_001.lance"
+    moved = db / "moved-away"
+    shard_dir.rename(moved)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = requests.get(f"{url}/healthz", timeout=30).json()
+            if health["status"] == "degraded":
+                break
+            time.sleep(0.5)
+        assert health == {"status": "degraded"}  # no details without the key
+        detailed = requests.get(f"{url}/healthz", headers=AUTH, timeout=30).json()
+        failing = [s for s in detailed["shards"] if s.get("refresh_failing_s") is not None]
+        assert [s["shard"] for s in failing] == ["shard_001"]
+        body = requests.get(f"{url}/healthz", headers=AUTH, timeout=30).text
+        assert str(db).lstrip("/") not in body and "lance error" not in body  # the cause is logged only
+        assert _search(url, query="cancer", k=3).status_code == 200  # the last good version serves
+    finally:
+        moved.rename(shard_dir)
+    deadline = time.monotonic() + 30
+    while requests.get(f"{url}/healthz", timeout=30).json()["status"] != "ok":
+        assert time.monotonic() < deadline, "healthz did not recover"
+        time.sleep(0.5)

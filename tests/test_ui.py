@@ -198,6 +198,25 @@ def test_bad_filter_shows_its_error(browser, site):
     assert not browser.find_elements(*_by("li.hit"))
 
 
+def test_a_shared_link_with_a_filter_waits_for_a_click(browser, site):
+    from urllib.parse import urlencode
+
+    from selenium.webdriver.common.by import By
+
+    url = site["url"]
+    plain = urlencode({"q": "statins", "k": 3})
+    browser.get(f"{url}/?{plain}")
+    _wait(browser, lambda d: d.find_elements(*_by("li.hit")))  # no filter: it runs on load
+    filtered = urlencode({"q": "statins", "k": 3, "filter": "doc_id = 'xss-doc'"})
+    browser.get(f"{url}/?{filtered}")
+    _wait(browser, lambda d: "press Search" in _visible_text(d, "#status"))
+    assert browser.find_element(*_by("#filter")).get_attribute("value") == "doc_id = 'xss-doc'"
+    assert not browser.find_elements(*_by("li.hit"))  # nothing was searched with the tab's key
+    browser.find_element(By.CSS_SELECTOR, "#search-form button[type=submit], #search-form button").click()
+    _wait(browser, lambda d: d.find_elements(*_by("li.hit")))
+    assert {e.text for e in browser.find_elements(*_by("li.hit .hit-title"))} == {site["docs"][30]["title"]}
+
+
 def test_runs_page_lists_the_run_and_its_charts_render(browser, site):
     run_id = site["run"]["run_id"]
     browser.get(f"{site['url']}/runs")

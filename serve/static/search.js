@@ -129,13 +129,18 @@
     if (fields.query.value.trim()) search();
   });
 
-  // A shared link (?q=...&k=...&mode=...&filter=...) runs its search on load.
+  // A shared link (?q=...&k=...&mode=...&filter=...) fills the form. It runs on load only without a
+  // filter: a link is anyone's to write, and a filter runs with this tab's key, so it waits for a click.
   const shared = new URLSearchParams(location.search);
   if (shared.get("q")) {
     fields.query.value = shared.get("q");
     if (shared.get("k")) fields.k.value = shared.get("k");
     if (["vector", "hybrid"].includes(shared.get("mode"))) fields.mode.value = shared.get("mode");
-    if (shared.get("filter")) fields.filter.value = shared.get("filter");
-    search();
+    if (shared.get("filter")) {
+      fields.filter.value = shared.get("filter");
+      status.textContent = "This link sets a filter: check it, then press Search.";
+    } else {
+      search();
+    }
   }
 })();
