@@ -4,7 +4,7 @@ the cache hit rate from the service's own /metrics.
 python benchmarks/load.py ../shared/datasets/scifact --url http://127.0.0.1:8000 --seconds 30
 
 Needs ``wrk`` (Debian: apt-get install wrk). Requests cycle through the collection's queries; set
-EMBEDPIPE_API_KEY if the service wants one.
+EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY if the service wants one.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
 
+    from pipelines.config import api_key_from_env
     from pipelines.evaluate import load_beir
 
-    key = os.environ.get("EMBEDPIPE_API_KEY", "")
+    key = api_key_from_env()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     queries, _ = load_beir(args.beir_dir)
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:

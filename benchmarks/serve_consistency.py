@@ -40,11 +40,10 @@ def main() -> None:
     rows = pa.concat_tables([t.to_arrow().select(["chunk_id", "vector"]) for t in searcher.shards.values()])
     ids = np.array(rows["chunk_id"].to_pylist())
     matrix = rows["vector"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
-    headers = (
-        {"Authorization": f"Bearer {os.environ['EMBEDPIPE_API_KEY']}"}
-        if os.environ.get("EMBEDPIPE_API_KEY")
-        else {}
-    )
+    from pipelines.config import api_key_from_env
+
+    key = api_key_from_env()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     same_cli = same_brute = 0
     max_diff = 0.0
     for text, vector in zip(texts, searcher.embed(texts), strict=True):

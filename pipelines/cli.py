@@ -113,7 +113,12 @@ def query(
     db: DbOpt,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results to return.")] = 10,
     where: Annotated[
-        str | None, typer.Option("--filter", help="SQL predicate, e.g. \"doc_id = 'x'\".")
+        str | None,
+        typer.Option(
+            "--filter",
+            help="A predicate over the shard columns (the same checked grammar as /search), "
+            "e.g. \"doc_id = 'x'\".",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     mode: ModeOpt = None,
@@ -126,10 +131,13 @@ def query(
 
     The score is the cosine similarity in vector mode and the fused rank score in hybrid mode.
     """
+    from pipelines.filters import TABLE_COLUMNS, compile_filter
     from pipelines.search import Searcher
 
     try:
         cfg = load_config(config, **{"serve.default_mode": mode})
+        # The db's owner may filter on every column, in the grammar /search checks.
+        where = compile_filter(where, columns=TABLE_COLUMNS) if where else None
         searcher = Searcher(db, index=cfg.index)
         if exact:
             if cfg.serve.default_mode != "vector":
