@@ -4,11 +4,14 @@ python benchmarks/faults.py ../shared/datasets/scifact --url http://127.0.0.1:80
     [--concurrency 16] [--seconds 60]
 
 Run it on the machine of a running ``embedpipe serve --db DB`` (it finds the replicas' processes with
-psutil and SIGKILLs them; Serve starts new ones). Clients (threads) send the collection's queries in turn
-for --seconds. A shard replica is killed at 20% of the run and the router at 45%; at 70% an ingest replaces
---edit documents (their text gains a marker) and adds as many new ones, into DB through the library.
-Printed: errors per phase, the time from each kill until answers were whole again (the last failed
-request), and for the ingest phase whether any answer mixed an old and a new version of one document.
+psutil and SIGKILLs them; Serve starts new ones), best with the cache off (serve.cache_size: 0) so that
+every answer is computed. Clients (threads) send the collection's queries and its documents' titles in
+turn for --seconds. A shard replica is killed at 20% of the run and the router at 45%; at 70% an ingest
+replaces --edit documents (a marker in their title, so every chunk of the new version carries it) and adds
+as many new ones, into DB through the library.
+Printed per phase (requests by the time their answer came): requests, errors (a non-200, or fewer than k hits: an answer missing a shard), the
+slowest answer, and the time from each kill until answers were whole again; for the ingest, whether any
+answer mixed the old and the new version of one document.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     queries, _ = load_beir(args.beir_dir)
     texts = [queries[q] for q in sorted(queries)]
+    with (args.beir_dir / "corpus.jsonl").open() as f:
+        texts += [t for t in (json.loads(line).get("title") for line in f) if t]
     url = args.url.rstrip("/") + "/search"
-    log: list[tuple[float, int, int, list[dict]]] = []  # (time, status, hits, hits of edited docs)
+    log: list[tuple[float, float, int, int, list[dict]]] = []  # (sent, done, status, hits, edited hits)
     lock, stop = threading.Lock(), threading.Event()
     edited: set[str] = set()
 
@@ -73,6 +78,7 @@ def main() -> None:
         while not stop.is_set():
             text = texts[n % len(texts)]
             n += args.concurrency
+            sent = time.monotonic()
             try:
                 r = session.post(url, json={"query": text, "k": args.k}, headers=headers, timeout=30)
                 status = r.status_code
@@ -81,7 +87,7 @@ def main() -> None:
                 status, hits = 0, []
             mine = [h for h in hits if h["doc_id"] in edited]
             with lock:
-                log.append((time.monotonic(), status, len(hits), mine))
+                log.append((sent, time.monotonic(), status, len(hits), mine))
 
     start = time.monotonic()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.concurrency)]
@@ -102,7 +108,7 @@ def main() -> None:
         for _, line in zip(range(args.edit), f, strict=False):
             doc = json.loads(line)
             edited.add(doc["_id"])
-            docs.append({**doc, "text": doc["text"] + f" {MARK}"})
+            docs.append({**doc, "title": f"{MARK} {doc.get('title', '')}"})
             docs.append({"_id": f"new-{doc['_id']}", "title": doc.get("title", ""), "text": doc["text"]})
     corpus = args.db.parent / f"faults-edit-{int(time.time())}.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -115,32 +121,40 @@ def main() -> None:
     for t in threads:
         t.join()
 
-    def phase(lo: float, hi: float) -> list[tuple[float, int, int, list[dict]]]:
-        return [e for e in log if lo <= e[0] < hi]
+    def phase(lo: float, hi: float) -> list[tuple[float, float, int, int, list[dict]]]:
+        return [e for e in log if lo <= e[1] < hi]  # by the time its answer came (or failed)
+
+    def bad(entry) -> bool:
+        return entry[2] != 200 or entry[3] < args.k
 
     def summary(name: str, entries, since: float | None = None) -> None:
-        errors = [e for e in entries if e[1] != 200]
+        errors = [e for e in entries if bad(e)]
+        slowest = max((e[1] - e[0] for e in entries), default=0.0)
         line = f"{name}: {len(entries)} requests, {len(errors)} errors"
         if errors:
-            line += f" (statuses {sorted({e[1] for e in errors})})"
+            short = sum(e[2] == 200 for e in errors)
+            line += f" (statuses {sorted({e[2] for e in errors})}, {short} of them 200s with < k hits)"
+        line += f", slowest answer {slowest:.2f} s"
         if since is not None:
+            # Whole again: the first good answer to a request sent after the last bad one.
             last_bad = max((e[0] for e in errors), default=since)
-            line += f", answers whole again {last_bad - since:.1f} s after the kill"
+            good = [e[1] for e in entries if e[0] >= last_bad and not bad(e)]
+            if good:
+                line += f", answers whole again {min(good) - since:.1f} s after the kill"
         print(line)
 
     phases = [start + f * args.seconds for f in (0, 0.2, 0.45, 0.7)]
     summary("before any fault", phase(phases[0], phases[1]))
     summary("shard replica killed", phase(phases[1], phases[2]), since=shard_kill)
     summary("router killed", phase(phases[2], phases[3]), since=router_kill)
-    during = phase(ingest_started, ingest_done + 2.0)
-    summary("during the ingest (and 2 s after)", during)
+    summary("during the ingest (and 2 s after)", phase(ingest_started, ingest_done + 2.0))
     mixed = 0
-    for _, _, _, mine in phase(ingest_started, float("inf")):
+    for *_, mine in phase(ingest_started, float("inf")):
         by_doc: dict[str, set[bool]] = {}
         for hit in mine:
-            by_doc.setdefault(hit["doc_id"], set()).add(MARK in hit["text"])
+            by_doc.setdefault(hit["doc_id"], set()).add(hit["title"].startswith(MARK))
         mixed += any(len(v) > 1 for v in by_doc.values())
-    print(f"answers mixing an old and a new version of one document: {mixed}")
+    print(f"answers mixing the old and the new version of one document: {mixed}")
     print(f"all: {len(log)} requests in {args.seconds:.0f} s at c={args.concurrency}")
 
 

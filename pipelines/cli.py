@@ -290,6 +290,8 @@ def serve_command(
         application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index, api_key=key))
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        _check_port_free(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail on it without a word
     # Serve reads these when Ray starts, so they shape an embedded Ray only; set them on a cluster's nodes.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     if cfg.serve.ingress == "haproxy":
@@ -311,6 +313,20 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _fail(
+                f"cannot serve on {host}:{port}: {exc.strerror} (another service there? use --port)"
+            ) from None
 
 
 @app.command("sample-corpus")

@@ -206,6 +206,12 @@ class ServeSettings(_Strict):
         description="Columns a filter may use besides doc_id, chunk_id, title, text and chunk_index: "
         "source and/or metadata (never returned by /search, so off by default).",
     )
+    health_check_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often Serve checks each replica; a crashed one is replaced within about this "
+        "long (Serve's default of 10 s left a killed shard's queries failing for 12 s).",
+    )
     query_timeout_s: float = Field(
         10.0, gt=0, description="A query not answered in this time is a 504 (its batch's others are not)."
     )

@@ -55,6 +55,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
             name=f"ShardSearcher-{store.shard_name(i)}",
             num_replicas=settings.shard_replicas,
             ray_actor_options={"num_cpus": settings.shard_cpus, "resources": settings.shard_resources},
+            health_check_period_s=settings.health_check_period_s,
         ).bind(db, store.shard_name(i), settings.refresh_s, cfg.index.model_dump(), settings.memory_rows)
         for i in range(manifest.shards)
     ]
@@ -62,6 +63,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         num_replicas=settings.router_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.router_cpus},
+        health_check_period_s=settings.health_check_period_s,
     ).bind(
         shards,
         model=manifest.model,

@@ -16,6 +16,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ServeSettings
@@ -29,6 +30,7 @@ from serve.shard import QueryTimeout, ShardError, decode
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+_RETRY_WAIT_S = 0.25  # between tries of a shard call whose replica died
 
 
 class SearchRequest(BaseModel):
@@ -164,6 +166,15 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
     return Embedder(model=model, device=device, dtype=dtype, cpu_threads=settings.router_threads)
 
 
+def _document_limits(settings: ServeSettings) -> None:
+    """Write this replica's configured limits into its OpenAPI document, so that what it says a
+    request may hold is what it accepts (k up to max_k, queries up to max_query_chars)."""
+    schema = app.openapi()
+    fields = schema["components"]["schemas"]["SearchRequest"]["properties"]
+    fields["k"]["maximum"] = settings.max_k
+    fields["query"]["maxLength"] = settings.max_query_chars
+
+
 def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
     # The results' JSON, the query and filter in the key, and a few hundred bytes of Python objects.
     job = key[0]
@@ -228,8 +239,10 @@ class Router:
         self._versions_task: asyncio.Task | None = None
         self._embed_lock = asyncio.Lock()
         self.embedder = _query_embedder(model, device, dtype, self.settings)
+        self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
         self._run_batch.set_max_batch_size(self.settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        _document_limits(self.settings)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _run_batch(self, jobs: list[_Job]) -> list[_Answer | Exception]:
@@ -253,11 +266,18 @@ class Router:
         hybrid = [i for i, job in enumerate(jobs) if job.mode == "hybrid"]
         text_row = {i: j for j, i in enumerate(hybrid)}  # a hybrid job's row in the text answers
         timeout = self.settings.query_timeout_s
-        calls = [shard.search_many.remote(vectors, depth, wheres, timeout) for shard in self.shards]
+        deadline = time.monotonic() + timeout
+        calls = [
+            self._call_shard(deadline, shard.search_many, vectors, depth, wheres, timeout)
+            for shard in self.shards
+        ]
         if hybrid:
             texts = [jobs[i].query for i in hybrid]
             ks, filters = [depth[i] for i in hybrid], [wheres[i] for i in hybrid]
-            calls += [shard.text_search_many.remote(texts, ks, filters, timeout) for shard in self.shards]
+            calls += [
+                self._call_shard(deadline, shard.text_search_many, texts, ks, filters, timeout)
+                for shard in self.shards
+            ]
         answers = await asyncio.gather(*calls)
         vector_answers, text_answers = answers[: len(self.shards)], answers[len(self.shards) :]
         versions = tuple(version for _, version in vector_answers)
@@ -284,12 +304,26 @@ class Router:
         self.metrics.SHARD_FANOUT.observe(time.perf_counter() - started)
         return results
 
+    async def _call_shard(self, deadline: float, method: Any, *args: Any) -> Any:
+        """``method.remote(*args)``, tried again while its replica is dead or unreachable and the
+        deadline allows: Serve starts a new replica within ``health_check_period_s``, so a killed
+        shard costs its queries time, not an error."""
+        while True:
+            try:
+                return await method.remote(*args)
+            except RayActorError:
+                if time.monotonic() + _RETRY_WAIT_S >= deadline:
+                    raise
+                logger.warning("a shard replica is unavailable; trying again")
+                await asyncio.sleep(_RETRY_WAIT_S)
+
     async def _table_versions(self) -> tuple[int, ...]:
         """Every shard's table version, asked at most every ``refresh_s`` (requests share one ask)."""
         if self._versions is None or time.monotonic() - self._versions_at >= self.settings.refresh_s:
             if self._versions_task is None or self._versions_task.done():
+                deadline = time.monotonic() + self.settings.query_timeout_s
                 self._versions_task = asyncio.ensure_future(
-                    asyncio.gather(*(shard.version.remote() for shard in self.shards))
+                    asyncio.gather(*(self._call_shard(deadline, shard.version) for shard in self.shards))
                 )
             versions = tuple(await self._versions_task)
             self._versions, self._versions_at = versions, time.monotonic()

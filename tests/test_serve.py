@@ -146,6 +146,8 @@ def test_healthz_and_openapi(served):
     assert {s["shard"]: s["rows"] for s in health["shards"]} == store.shard_rows(db)
     spec = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()
     assert "/search" in spec["paths"] and "/healthz" in spec["paths"]
+    request = spec["components"]["schemas"]["SearchRequest"]["properties"]
+    assert request["k"]["maximum"] == 300 and request["query"]["maxLength"] == 300  # the config's limits
 
 
 def test_eval_through_the_endpoint_equals_local(served):
@@ -460,3 +462,18 @@ def test_healthz_says_degraded_while_a_shard_cannot_refresh(served):
     while requests.get(f"{url}/healthz", timeout=30).json()["status"] != "ok":
         assert time.monotonic() < deadline, "healthz did not recover"
         time.sleep(0.5)
+
+
+def test_serve_command_refuses_a_busy_port(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from tests.test_index import _db
+
+    db, *_ = _db(tmp_path, rows_per_shard=10, shards=1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--db", str(db), "--port", str(port)], env={})
+    assert result.exit_code != 0 and f"cannot serve on 127.0.0.1:{port}" in result.output
