@@ -9,9 +9,10 @@ every answer is computed. Clients (threads) send the collection's queries and it
 turn for --seconds. A shard replica is killed at 20% of the run and the router at 45%; at 70% an ingest
 replaces --edit documents (a marker in their title, so every chunk of the new version carries it) and adds
 as many new ones, into DB through the library.
-Printed per phase (requests by the time their answer came): requests, errors (a non-200, or fewer than k hits: an answer missing a shard), the
-slowest answer, and the time from each kill until answers were whole again; for the ingest, whether any
-answer mixed the old and the new version of one document.
+Printed per phase (requests by the time their answer came): requests, errors (a non-200, or fewer
+than k hits: an answer missing a shard), the slowest answer, and the time from each kill until
+answers were whole again; for the ingest, whether any answer mixed the old and the new version of one
+document.
 """
 
 from __future__ import annotations

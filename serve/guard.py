@@ -18,17 +18,29 @@ from fastapi.responses import JSONResponse
 OPEN_PATHS = {"/healthz", "/", "/runs"}
 OPEN_PATTERN = re.compile(r"/runs/[^/]+")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-_state: dict = {"api_key": None, "max_body": 65536, "hosts": None}
+_state: dict = {"api_key": None, "max_body": 65536, "hosts": None, "limits": {}}
 
 
-def configure(*, api_key: str | None, max_body_bytes: int, allowed_hosts: set[str] | None = None) -> None:
+def configure(
+    *,
+    api_key: str | None,
+    max_body_bytes: int,
+    allowed_hosts: set[str] | None = None,
+    limits: dict[str, int] | None = None,
+) -> None:
     """Args:
     api_key: the bearer key every closed path needs; None: no key.
     max_body_bytes: larger bodies are a 413, cut off without reading the rest.
     allowed_hosts: host names a request's Host header may carry (any port); None or "*" in it: any.
+    limits: the request limits the OpenAPI document states (max_k, max_query_chars).
     """
     hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower() for h in allowed_hosts}
     _state.update(api_key=api_key.encode() if api_key else None, max_body=max_body_bytes, hosts=hosts)
+    _state["limits"] = dict(limits or {})
+
+
+def limits() -> dict[str, int]:
+    return _state["limits"]
 
 
 def allowed_hosts(bind: str, extra: list[str]) -> set[str]:

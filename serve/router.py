@@ -118,6 +118,8 @@ async def _guard_requests(request: Request, call_next):
 
     started = time.perf_counter()
     response = await guard.check(request)
+    if response is None and request.url.path == "/openapi.json":
+        _document_limits(request.app)
     if response is None:
         response = await call_next(request)
     metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
@@ -131,6 +133,20 @@ _ABS_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s'\"/]+){2,}/?|[A-Za-z]:\\[^\s'\"]+"
 def scrub(message: str) -> str:
     """An error message fit for a client: no absolute paths of the server's."""
     return _ABS_PATH.sub("<path>", message)
+
+
+def _document_limits(served: FastAPI) -> None:
+    """Write the replica's configured limits into the OpenAPI document it serves, so that what it
+    says a request may hold is what it accepts (k up to max_k, queries up to max_query_chars). The
+    app Serve runs is its own copy of ``app``, reached through the request."""
+    from serve import guard
+
+    limits = guard.limits()
+    if not limits:
+        return
+    fields = served.openapi()["components"]["schemas"]["SearchRequest"]["properties"]
+    fields["k"]["maximum"] = limits["max_k"]
+    fields["query"]["maxLength"] = limits["max_query_chars"]
 
 
 @app.exception_handler(HTTPException)
@@ -164,15 +180,6 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
                 openvino_model=str(exported),
             )  # fmt: skip
     return Embedder(model=model, device=device, dtype=dtype, cpu_threads=settings.router_threads)
-
-
-def _document_limits(settings: ServeSettings) -> None:
-    """Write this replica's configured limits into its OpenAPI document, so that what it says a
-    request may hold is what it accepts (k up to max_k, queries up to max_query_chars)."""
-    schema = app.openapi()
-    fields = schema["components"]["schemas"]["SearchRequest"]["properties"]
-    fields["k"]["maximum"] = settings.max_k
-    fields["query"]["maxLength"] = settings.max_query_chars
 
 
 def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
@@ -224,6 +231,7 @@ class Router:
             api_key=api_key,
             max_body_bytes=self.settings.max_body_bytes,
             allowed_hosts=guard.allowed_hosts(self.settings.host, self.settings.allowed_hosts),
+            limits={"max_k": self.settings.max_k, "max_query_chars": self.settings.max_query_chars},
         )
         self.guard = guard
         self.metrics = metrics
@@ -242,7 +250,6 @@ class Router:
         self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
         self._run_batch.set_max_batch_size(self.settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        _document_limits(self.settings)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _run_batch(self, jobs: list[_Job]) -> list[_Answer | Exception]:
