@@ -172,3 +172,30 @@ def test_a_slow_query_times_out_alone_and_a_failing_refresh_shows(tmp_path, monk
     stats = shard.stats()  # the last good version still serves, and says its refreshes fail
     assert stats["refresh_failing_s"] is not None and stats["refresh_error"] == "OSError"
     assert stats["rows"] == 100
+
+
+def test_a_failing_filter_runs_once_and_its_error_names_no_schema(tmp_path, monkeypatch):
+    import asyncio
+
+    import serve.shard
+
+    db, rng, _ = _db(tmp_path, rows_per_shard=50, shards=1)
+    calls = []
+    real = serve.shard.search_shard
+
+    def rejecting(table, vector, *, k, where=None, **kw):
+        calls.append(where)
+        if where:
+            raise ValueError("Invalid input, No field named nope. Valid fields are vector, source, metadata")
+        return real(table, vector, k=k, **kw)
+
+    monkeypatch.setattr(serve.shard, "search_shard", rejecting)
+    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0)
+    counted = []
+    monkeypatch.setattr(type(shard._current().table), "count_rows", lambda *a, **kw: counted.append(a))
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    answers, _ = asyncio.run(shard.search_many(_queries(rng, table, 1), [3], ["`doc_id` = 'x'"]))
+    with pytest.raises(FilterError) as error:
+        decode(answers[0])
+    assert calls == ["`doc_id` = 'x'"] and counted == []  # run once; no second run to assign blame
+    assert "vector" not in str(error.value) and "metadata" not in str(error.value)
