@@ -192,9 +192,12 @@ class TorchBackend:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def free_memory(self) -> None:
+        import gc
+
         import torch
 
         if self.device == "cuda":
+            gc.collect()  # tensors held by reference cycles (an exception's frames, say) go first
             torch.cuda.empty_cache()
 
 

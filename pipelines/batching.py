@@ -63,7 +63,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     text = str(exc).lower()
-    return name == "OutOfMemoryError" or "out of memory" in text or "failed to allocate" in text
+    # cuBLAS and cuDNN report a failed workspace allocation with their own status codes.
+    return (
+        name == "OutOfMemoryError"
+        or "out of memory" in text
+        or "failed to allocate" in text
+        or "status_alloc_failed" in text
+    )
 
 
 class TokenBudget:
@@ -107,8 +113,22 @@ class TokenBudget:
         self.ceiling = maximum  # lowered when growing stopped paying off or memory ran short
         self._tokens = self._padded = 0
         self._seconds = 0.0
+        self._pressure_free: float | None = None  # free memory at the last memory-pressure shrink
         self.events: list[dict[str, Any]] = []
         self._log("start")
+
+    def size_from_memory(self, *, bytes_per_token: float, free_bytes: float, share: float = 0.5) -> None:
+        """Set the budget (and its ceiling) so that one pass takes at most ``share`` of the free
+        memory, from the bytes per padded token a pass was measured to take."""
+        if bytes_per_token <= 0:
+            return
+        fits = int(share * free_bytes / bytes_per_token)
+        self.value = max(self.minimum, min(fits, self.maximum))
+        self.ceiling = self.value
+        self.best = None
+        self._log(
+            f"sized from memory: {bytes_per_token:.0f} bytes per token, {free_bytes / 2**30:.1f} GiB free"
+        )
 
     def _log(self, reason: str, rate: float | None = None) -> None:
         point: dict[str, Any] = {
@@ -131,9 +151,16 @@ class TokenBudget:
         rate = self._tokens / self._seconds
         self._tokens = self._padded = 0
         self._seconds = 0.0
-        if self.free_memory() < self.min_free:
-            self.shrink("memory pressure", rate=rate)
+        free = self.free_memory()
+        if free < self.min_free:
+            # Shrink once, then again only while free memory keeps falling: memory that something
+            # else holds steady is no reason to go on halving (that ratchet ended at the minimum).
+            if self._pressure_free is None or free < self._pressure_free - 0.01:
+                self._pressure_free = free
+                self.shrink("memory pressure", rate=rate)
             return
+        if free >= 1.5 * self.min_free:
+            self._pressure_free = None
         if not self.adapt:
             return
         if self.best is None or rate > self.best[0] * 1.03:
@@ -168,8 +195,16 @@ def host_free_fraction() -> float:
     return memory.available / memory.total
 
 
-def cuda_free_fraction() -> float:
+def cuda_free_bytes() -> tuple[int, int]:
+    """(free, total) bytes of the current GPU, counting memory torch has cached but not in use as
+    free: mem_get_info reports it as taken, yet the next pass reuses it."""
     import torch
 
     free, total = torch.cuda.mem_get_info()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    return free + max(cached, 0), total
+
+
+def cuda_free_fraction() -> float:
+    free, total = cuda_free_bytes()
     return free / total

@@ -96,6 +96,7 @@ class Embedder:
         self.cache = embed_cache.EmbeddingCache(cache_db, self.dim) if cache_db else None
         self.namespace = backends.model_key(model, self.dtype)
         self._events_sent = 0
+        self._sized = False  # the budget sized from a measured pass (GPU only)
 
     @property
     def backend(self) -> backends.TorchBackend | backends.OpenVINOBackend:
@@ -135,27 +136,51 @@ class Embedder:
     def _run(
         self, rows: list[int], texts: list[str], lengths: list[int], out: np.ndarray, stats: dict
     ) -> None:
-        padded = len(rows) * max(lengths[i] for i in rows)
-        started = time.perf_counter()
+        """One forward pass over ``rows``; out of memory, the pass is split in halves, and the
+        halves run again (a single row that does not fit raises)."""
+        pending = [rows]
+        while pending:
+            part = pending.pop()
+            padded = len(part) * max(lengths[i] for i in part)
+            started = time.perf_counter()
+            measure = self.device == "cuda" and not self._sized
+            baseline = _cuda_peak_reset() if measure else 0
+            vectors = self._pass([texts[i] for i in part])
+            if measure and vectors is not None:
+                # The first pass on a GPU tells what a padded token costs; the budget follows from
+                # the free memory, not from a guess that only out-of-memory errors could correct.
+                self._sized = True
+                used = _cuda_peak() - baseline
+                self.budget.size_from_memory(
+                    bytes_per_token=used / padded, free_bytes=batching.cuda_free_bytes()[0]
+                )
+            if vectors is None:
+                # Out of memory, and outside the except block now: the failed pass's traceback (and
+                # the tensors its frames hold) is gone, so freeing the cache frees them too.
+                logger.warning(
+                    "out of memory embedding %d rows (%d padded tokens); splitting", len(part), padded
+                )
+                self.backend.free_memory()
+                stats["oom_splits"] += 1
+                self.budget.shrink("out of memory", below=padded)
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]
+                continue
+            out[part] = vectors
+            stats["passes"] += 1
+            stats["padded_tokens"] += padded
+            self.budget.observe(
+                tokens=sum(lengths[i] for i in part), padded=padded, seconds=time.perf_counter() - started
+            )
+
+    def _pass(self, texts: list[str]) -> np.ndarray | None:
+        """The vectors of one forward pass, or None if it ran out of memory with more than one row."""
         try:
-            vectors = self.backend.encode([texts[i] for i in rows])
+            return self.backend.encode(texts)
         except Exception as exc:
-            if not batching.is_out_of_memory(exc) or len(rows) == 1:
+            if not batching.is_out_of_memory(exc) or len(texts) == 1:
                 raise
-            logger.warning("out of memory embedding %d rows (%d padded tokens); splitting", len(rows), padded)
-            self.backend.free_memory()
-            stats["oom_splits"] += 1
-            self.budget.shrink("out of memory", below=padded)
-            half = len(rows) // 2
-            self._run(rows[:half], texts, lengths, out, stats)
-            self._run(rows[half:], texts, lengths, out, stats)
-            return
-        out[rows] = vectors
-        stats["passes"] += 1
-        stats["padded_tokens"] += padded
-        self.budget.observe(
-            tokens=sum(lengths[i] for i in rows), padded=padded, seconds=time.perf_counter() - started
-        )
+        return None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         status = batch.column("status").to_pylist()
@@ -199,6 +224,19 @@ class Embedder:
         return batch.append_column(
             "vector", vector_array(vectors, todo, len(status), self.dim)
         ).append_column("embed_stats", pa.array(info, pa.string()))
+
+
+def _cuda_peak_reset() -> int:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _cuda_peak() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()
 
 
 def vector_array(vectors: np.ndarray, rows: list[int], n: int, dim: int) -> pa.Array:

@@ -129,3 +129,76 @@ def test_a_single_row_that_does_not_fit_is_an_error(embedder):
             embedder.embed(["one text"], [4])
     finally:
         embedder.backend.encode = real
+
+
+def test_cublas_alloc_failures_count_as_out_of_memory():
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+
+
+def test_an_oom_is_freed_before_the_split_runs(embedder):
+    """The failed pass's frames hold its tensors; the split must not run while they are alive."""
+    import weakref
+
+    class Activation:  # stands in for a tensor of the failed pass
+        pass
+
+    alive: list[weakref.ref] = []
+    seen_alive_at_split: list[bool] = []
+    real = embedder.backend.encode
+
+    def leaky(batch: list[str]) -> np.ndarray:
+        seen_alive_at_split.append(any(ref() is not None for ref in alive))
+        if len(batch) > 2:
+            activation = Activation()  # referenced from this frame, so from the traceback
+            alive.append(weakref.ref(activation))
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(batch)
+
+    embedder.backend.encode = leaky
+    try:
+        vectors, stats = embedder.embed(["a b c"] * 8, [5] * 8)
+    finally:
+        embedder.backend.encode = real
+    assert stats["oom_splits"] >= 1 and vectors.shape == (8, 384)
+    assert alive and not any(seen_alive_at_split), "a split ran while the failed pass was still held"
+
+
+def test_memory_held_by_others_does_not_ratchet_the_budget_down():
+    """Free memory held at 10% by something else: one shrink, then the budget holds (it fell from
+    65,536 to 256 tokens in 8 windows before), with adapt on or off."""
+    for adapt in (True, False):
+        budget = TokenBudget(
+            initial=65_536, minimum=256, maximum=262_144, adapt=adapt, window_tokens=1000,
+            free_memory=lambda: 0.10,
+        )  # fmt: skip
+        for _ in range(20):
+            budget.observe(tokens=budget.value, padded=budget.value, seconds=0.1)
+        assert budget.value == 32_768, (adapt, budget.value)
+        falling = iter([0.10, 0.08, 0.06, 0.04])  # but memory that keeps running out: shrink again
+        budget.free_memory = lambda it=falling: next(it, 0.04)
+        for _ in range(4):
+            budget.observe(tokens=budget.value, padded=budget.value, seconds=0.1)
+        assert budget.value < 32_768
+
+
+def test_cuda_free_memory_counts_the_cache_as_free(monkeypatch):
+    """torch keeps freed blocks reserved; mem_get_info counts them as taken, the budget must not."""
+    import torch
+
+    from pipelines import batching
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 * gib, 10 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2 * gib)
+    assert batching.cuda_free_fraction() == pytest.approx(0.5)  # 1 free + (6 - 2) cached, of 10
+
+
+def test_budget_sized_from_measured_bytes_per_token():
+    budget = TokenBudget(initial=8192, minimum=256, maximum=1_048_576)
+    budget.size_from_memory(bytes_per_token=40_000, free_bytes=40 * 2**30)  # half of 40 GiB at 40 kB/token
+    assert budget.value == budget.ceiling == int(0.5 * 40 * 2**30 / 40_000)
+    budget.size_from_memory(bytes_per_token=40_000, free_bytes=10**12)
+    assert budget.value == 1_048_576  # never above the configured maximum
+    assert "sized from memory" in budget.events[-1]["reason"]
