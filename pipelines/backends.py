@@ -182,14 +182,18 @@ class TorchBackend:
         self.dim = int(self.model.get_embedding_dimension())
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         vectors = self.model.encode(
             texts,
             batch_size=max(len(texts), 1),
-            normalize_embeddings=True,
-            convert_to_numpy=True,
+            normalize_embeddings=False,
+            convert_to_tensor=True,
             show_progress_bar=False,
         )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        # Normalized in fp32 whatever the model ran in: fp16 norms are off by ~1e-3.
+        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+        return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
 
     def free_memory(self) -> None:
         import gc

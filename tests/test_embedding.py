@@ -82,3 +82,16 @@ def test_openvino_fp32_runs_in_fp32_on_every_cpu(embedder, tmp_path):
     assert str(precision).lower().endswith("f32") or "float32" in str(precision).lower(), precision
     texts = ["Vitamin D and bone density in older women.", "galaxy rotation curves", "x"]
     np.testing.assert_allclose(ov.encode(texts), embedder.encode(texts), atol=2e-5)
+
+
+def test_fp16_vectors_are_float32_unit_vectors_close_to_fp32(embedder):
+    """fp16 (a GPU's default) normalizes in fp32: run here with torch's fp16 kernels on the CPU."""
+    from pipelines.backends import TorchBackend
+
+    fp16 = TorchBackend(MODEL, device="cpu", dtype="fp16")
+    texts = ["Vitamin D and bone density in older women.", "galaxy rotation curves", "x " * 200]
+    vectors = fp16.encode(texts)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    cosine = np.sum(vectors * embedder.encode(texts), axis=1)
+    assert cosine.min() > 0.999, cosine
