@@ -10,16 +10,24 @@ DEMO_DIR ?= data
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The install stamp depends on the torch spec too: `make demo TORCH_SPEC=torch` after a CPU install
+# reinstalls torch instead of keeping the CPU build. .torch-spec changes only when the spec does.
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-spec
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
+
+FORCE:
 
 demo: setup
 	$(BIN)/embedpipe sample-corpus $(DEMO_DIR)/pydoc-topics

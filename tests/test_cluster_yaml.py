@@ -70,3 +70,19 @@ def test_token_auth_on_every_node_and_a_loopback_dashboard(config):
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     token = [remote for remote in config["file_mounts"] if remote.endswith("/.ray/auth_token")]
     assert token and config["file_mounts"][token[0]] == "~/.ray/auth_token"  # one token, every node
+
+
+def test_nodes_get_pinned_python_torch_and_ray(config):
+    """Unpinned installs give nodes whatever is newest (and a Ray that may not match the client's);
+    Ubuntu 22.04's python3 is 3.10, below the 3.11 embedpipe needs."""
+    import re
+
+    import ray
+    import torch
+
+    setup = " ".join(config["setup_commands"])
+    assert "--python 3.11" in setup
+    assert f'"torch=={torch.__version__.split("+")[0]}"' in setup
+    assert re.search(rf'"ray\[[a-z,]+\]=={re.escape(ray.__version__)}"', setup)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert all("embedpipe-venv/bin" in c for c in commands)  # the pinned Ray starts the node
