@@ -87,6 +87,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def require_cuda(why: str) -> None:
+    """Raise a clear error when torch cannot see the GPU that ``why`` says this process holds."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise RuntimeError(
+        f"{why}, but torch {torch.__version__} ({build}) sees no CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={visible}). Install a CUDA build of torch on GPU nodes "
+        "(make TORCH_SPEC=torch, or the pins in cluster.yaml)."
+    )
+
+
 def resolve_dtype(dtype: str, device: str, *, int8_ok: bool = False) -> str:
     """Pick the dtype for ``auto`` and reject what the device cannot run.
 

@@ -166,6 +166,12 @@ class ServeSettings(_Strict):
     )
     router_replicas: int = Field(1, gt=0)
     router_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per router replica.")
+    router_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs reserved per router replica. Queries are embedded on a GPU only when one is "
+        "reserved here (a router never takes cuda:0 unasked); else on the CPU.",
+    )
     router_threads: int = Field(
         2,
         gt=0,

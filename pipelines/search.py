@@ -85,6 +85,15 @@ def _finish(hits: pa.Table, score: Any, shard: str) -> pa.Table:
     return hits.append_column("shard", pa.array([shard] * hits.num_rows, pa.string()))
 
 
+def query_dtype(dtype: str, device: str) -> str:
+    """The precision queries are embedded in: ``auto`` is fp32 on a CPU (what Serve's OpenVINO
+    export runs too, so /search and embedpipe query agree on every CPU; bf16 would differ by ~1e-3)
+    and fp16 on a GPU."""
+    if dtype != "auto":
+        return dtype
+    return "fp16" if device == "cuda" else "fp32"
+
+
 class NoTextIndexError(ValueError):
     """Hybrid search on a shard without full-text indexes."""
 
@@ -175,9 +184,12 @@ class Searcher:
     @property
     def embedder(self):
         if self._embedder is None:
+            from pipelines.backends import resolve_device
             from pipelines.embedding import Embedder
 
-            self._embedder = Embedder(model=self.manifest.model, device=self._device, dtype=self._dtype)
+            device = resolve_device(self._device)
+            dtype = query_dtype(self._dtype, device)
+            self._embedder = Embedder(model=self.manifest.model, device=device, dtype=dtype)
         return self._embedder
 
     def embed(self, texts: list[str]) -> np.ndarray:

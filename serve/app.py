@@ -46,6 +46,8 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         A bound Serve application; pass it to ``serve.run``.
     """
     cfg = ServeConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    if cfg.device == "cuda" and not cfg.settings.router_gpus:
+        raise ValueError("device 'cuda' for queries needs a reserved GPU: set serve.router_gpus (e.g. 1).")
 
     db = cfg.db if "://" in cfg.db else str(Path(cfg.db).expanduser().resolve())  # replicas run elsewhere
     manifest = store.read_manifest(db)
@@ -62,7 +64,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
     return Router.options(
         num_replicas=settings.router_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
-        ray_actor_options={"num_cpus": settings.router_cpus},
+        ray_actor_options={"num_cpus": settings.router_cpus, "num_gpus": settings.router_gpus},
         health_check_period_s=settings.health_check_period_s,
     ).bind(
         shards,

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ServeSettings
 from pipelines.filters import FilterError, allowed_columns, compile_filter
-from pipelines.search import NoTextIndexError
+from pipelines.search import NoTextIndexError, query_dtype
 from serve import ui
 from serve.cache import QueryCache
 from serve.merge import merge_topk, rrf_fuse
@@ -157,14 +157,19 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings):
-    """The query embedder: OpenVINO fp32 on a CPU unless told otherwise (one short query takes ~7 ms
-    there against ~16 ms on torch on this project's 2-core test machine; vectors agree to ~1e-6)."""
+    """The query embedder: on the GPU the replica reserved (serve.router_gpus), else on the CPU with
+    OpenVINO fp32 unless told otherwise (one short query takes ~7 ms there against ~16 ms on torch on
+    this project's 2-core test machine; vectors agree to ~1e-6). A replica that reserved no GPU never
+    uses one, even on a GPU node: another process may own it."""
     from pipelines import backends
     from pipelines.embedding import Embedder
 
+    device = "cuda" if settings.router_gpus > 0 else "cpu"
+    if device == "cuda":
+        backends.require_cuda("this router replica reserved a GPU (serve.router_gpus)")
     engine = settings.query_engine
     if engine == "auto":
-        on_cpu = backends.resolve_device(device) == "cpu"
+        on_cpu = device == "cpu"
         fits = on_cpu and dtype in ("auto", "fp32") and importlib.util.find_spec("openvino") is not None
         engine = "openvino" if fits else "torch"
     if engine == "openvino":
@@ -179,7 +184,9 @@ def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings
                 model=model, device="cpu", dtype="fp32", cpu_threads=settings.router_threads,
                 openvino_model=str(exported),
             )  # fmt: skip
-    return Embedder(model=model, device=device, dtype=dtype, cpu_threads=settings.router_threads)
+    return Embedder(
+        model=model, device=device, dtype=query_dtype(dtype, device), cpu_threads=settings.router_threads
+    )
 
 
 def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:

@@ -13,6 +13,7 @@ from pipelines.search import Searcher
 from tests.conftest import scifact_docs
 
 KEY = "test-key-123"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -477,3 +478,32 @@ def test_serve_command_refuses_a_busy_port(tmp_path):
         port = busy.getsockname()[1]
         result = CliRunner().invoke(app, ["serve", "--db", str(db), "--port", str(port)], env={})
     assert result.exit_code != 0 and f"cannot serve on 127.0.0.1:{port}" in result.output
+
+
+def test_the_router_embeds_on_a_gpu_only_when_it_reserved_one(tmp_path, monkeypatch):
+    import torch
+
+    from pipelines.config import ServeSettings
+    from serve.app import ServeConfig, build_app
+    from serve.router import _query_embedder
+    from tests.test_index import _db
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as torch sees it
+    embedder = _query_embedder(MODEL, "auto", "auto", ServeSettings(query_engine="torch"))
+    assert embedder.device == "cpu" and embedder.dtype == "fp32"  # no GPU reserved: never cuda:0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build of torch
+    with pytest.raises(RuntimeError, match="reserved a GPU.*sees no CUDA device"):
+        _query_embedder(MODEL, "auto", "auto", ServeSettings(router_gpus=1))
+
+    db, *_ = _db(tmp_path, rows_per_shard=5, shards=1)
+    app = build_app(ServeConfig(db=str(db), settings=ServeSettings(router_gpus=1)))
+    assert app._bound_deployment.ray_actor_options["num_gpus"] == 1
+    with pytest.raises(ValueError, match="router_gpus"):
+        build_app(ServeConfig(db=str(db), device="cuda"))
+
+
+def test_queries_are_embedded_in_fp32_on_a_cpu_by_default(served):
+    _, db, *_ = served
+    # On a CPU with native bf16 "auto" once chose bf16 here, while /search embeds in fp32.
+    assert Searcher(db, device="cpu").embedder.dtype == "fp32"
+    assert Searcher(db, device="cpu", dtype="bf16").embedder.dtype == "bf16"  # when asked for
