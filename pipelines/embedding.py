@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,14 @@ class Embedder:
         cache_db: str | None = None,
         encode_batch_size: int = 32,
     ):
+        if device == "cuda":
+            if os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
+                device = "cpu"  # tests on machines without GPUs: Ray's logical GPUs, CPU compute
+            else:
+                backends.require_cuda("this embedder was given a GPU (device cuda)")
         self.device = resolve_device(device)
+        if self.device == "cpu" and dtype == "fp16" and os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
+            dtype = "fp32"
         self.dtype = resolve_dtype(dtype, self.device, int8_ok=int8_model is not None)
         # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); the forward pass is the one
         # stage that can use every core, and the others mostly wait on it.
@@ -219,6 +227,8 @@ class Embedder:
             "tokens_computed": int(sum(n_tokens[todo[j]] for j in misses)),
             "events": events,
             "actor": os.getpid(),
+            "device": self.device,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
         info = [json.dumps(summary)] + [None] * (batch.num_rows - 1)
         return batch.append_column(
@@ -237,6 +247,28 @@ def _cuda_peak() -> int:
     import torch
 
     return torch.cuda.max_memory_allocated()
+
+
+def autoscaler_gpus(path: str | Path | None = None) -> float:
+    """GPUs the cluster can grow to, from the autoscaler's node types: the head's plus each worker
+    type's GPUs times its max_workers. The cluster launcher writes that config to
+    ~/ray_bootstrap_config.yaml on the head, where submitted jobs run; EMBEDPIPE_AUTOSCALER_CONFIG
+    names another file. 0 when there is none (a fixed cluster, or a laptop)."""
+    import yaml
+
+    path = Path(
+        path or os.environ.get("EMBEDPIPE_AUTOSCALER_CONFIG") or Path.home() / "ray_bootstrap_config.yaml"
+    )
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 0.0
+    head = config.get("head_node_type")
+    total = 0.0
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0))
+        total += gpus * (1 if name == head else int(node_type.get("max_workers", 0)))
+    return total
 
 
 def vector_array(vectors: np.ndarray, rows: list[int], n: int, dim: int) -> pa.Array:
@@ -266,12 +298,39 @@ def embedding_dim(model: str) -> int:
 
 
 def actor_options(
-    *, cluster_gpus: float, gpus_per_actor: float | None, min_actors: int, max_actors: int | None
+    *,
+    cluster_gpus: float,
+    gpus_per_actor: float | None,
+    min_actors: int,
+    max_actors: int | None,
+    possible_gpus: float = 0.0,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
-    """Ray resources and pool bounds for the embedding actors on this cluster."""
-    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    """Ray resources and pool bounds for the embedding actors.
+
+    Args:
+        cluster_gpus: GPUs up now.
+        gpus_per_actor: the config's choice; None: 1 on a GPU run, else 0.
+        min_actors, max_actors: the config's pool bounds; ``max_actors`` None: one actor per GPU the
+            cluster has or can grow to, else ``min_actors``.
+        possible_gpus: GPUs the cluster can grow to (``autoscaler_gpus``): an autoscaling cluster
+            whose GPU nodes start at 0 still gets a pool as large as its GPU node types allow.
+        device: the config's device: ``cuda`` asks for GPUs even when none is up yet (the autoscaler
+            starts nodes for the pending actors); ``auto`` asks when the cluster has or can have GPUs.
+        dtype: the config's dtype (int8 runs on CPUs only).
+    """
+    wants_gpu = dtype != "int8" and (
+        device == "cuda" or (device == "auto" and max(cluster_gpus, possible_gpus) >= 1)
+    )
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if wants_gpu else 0.0)
+    if gpus and (device == "cpu" or dtype == "int8"):
+        raise ValueError(
+            f"embedding.gpus_per_actor={gpus} with device={device!r}, dtype={dtype!r}: CPU embedding "
+            "takes no GPU. Drop gpus_per_actor, or use device cuda/auto with fp16/bf16/fp32."
+        )
     if max_actors is None:
-        max_actors = max(min_actors, int(cluster_gpus // gpus)) if gpus else min_actors
+        max_actors = max(min_actors, int(max(cluster_gpus, possible_gpus) // gpus)) if gpus else min_actors
     # A GPU actor's CPU share is left to Ray's default: Ray Data warns when a map stage sets both.
     options: dict[str, Any] = {"num_gpus": gpus, "min_size": min_actors, "max_size": max_actors}
     if not gpus:

@@ -21,7 +21,7 @@ import ray
 from pipelines import backends, chunking, embed_cache, models, report, sources, store
 from pipelines.chunking import embed_input
 from pipelines.config import Config, RayConfig
-from pipelines.embedding import Embedder, actor_options, embedding_dim
+from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, embedding_dim
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,11 @@ def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, 
 
 
 def embedding_dtype(cfg: Config, *, on_gpu: bool) -> str:
-    """The dtype the actors get: int8 is decided here (the driver quantizes), the rest by each actor."""
-    device = cfg.embedding.device if cfg.embedding.device != "auto" else ("cuda" if on_gpu else "cpu")
-    if device == "cpu" and cfg.embedding.dtype in {"auto", "int8"}:
-        return backends.resolve_dtype(cfg.embedding.dtype, "cpu", int8_ok=True)
-    return cfg.embedding.dtype
+    """The dtype the actors get, decided here for the device they reserve (int8 on a CPU: the
+    driver quantizes first)."""
+    if on_gpu:
+        return backends.resolve_dtype(cfg.embedding.dtype, "cuda")
+    return backends.resolve_dtype(cfg.embedding.dtype, "cpu", int8_ok=True)
 
 
 def build(
@@ -155,12 +155,18 @@ def build(
         stack.callback(staging.discard)  # staged rows of a failed run are never committed
         pool = actor_options(
             cluster_gpus=ray.cluster_resources().get("GPU", 0),
+            possible_gpus=autoscaler_gpus(),
+            device=cfg.embedding.device,
+            dtype=cfg.embedding.dtype,
             gpus_per_actor=cfg.embedding.gpus_per_actor,
             min_actors=cfg.embedding.min_actors,
             max_actors=cfg.embedding.max_actors,
         )
-        dtype = embedding_dtype(cfg, on_gpu=bool(pool["num_gpus"]))
-        backend: dict[str, Any] = {"dtype": dtype}
+        # The device follows from what the actors reserve: a GPU actor runs on its GPU (or fails
+        # saying why), a CPU actor never touches one.
+        device = "cuda" if pool["num_gpus"] else "cpu"
+        dtype = embedding_dtype(cfg, on_gpu=device == "cuda")
+        backend: dict[str, Any] = {"dtype": dtype, "device": device}
         int8_files = None
         if dtype == "int8":
             path, backend["int8_meta"] = int8_model(source, cfg)
@@ -201,7 +207,7 @@ def build(
                 fn_constructor_kwargs={
                     "model": model,
                     "dtype": dtype,
-                    "device": "cpu" if dtype == "int8" else cfg.embedding.device,
+                    "device": device,
                     "cpu_threads": cfg.embedding.cpu_threads,
                     "int8_model": int8_files,
                     "batch_tokens": cfg.embedding.batch_tokens,
@@ -302,12 +308,18 @@ class EmbedTotals:
         self.totals = dict.fromkeys(self.KEYS, 0)
         self.timeline: list[dict[str, Any]] = []
         self.actors: set[int] = set()
+        self.devices: dict[str, dict[str, Any]] = {}  # actor pid -> its device and visible GPUs
 
     def add(self, stats: list[dict[str, Any]]) -> None:
         for batch in stats:
             for key in self.KEYS:
                 self.totals[key] += int(batch.get(key, 0))
             self.actors.add(batch.get("actor", 0))
+            if "device" in batch:
+                self.devices[str(batch.get("actor", 0))] = {
+                    "device": batch["device"],
+                    "cuda_visible_devices": batch.get("cuda_visible_devices"),
+                }
             for event in batch.get("events", []):
                 point = {"t": round(event["at"] - self.started, 2), "token_budget": event["token_budget"]}
                 if "tokens_per_s" in event:
@@ -320,6 +332,7 @@ class EmbedTotals:
         tokens = totals["tokens_computed"]
         totals["padding_overhead"] = round(totals["padded_tokens"] / tokens - 1, 4) if tokens else 0.0
         totals["actors"] = len(self.actors)
+        totals["actor_devices"] = self.devices
         return totals
 
 
