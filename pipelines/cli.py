@@ -211,8 +211,15 @@ def evaluate(
                     f"in {result['wall_s']:.0f} s",
                     highlight=False,
                 )
+            searcher = Searcher(db, index=cfg.index)
+            if searcher.manifest.vectors == "mixed":
+                console.print(
+                    "note: this db mixes vectors of several numeric formats (embedding.allow_mixed_dtypes); "
+                    "scores may differ from a db embedded in one.",
+                    highlight=False,
+                )
             run = ev.run_local(
-                Searcher(db, index=cfg.index), queries, mode=cfg.serve.default_mode,
+                searcher, queries, mode=cfg.serve.default_mode,
                 candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
             )  # fmt: skip
         scores = ev.score(run, {qid: qrels[qid] for qid in run})

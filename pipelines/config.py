@@ -78,6 +78,11 @@ class EmbeddingConfig(_Strict):
     cache: bool = Field(
         True, description="Reuse embeddings of texts embedded before (the _embed_cache table in the db)."
     )
+    allow_mixed_dtypes: bool = Field(
+        False,
+        description="Let a run add vectors in another numeric format than the db holds (int8 on a CPU, "
+        "fp16 on a GPU...). Off: such a run stops with an error; auto follows the db's format.",
+    )
     model_cache: str | None = Field(
         None,
         description="Where the driver keeps quantized (int8) models. Default $EMBEDPIPE_CACHE or "

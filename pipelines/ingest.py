@@ -104,12 +104,41 @@ def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, 
     return target, json.loads((target / "meta.json").read_text())
 
 
-def embedding_dtype(cfg: Config, *, on_gpu: bool) -> str:
+def embedding_dtype(cfg: Config, *, on_gpu: bool, stored: str | None = None) -> str:
     """The dtype the actors get, decided here for the device they reserve (int8 on a CPU: the
-    driver quantizes first)."""
-    if on_gpu:
-        return backends.resolve_dtype(cfg.embedding.dtype, "cuda")
-    return backends.resolve_dtype(cfg.embedding.dtype, "cpu", int8_ok=True)
+    driver quantizes first).
+
+    Args:
+        cfg: the config (embedding.dtype, embedding.allow_mixed_dtypes).
+        on_gpu: whether the actors reserve GPUs.
+        stored: the format of the vectors the db holds (Manifest.vectors). ``auto`` keeps it where
+            the device can run it; a run that would add another format is an error unless
+            ``allow_mixed_dtypes``: vectors of two formats differ by ~1e-3 and rank slightly apart.
+
+    Raises:
+        ValueError: the run would mix formats in one db.
+    """
+    device = "cuda" if on_gpu else "cpu"
+    wanted = cfg.embedding.dtype
+    if wanted == "auto" and stored in backends.DTYPES and _runs_on(stored, device):
+        return stored
+    dtype = backends.resolve_dtype(wanted, device, int8_ok=not on_gpu)
+    if stored in backends.DTYPES and dtype != stored and not cfg.embedding.allow_mixed_dtypes:
+        raise ValueError(
+            f"The db holds {stored} vectors, and this run would add {dtype} ones ({device}): one db would "
+            f"mix them. Set embedding.dtype: {stored}"
+            + (" (int8 runs on CPU actors: embedding.device: cpu)" if stored == "int8" else "")
+            + ", use a new --db, or set embedding.allow_mixed_dtypes: true."
+        )
+    return dtype
+
+
+def _runs_on(dtype: str, device: str) -> bool:
+    if dtype == "fp16":
+        return device == "cuda"
+    if dtype == "int8":
+        return device == "cpu" and backends.openvino_available()
+    return True
 
 
 def build(
@@ -165,12 +194,18 @@ def build(
         # The device follows from what the actors reserve: a GPU actor runs on its GPU (or fails
         # saying why), a CPU actor never touches one.
         device = "cuda" if pool["num_gpus"] else "cpu"
-        dtype = embedding_dtype(cfg, on_gpu=device == "cuda")
+        dtype = embedding_dtype(cfg, on_gpu=device == "cuda", stored=manifest.vectors)
         backend: dict[str, Any] = {"dtype": dtype, "device": device}
         int8_files = None
         if dtype == "int8":
             path, backend["int8_meta"] = int8_model(source, cfg)
             if path is None:
+                if manifest.vectors == "int8" and not cfg.embedding.allow_mixed_dtypes:
+                    raise ValueError(
+                        f"The db holds int8 vectors, but no int8 model is cached here and "
+                        f"{backend['int8_meta']['reason'].split(';')[0]}: run `embedpipe quantize` on a "
+                        "larger sample of the corpus first."
+                    )
                 dtype = backend["dtype"] = backends.resolve_dtype("auto", "cpu")
             else:
                 backend["int8_model"] = str(path)
@@ -256,6 +291,8 @@ def build(
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
         if cfg.embedding.cache and embedded.totals["computed"]:
             embed_cache.compact(db)
+        if embedded.totals["computed"]:
+            manifest = store.record_vectors(db, dtype)
     indexes = None
     if cfg.index.after_ingest:
         from pipelines import index
@@ -285,6 +322,7 @@ def build(
         "timeline": embedded.timeline,
     }
     result["backend"] = {k: v for k, v in backend.items() if k != "int8_meta"}
+    result["backend"]["db_vectors"] = manifest.vectors  # the db's format after this run ("mixed"?)
     if "int8_meta" in backend:
         result["backend"]["int8"] = backend["int8_meta"]
     if prune:

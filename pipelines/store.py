@@ -8,6 +8,7 @@ commit (an ``add``, or a ``merge_insert`` when documents are replaced), one new 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -171,6 +172,10 @@ class Manifest:
     shards: int
     model: str
     dim: int
+    # The numeric format that computed the stored vectors (fp32, bf16, fp16, int8), set by the first
+    # run that embeds; "mixed" once a run was allowed to add another; None before any (or in a db
+    # made before it was recorded).
+    vectors: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({"layout": _LAYOUT_VERSION, **self.__dict__}, indent=2)
@@ -191,7 +196,23 @@ def read_manifest(db: str | Path) -> Manifest:
     if not path.exists():
         raise StoreError(f"{str(db)!r} is not an embedpipe db (no {MANIFEST}); run ingest first.")
     data = json.loads(path.read_text())
-    return Manifest(shards=int(data["shards"]), model=str(data["model"]), dim=int(data["dim"]))
+    vectors = data.get("vectors")
+    return Manifest(
+        shards=int(data["shards"]), model=str(data["model"]), dim=int(data["dim"]), vectors=vectors
+    )
+
+
+def record_vectors(db: str | Path, dtype: str) -> Manifest:
+    """Note in the manifest the format of the vectors a run added: the first run's, or "mixed"."""
+    root = _local(db)
+    manifest = read_manifest(root)
+    recorded = dtype if manifest.vectors in (None, dtype) else "mixed"
+    if recorded != manifest.vectors:
+        manifest = dataclasses.replace(manifest, vectors=recorded)
+        tmp = root / (MANIFEST + ".tmp")
+        tmp.write_text(manifest.to_json())
+        tmp.replace(root / MANIFEST)  # readers see the old manifest or the new one, never half
+    return manifest
 
 
 def init_db(db: str | Path, manifest: Manifest) -> Manifest:

@@ -142,3 +142,36 @@ def test_db_rejects_another_shard_count(ingested, tmp_path):
             db=db,
             cfg=cfg.model_copy(update={"shards": 5}),
         )
+
+
+def test_one_db_never_mixes_vector_formats_unasked(ray_local, tmp_path, scifact):
+    """The db records the format of its vectors; auto keeps it, another one is an error naming both
+    (fp16 on a GPU and int8 on a CPU once mixed silently across runs), unless mixing is allowed."""
+    docs = scifact_docs(12)
+    db = tmp_path / "db"
+    quiet = {"ray.progress_bars": False}
+    first = ingest.build(
+        source=_write_jsonl(tmp_path / "a.jsonl", docs[:4]),
+        db=db,
+        cfg=load_config(None, shards=2, **quiet, **{"embedding.dtype": "fp32"}),
+    )
+    assert first["backend"]["dtype"] == "fp32" and store.read_manifest(db).vectors == "fp32"
+    with pytest.raises(ValueError, match="holds fp32 vectors.*would add bf16"):
+        ingest.build(
+            source=_write_jsonl(tmp_path / "b.jsonl", docs[4:8]),
+            db=db,
+            cfg=load_config(None, shards=2, **quiet, **{"embedding.dtype": "bf16"}),
+        )
+    assert sum(store.shard_rows(db).values()) == first["chunks"]["written"]  # nothing half-written
+    auto = ingest.build(  # auto follows the db, whatever this CPU would pick for a new one
+        source=_write_jsonl(tmp_path / "b.jsonl", docs[4:8]), db=db, cfg=load_config(None, shards=2, **quiet)
+    )
+    assert auto["backend"]["dtype"] == "fp32" and auto["docs"]["ingested"] == 4
+    mixed = ingest.build(
+        source=_write_jsonl(tmp_path / "c.jsonl", docs[8:]),
+        db=db,
+        cfg=load_config(
+            None, shards=2, **quiet, **{"embedding.dtype": "bf16", "embedding.allow_mixed_dtypes": True}
+        ),
+    )
+    assert mixed["backend"]["db_vectors"] == "mixed" and store.read_manifest(db).vectors == "mixed"
