@@ -195,6 +195,7 @@ class TorchBackend:
         self.model.eval()
         self.device, self.dtype = device, dtype
         self.dim = int(self.model.get_embedding_dimension())
+        self.pad_id = int(self.model.tokenizer.pad_token_id or 0)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -208,6 +209,20 @@ class TorchBackend:
         )
         # Normalized in fp32 whatever the model ran in: fp16 norms are off by ~1e-3.
         vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+        return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+
+    def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """One forward pass over texts tokenized already (the chunker's ``input_ids``): pad, move
+        (pinned, asynchronously on a GPU), run, normalize in fp32."""
+        import torch
+
+        input_ids, mask = (torch.from_numpy(a) for a in pad_ids(ids, self.pad_id))
+        if self.device == "cuda":
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            out = self.model({"input_ids": input_ids, "attention_mask": mask})["sentence_embedding"]
+            vectors = torch.nn.functional.normalize(out.float(), dim=-1)
         return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
 
     def free_memory(self) -> None:
@@ -258,18 +273,31 @@ class OpenVINOBackend:
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
-        out = self.request.infer(
-            {
-                "input_ids": enc["input_ids"].astype(np.int64),
-                "attention_mask": enc["attention_mask"].astype(np.int64),
-            }
-        )
+        return self._infer(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+
+    def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """One pass over texts tokenized already (the chunker's ``input_ids``)."""
+        return self._infer(*pad_ids(ids, self.tokenizer.pad_token_id or 0))
+
+    def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
         vectors = np.asarray(out[self.compiled.output(0)], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
 
     def free_memory(self) -> None:
         pass
+
+
+def pad_ids(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as one right-padded int64 matrix, and its attention mask."""
+    width = max((len(row) for row in ids), default=0)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return input_ids, mask
 
 
 def load_backend(

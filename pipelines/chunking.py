@@ -154,6 +154,10 @@ CHUNK_FIELDS = [
     # status "failed" (error says why) or "unchanged", so that every document is accounted for.
     ("status", pa.string()),
     ("error", pa.string()),
+    # The token ids the model reads for an "ok" chunk (embed_input of title and text, special tokens,
+    # truncated at the model's limit): tokenized here, beside the chunking, so that the embedding
+    # actor (a GPU's feeder) only pads them. The embedder drops the column.
+    ("input_ids", pa.list_(pa.int32())),
 ]
 CHUNK_SCHEMA = pa.schema(CHUNK_FIELDS)
 
@@ -232,6 +236,7 @@ def chunk_docs(
                     "n_tokens": 0,
                     "status": "unchanged" if status == "unchanged" else "failed",
                     "error": error,
+                    "input_ids": None,
                 }
             )
             continue
@@ -247,6 +252,13 @@ def chunk_docs(
                     "n_tokens": span.n_tokens + titled[id(doc)],
                     "status": "ok",
                     "error": None,
+                    "input_ids": None,
                 }
             )
+    todo = [row for row in rows if row["status"] == "ok"]
+    if todo:
+        encoder = models.load_embedding_tokenizer(model)
+        encoded = encoder.encode_batch([embed_input(row["title"], row["text"]) for row in todo])
+        for row, enc in zip(todo, encoded, strict=True):
+            row["input_ids"] = enc.ids
     return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)

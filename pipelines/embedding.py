@@ -125,8 +125,11 @@ class Embedder:
             out[rows] = self.backend.encode([texts[i] for i in rows])
         return out
 
-    def embed(self, texts: list[str], lengths: list[int]) -> tuple[np.ndarray, dict[str, int]]:
-        """Embed texts in token-budget passes; ``lengths`` are their token counts.
+    def embed(
+        self, texts: list[str], lengths: list[int], ids: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Embed texts in token-budget passes; ``lengths`` are their token counts, ``ids`` their
+        token ids when the chunker made them (the passes then skip tokenizing).
 
         Returns:
             The vectors, and counts: passes, padded tokens, OOM splits.
@@ -137,12 +140,18 @@ class Embedder:
         start = 0
         while start < len(order):  # the budget may change after every pass
             end = batching.group_end(order, lengths, start, self.budget.value)
-            self._run(order[start:end], texts, lengths, out, stats)
+            self._run(order[start:end], texts, lengths, out, stats, ids)
             start = end
         return out, stats
 
     def _run(
-        self, rows: list[int], texts: list[str], lengths: list[int], out: np.ndarray, stats: dict
+        self,
+        rows: list[int],
+        texts: list[str],
+        lengths: list[int],
+        out: np.ndarray,
+        stats: dict,
+        ids: list[list[int]] | None = None,
     ) -> None:
         """One forward pass over ``rows``; out of memory, the pass is split in halves, and the
         halves run again (a single row that does not fit raises)."""
@@ -153,7 +162,7 @@ class Embedder:
             started = time.perf_counter()
             measure = self.device == "cuda" and not self._sized
             baseline = _cuda_peak_reset() if measure else 0
-            vectors = self._pass([texts[i] for i in part])
+            vectors = self._pass([texts[i] for i in part], [ids[i] for i in part] if ids else None)
             if measure and vectors is not None:
                 # The first pass on a GPU tells what a padded token costs; the budget follows from
                 # the free memory, not from a guess that only out-of-memory errors could correct.
@@ -181,9 +190,11 @@ class Embedder:
                 tokens=sum(lengths[i] for i in part), padded=padded, seconds=time.perf_counter() - started
             )
 
-    def _pass(self, texts: list[str]) -> np.ndarray | None:
+    def _pass(self, texts: list[str], ids: list[list[int]] | None = None) -> np.ndarray | None:
         """The vectors of one forward pass, or None if it ran out of memory with more than one row."""
         try:
+            if ids is not None and hasattr(self.backend, "encode_ids"):
+                return self.backend.encode_ids(ids)
             return self.backend.encode(texts)
         except Exception as exc:
             if not batching.is_out_of_memory(exc) or len(texts) == 1:
@@ -209,7 +220,12 @@ class Embedder:
             elif key not in first:
                 first[key] = j
                 misses.append(j)
-        computed, stats = self.embed([inputs[j] for j in misses], [n_tokens[todo[j]] for j in misses])
+        ids = batch.column("input_ids").to_pylist() if "input_ids" in batch.column_names else None
+        computed, stats = self.embed(
+            [inputs[j] for j in misses],
+            [n_tokens[todo[j]] for j in misses],
+            [ids[todo[j]] for j in misses] if ids is not None and all(ids[todo[j]] for j in misses) else None,
+        )
         vectors[misses] = computed
         for j, text in enumerate(inputs):
             key = keys[j] if keys else text
@@ -231,6 +247,8 @@ class Embedder:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
         info = [json.dumps(summary)] + [None] * (batch.num_rows - 1)
+        if "input_ids" in batch.column_names:
+            batch = batch.drop_columns(["input_ids"])  # the write stage needs them no more
         return batch.append_column(
             "vector", vector_array(vectors, todo, len(status), self.dim)
         ).append_column("embed_stats", pa.array(info, pa.string()))

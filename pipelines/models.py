@@ -55,6 +55,15 @@ def load_tokenizer(name: str):
 
 
 @functools.cache
+def load_embedding_tokenizer(name: str):
+    """The model's fast tokenizer as the model reads a text: special tokens added, truncated at its
+    max sequence length. The chunker hands its ids to the embedder, which then only pads them."""
+    tokenizer = load_tokenizer(name).__class__.from_str(load_tokenizer(name).to_str())
+    tokenizer.enable_truncation(max_length=max_seq_length(name))
+    return tokenizer
+
+
+@functools.cache
 def max_seq_length(name: str) -> int:
     """Tokens the model reads per input, special tokens included."""
     path = Path(resolve_model(name))

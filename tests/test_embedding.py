@@ -95,3 +95,32 @@ def test_fp16_vectors_are_float32_unit_vectors_close_to_fp32(embedder):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
     cosine = np.sum(vectors * embedder.encode(texts), axis=1)
     assert cosine.min() > 0.999, cosine
+
+
+def test_token_ids_from_the_chunker_give_the_vectors_of_the_text(embedder, tmp_path):
+    """The chunker tokenizes once (special tokens, truncation at the model's limit); the embedder
+    only pads those ids, on torch and on OpenVINO, and gets the vectors of tokenizing the text."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines import backends
+    from tests.conftest import scifact_docs
+
+    docs = [_doc(d["_id"], source="s", title=d["title"], text=d["text"]) for d in scifact_docs(30)]
+    chunks = chunk_docs(pa.Table.from_pylist(docs, schema=DOC_SCHEMA), model=MODEL, max_tokens=128)
+    texts = [
+        embed_input(t, x)
+        for t, x in zip(chunks["title"].to_pylist(), chunks["text"].to_pylist(), strict=True)
+    ]
+    ids = chunks["input_ids"].to_pylist()
+    st = SentenceTransformer(models.resolve_model(MODEL), device="cpu")
+    assert ids == [st.tokenize([text])["input_ids"][0].tolist() for text in texts]
+    lengths = sorted({len(i) for i in ids})
+    assert lengths[0] < lengths[-1]  # passes of mixed lengths: padding and masks matter
+    np.testing.assert_allclose(embedder.backend.encode_ids(ids), embedder.encode(texts), atol=1e-5)
+    ov = backends.OpenVINOBackend(MODEL, files=backends.openvino_fp32_model(MODEL, root=tmp_path))
+    np.testing.assert_allclose(ov.encode_ids(ids), ov.encode(texts), atol=1e-5)
+    out = embedder(chunks)
+    assert "input_ids" not in out.column_names  # not carried on to the write stage
+    np.testing.assert_allclose(
+        np.stack(out["vector"].to_numpy(zero_copy_only=False)), embedder.encode(texts), atol=1e-5
+    )
