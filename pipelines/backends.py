@@ -196,6 +196,7 @@ class TorchBackend:
         self.device, self.dtype = device, dtype
         self.dim = int(self.model.get_embedding_dimension())
         self.pad_id = int(self.model.tokenizer.pad_token_id or 0)
+        self.last_device_s: float | None = None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -212,18 +213,40 @@ class TorchBackend:
         return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
 
     def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
-        """One forward pass over texts tokenized already (the chunker's ``input_ids``): pad, move
-        (pinned, asynchronously on a GPU), run, normalize in fp32."""
+        """One forward pass over texts tokenized already (the chunker's ``input_ids``)."""
+        return self.run_prepared(self.prepare_ids(ids))
+
+    def prepare_ids(self, ids: list[list[int]]) -> tuple[Any, Any]:
+        """The host side of a pass: pad, and on a GPU pin the memory so that the copy can run
+        asynchronously. Thread-safe: the embedder prepares the next pass while this one runs."""
         import torch
 
         input_ids, mask = (torch.from_numpy(a) for a in pad_ids(ids, self.pad_id))
         if self.device == "cuda":
-            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
-            mask = mask.pin_memory().to(self.device, non_blocking=True)
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        return input_ids, mask
+
+    def run_prepared(self, prepared: tuple[Any, Any]) -> np.ndarray:
+        """Copy (non-blocking from pinned memory), run, normalize in fp32. On a GPU the pass's device
+        time, from CUDA events, is left in ``last_device_s``."""
+        import torch
+
+        input_ids, mask = prepared
+        timed = self.device == "cuda"
+        if timed:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
         with torch.inference_mode():
             out = self.model({"input_ids": input_ids, "attention_mask": mask})["sentence_embedding"]
             vectors = torch.nn.functional.normalize(out.float(), dim=-1)
-        return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+        if timed:
+            end.record()
+        result = np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)  # waits for the GPU
+        if timed:
+            self.last_device_s = begin.elapsed_time(end) / 1000
+        return result
 
     def free_memory(self) -> None:
         import gc
@@ -277,7 +300,13 @@ class OpenVINOBackend:
 
     def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
         """One pass over texts tokenized already (the chunker's ``input_ids``)."""
-        return self._infer(*pad_ids(ids, self.tokenizer.pad_token_id or 0))
+        return self.run_prepared(self.prepare_ids(ids))
+
+    def prepare_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        return pad_ids(ids, self.tokenizer.pad_token_id or 0)
+
+    def run_prepared(self, prepared: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return self._infer(*prepared)
 
     def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})

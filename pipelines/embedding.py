@@ -105,6 +105,7 @@ class Embedder:
         self.namespace = backends.model_key(model, self.dtype)
         self._events_sent = 0
         self._sized = False  # the budget sized from a measured pass (GPU only)
+        self._preparer: Any = None  # the thread that pads the next pass while one runs
 
     @property
     def backend(self) -> backends.TorchBackend | backends.OpenVINOBackend:
@@ -135,14 +136,32 @@ class Embedder:
             The vectors, and counts: passes, padded tokens, OOM splits.
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        stats = {"passes": 0, "padded_tokens": 0, "oom_splits": 0}
+        stats = {"passes": 0, "padded_tokens": 0, "oom_splits": 0, "busy_s": 0.0}
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        prefetch = ids is not None and hasattr(self.backend, "prepare_ids")
+
+        def next_part(start: int) -> list[int]:  # cut with the budget as it stands now
+            return order[start : batching.group_end(order, lengths, start, self.budget.value)]
+
+        part = next_part(0) if order else []
+        ready = self._prepare(part, ids) if prefetch else None
         start = 0
-        while start < len(order):  # the budget may change after every pass
-            end = batching.group_end(order, lengths, start, self.budget.value)
-            self._run(order[start:end], texts, lengths, out, stats, ids)
-            start = end
+        while part:
+            start += len(part)
+            following = next_part(start) if start < len(order) else []
+            # The next pass is padded (and pinned) in a thread while this one runs: a GPU waits
+            # for no host work between passes.
+            upcoming = self._prepare(following, ids) if prefetch and following else None
+            self._run(part, texts, lengths, out, stats, ids, prepared=ready.result() if ready else None)
+            part, ready = following, upcoming
         return out, stats
+
+    def _prepare(self, part: list[int], ids: list[list[int]]) -> Any:
+        if self._preparer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._preparer = ThreadPoolExecutor(1, thread_name_prefix="embed-prepare")
+        return self._preparer.submit(self.backend.prepare_ids, [ids[i] for i in part])
 
     def _run(
         self,
@@ -152,9 +171,11 @@ class Embedder:
         out: np.ndarray,
         stats: dict,
         ids: list[list[int]] | None = None,
+        prepared: Any = None,
     ) -> None:
-        """One forward pass over ``rows``; out of memory, the pass is split in halves, and the
-        halves run again (a single row that does not fit raises)."""
+        """One forward pass over ``rows`` (``prepared``: its inputs, padded already); out of memory,
+        the pass is split in halves, and the halves run again (a single row that does not fit
+        raises)."""
         pending = [rows]
         while pending:
             part = pending.pop()
@@ -162,7 +183,10 @@ class Embedder:
             started = time.perf_counter()
             measure = self.device == "cuda" and not self._sized
             baseline = _cuda_peak_reset() if measure else 0
-            vectors = self._pass([texts[i] for i in part], [ids[i] for i in part] if ids else None)
+            ready = prepared if part is rows else None  # halves of a split are prepared anew
+            vectors = self._pass(
+                [texts[i] for i in part], [ids[i] for i in part] if ids else None, prepared=ready
+            )
             if measure and vectors is not None:
                 # The first pass on a GPU tells what a padded token costs; the budget follows from
                 # the free memory, not from a guess that only out-of-memory errors could correct.
@@ -184,15 +208,21 @@ class Embedder:
                 pending += [part[half:], part[:half]]
                 continue
             out[part] = vectors
+            seconds = time.perf_counter() - started
             stats["passes"] += 1
             stats["padded_tokens"] += padded
-            self.budget.observe(
-                tokens=sum(lengths[i] for i in part), padded=padded, seconds=time.perf_counter() - started
-            )
+            # Busy: the device's own time where it is measured (CUDA events), else the pass's.
+            device_s = getattr(self.backend, "last_device_s", None)
+            stats["busy_s"] += device_s if device_s is not None else seconds
+            self.budget.observe(tokens=sum(lengths[i] for i in part), padded=padded, seconds=seconds)
 
-    def _pass(self, texts: list[str], ids: list[list[int]] | None = None) -> np.ndarray | None:
+    def _pass(
+        self, texts: list[str], ids: list[list[int]] | None = None, prepared: Any = None
+    ) -> np.ndarray | None:
         """The vectors of one forward pass, or None if it ran out of memory with more than one row."""
         try:
+            if prepared is not None:
+                return self.backend.run_prepared(prepared)
             if ids is not None and hasattr(self.backend, "encode_ids"):
                 return self.backend.encode_ids(ids)
             return self.backend.encode(texts)
@@ -202,6 +232,7 @@ class Embedder:
         return None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        called = time.time()
         status = batch.column("status").to_pylist()
         todo = [i for i, s in enumerate(status) if s == "ok"]
         titles, texts = batch.column("title").to_pylist(), batch.column("text").to_pylist()
@@ -243,6 +274,8 @@ class Embedder:
             "tokens_computed": int(sum(n_tokens[todo[j]] for j in misses)),
             "events": events,
             "actor": os.getpid(),
+            "called_at": called,
+            "returned_at": time.time(),
             "device": self.device,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }

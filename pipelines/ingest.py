@@ -347,12 +347,19 @@ class EmbedTotals:
         self.timeline: list[dict[str, Any]] = []
         self.actors: set[int] = set()
         self.devices: dict[str, dict[str, Any]] = {}  # actor pid -> its device and visible GPUs
+        self.busy: dict[str, list[float]] = {}  # actor pid -> [busy s, first call, last return]
 
     def add(self, stats: list[dict[str, Any]]) -> None:
         for batch in stats:
             for key in self.KEYS:
                 self.totals[key] += int(batch.get(key, 0))
             self.actors.add(batch.get("actor", 0))
+            if "called_at" in batch:
+                actor = str(batch.get("actor", 0))
+                busy = self.busy.setdefault(actor, [0.0, batch["called_at"], batch["returned_at"]])
+                busy[0] += float(batch.get("busy_s", 0.0))
+                busy[1] = min(busy[1], batch["called_at"])
+                busy[2] = max(busy[2], batch["returned_at"])
             if "device" in batch:
                 self.devices[str(batch.get("actor", 0))] = {
                     "device": batch["device"],
@@ -371,6 +378,12 @@ class EmbedTotals:
         totals["padding_overhead"] = round(totals["padded_tokens"] / tokens - 1, 4) if tokens else 0.0
         totals["actors"] = len(self.actors)
         totals["actor_devices"] = self.devices
+        # The share of each actor's active time (first batch in to last batch out) spent in forward
+        # passes: device time from CUDA events on a GPU, the passes' wall time on a CPU.
+        busy = sum(b[0] for b in self.busy.values())
+        span = sum(b[2] - b[1] for b in self.busy.values())
+        totals["busy_s"] = round(busy, 2)
+        totals["busy_fraction"] = round(busy / span, 3) if span > 0 else None
         return totals
 
 

@@ -180,8 +180,15 @@ def summary_table(report: dict[str, Any]):
                 (
                     "embeddings",
                     f"{report['embeddings']['computed']} computed, {report['embeddings']['cache_hits']} "
-                    f"from the cache ({report.get('backend', {}).get('dtype', '?')}, "
-                    f"{report['embeddings']['oom_splits']} OOM splits)",
+                    f"from the cache ({report.get('backend', {}).get('dtype', '?')} on "
+                    f"{report.get('backend', {}).get('device', '?')}, "
+                    f"{report['embeddings']['oom_splits']} OOM splits"
+                    + (
+                        f", model busy {report['embeddings']['busy_fraction']:.0%} of the actors' time"
+                        if report["embeddings"].get("busy_fraction") is not None
+                        else ""
+                    )
+                    + ")",
                 )
             ]
             if "embeddings" in report

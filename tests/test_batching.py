@@ -202,3 +202,38 @@ def test_budget_sized_from_measured_bytes_per_token():
     budget.size_from_memory(bytes_per_token=40_000, free_bytes=10**12)
     assert budget.value == 1_048_576  # never above the configured maximum
     assert "sized from memory" in budget.events[-1]["reason"]
+
+
+def test_the_next_pass_is_prepared_in_a_thread_while_one_runs():
+    """With token ids from the chunker, pass i+1 is padded in a thread while pass i runs; the
+    vectors are those of the text path, and an out-of-memory pass still splits."""
+    import threading
+
+    from pipelines import models
+
+    small = Embedder(model=MODEL, device="cpu", dtype="fp32", batch_tokens=2048, min_batch_tokens=64,
+                     max_batch_tokens=2048, adapt_batch=False)  # fmt: skip
+    docs = scifact_docs(30)
+    texts = [f"{d['title']} {d['text']}" for d in docs]
+    ids = [e.ids for e in models.load_embedding_tokenizer(MODEL).encode_batch(texts)]
+    lengths = [len(i) for i in ids]
+    reference = small.encode(texts)
+
+    threads, real_prepare, real_run = set(), small.backend.prepare_ids, small.backend.run_prepared
+    failures = {"n": 0}
+
+    def prepare(batch):
+        threads.add(threading.current_thread().name)
+        return real_prepare(batch)
+
+    def run(prepared):
+        if prepared[0].shape[0] > 3 and failures["n"] < 2:  # up to two injected OOMs
+            failures["n"] += 1
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real_run(prepared)
+
+    small.backend.prepare_ids, small.backend.run_prepared = prepare, run
+    vectors, stats = small.embed(texts, lengths, ids)
+    assert stats["passes"] > 5 and stats["oom_splits"] == failures["n"] >= 1 and stats["busy_s"] > 0
+    assert any(name.startswith("embed-prepare") for name in threads)  # padded off the main thread
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)

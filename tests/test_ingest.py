@@ -156,6 +156,7 @@ def test_one_db_never_mixes_vector_formats_unasked(ray_local, tmp_path, scifact)
         cfg=load_config(None, shards=2, **quiet, **{"embedding.dtype": "fp32"}),
     )
     assert first["backend"]["dtype"] == "fp32" and store.read_manifest(db).vectors == "fp32"
+    assert 0 < first["embeddings"]["busy_fraction"] <= 1 and first["embeddings"]["busy_s"] > 0
     with pytest.raises(ValueError, match="holds fp32 vectors.*would add bf16"):
         ingest.build(
             source=_write_jsonl(tmp_path / "b.jsonl", docs[4:8]),
