@@ -137,6 +137,8 @@ class Embedder:
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         stats = {"passes": 0, "padded_tokens": 0, "oom_splits": 0, "busy_s": 0.0}
+        if not texts:
+            return out, stats  # nothing to embed: the model is not even loaded
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         prefetch = ids is not None and hasattr(self.backend, "prepare_ids")
 

@@ -237,3 +237,10 @@ def test_the_next_pass_is_prepared_in_a_thread_while_one_runs():
     assert stats["passes"] > 5 and stats["oom_splits"] == failures["n"] >= 1 and stats["busy_s"] > 0
     assert any(name.startswith("embed-prepare") for name in threads)  # padded off the main thread
     np.testing.assert_allclose(vectors, reference, atol=1e-5)
+
+
+def test_nothing_to_embed_loads_no_model():
+    lazy = Embedder(model=MODEL, device="cpu", dtype="fp32")
+    vectors, stats = lazy.embed([], [], [])
+    assert vectors.shape == (0, 384) and stats["passes"] == 0
+    assert lazy._backend is None  # a batch of cache hits or unchanged documents needs no model
