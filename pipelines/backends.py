@@ -66,12 +66,48 @@ def _cpu_flags() -> set[str]:
 
 @functools.cache
 def openvino_available() -> bool:
+    no_openvino_telemetry()
     try:
         import nncf  # noqa: F401
         import openvino  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def no_openvino_telemetry() -> None:
+    """Keep OpenVINO and NNCF from sending usage telemetry from embedpipe's processes.
+
+    ``import openvino`` sends an event at once (openvino/tools/ovc/__init__.py), and NNCF more: the
+    sender forks a process that posts to Google Analytics and keeps a client id under ~/intel, unless
+    the user ran ``opt_in_out --opt_out`` (only CI=true turns it off otherwise). Every process that
+    imports openvino forked: the driver, each embedding actor, the Serve router; lancedb then warned
+    "fork support is experimental" in each. openvino_telemetry has no switch of its own for one
+    process, so its singleton is set up here, before openvino is imported, as one that has no
+    consent and never re-initializes. Run before any ``import openvino``/``nncf``; harmless if the
+    package changes (then nothing is done).
+    """
+    try:
+        from openvino_telemetry import main as telemetry_main
+    except ImportError:
+        return
+    cls = telemetry_main.Telemetry
+    slot = "_SingletonMetaClass__single_instance"
+    if getattr(cls, slot, None) is not None or not hasattr(cls, slot):
+        return  # already made (by an import before this call), or internals we do not know
+
+    class _Silent:
+        app_name = "OpenVINO"
+
+    quiet = object.__new__(cls)
+    quiet.consent = False  # every send_event/start_session/... checks this first
+    quiet.tid = None
+    quiet.backend = _Silent()  # app_name matches, so openvino's tools do not re-initialize it
+    quiet.sender = None
+    quiet.init = lambda *args, **kwargs: None  # nor may any other tool turn consent back on
+    quiet.force_shutdown = lambda *args, **kwargs: None
+    setattr(cls, slot, quiet)
 
 
 def resolve_device(device: str) -> str:
@@ -269,6 +305,7 @@ class OpenVINOBackend:
             files: the model's directory (``export_openvino``), or ``read_int8`` of it.
             threads: inference threads; default every core.
         """
+        no_openvino_telemetry()
         import openvino as ov
         from transformers import AutoTokenizer
 
@@ -395,6 +432,7 @@ def export_openvino(
 ) -> dict[str, Any]:
     """Export a sentence-transformers model (mean pooling included) to OpenVINO: fp32, or int8
     quantized with NNCF when calibration ``texts`` are given (see ``quantize``)."""
+    no_openvino_telemetry()
     import openvino as ov
     import torch
     from sentence_transformers import SentenceTransformer

@@ -124,3 +124,41 @@ def test_token_ids_from_the_chunker_give_the_vectors_of_the_text(embedder, tmp_p
     np.testing.assert_allclose(
         np.stack(out["vector"].to_numpy(zero_copy_only=False)), embedder.encode(texts), atol=1e-5
     )
+
+
+def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
+    """import openvino (and NNCF) would fork a process that posts usage telemetry and write a client
+    id under ~/intel, unless CI=true: embedpipe's processes opt out before importing it. Run in a
+    fresh interpreter, without CI in its environment, with a HOME of its own."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import multiprocessing.popen_fork as pf
+        forks = []
+        launch = pf.Popen._launch
+        pf.Popen._launch = lambda self, obj: (forks.append(1), launch(self, obj))[1]
+        import lancedb
+        from pipelines import backends
+        assert backends.openvino_available()
+        backend = backends.OpenVINOBackend(
+            "sentence-transformers/all-MiniLM-L6-v2",
+            files=backends.openvino_fp32_model("sentence-transformers/all-MiniLM-L6-v2", root=sys.argv[1]),
+        )
+        backend.encode(["x"])
+        print("FORKS", len(forks))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    (tmp_path / "home").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + script, str(tmp_path / "models")],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert "FORKS 0" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert not (tmp_path / "home" / "intel").exists()  # no client id written
+    assert "fork support is experimental" not in out.stderr
