@@ -355,8 +355,8 @@ class OpenVINOBackend:
         pass
 
 
-def pad_ids(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token id lists as one right-padded int64 matrix, and its attention mask."""
+def pad_ids(ids: list[Any], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id sequences (lists or arrays) as one right-padded int64 matrix, and its mask."""
     width = max((len(row) for row in ids), default=0)
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)

@@ -70,12 +70,11 @@ class Embedder:
     ):
         if device == "cuda":
             if os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
-                device = "cpu"  # tests on machines without GPUs: Ray's logical GPUs, CPU compute
+                # Tests on machines without GPUs: Ray's logical GPUs, CPU compute (fp16 needs a GPU).
+                device, dtype = "cpu", "fp32" if dtype == "fp16" else dtype
             else:
                 backends.require_cuda("this embedder was given a GPU (device cuda)")
         self.device = resolve_device(device)
-        if self.device == "cpu" and dtype == "fp16" and os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
-            dtype = "fp32"
         self.dtype = resolve_dtype(dtype, self.device, int8_ok=int8_model is not None)
         # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); the forward pass is the one
         # stage that can use every core, and the others mostly wait on it.
@@ -127,7 +126,7 @@ class Embedder:
         return out
 
     def embed(
-        self, texts: list[str], lengths: list[int], ids: list[list[int]] | None = None
+        self, texts: list[str], lengths: list[int], ids: list[Any] | None = None
     ) -> tuple[np.ndarray, dict[str, int]]:
         """Embed texts in token-budget passes; ``lengths`` are their token counts, ``ids`` their
         token ids when the chunker made them (the passes then skip tokenizing).
@@ -253,12 +252,8 @@ class Embedder:
             elif key not in first:
                 first[key] = j
                 misses.append(j)
-        ids = batch.column("input_ids").to_pylist() if "input_ids" in batch.column_names else None
-        computed, stats = self.embed(
-            [inputs[j] for j in misses],
-            [n_tokens[todo[j]] for j in misses],
-            [ids[todo[j]] for j in misses] if ids is not None and all(ids[todo[j]] for j in misses) else None,
-        )
+        ids = _token_ids(batch, [todo[j] for j in misses])
+        computed, stats = self.embed([inputs[j] for j in misses], [n_tokens[todo[j]] for j in misses], ids)
         vectors[misses] = computed
         for j, text in enumerate(inputs):
             key = keys[j] if keys else text
@@ -287,6 +282,19 @@ class Embedder:
         return batch.append_column(
             "vector", vector_array(vectors, todo, len(status), self.dim)
         ).append_column("embed_stats", pa.array(info, pa.string()))
+
+
+def _token_ids(batch: pa.Table, rows: list[int]) -> list[np.ndarray] | None:
+    """The chunker's token ids of ``rows`` as views into one Arrow buffer (no Python int lists on
+    the actor's hot path); None when the batch carries none for some row."""
+    if "input_ids" not in batch.column_names or not rows:
+        return None
+    column = batch.column("input_ids").combine_chunks()
+    if column.null_count and any(not column[i].is_valid for i in rows):
+        return None
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in rows]
 
 
 def _cuda_peak_reset() -> int:

@@ -31,7 +31,11 @@ class ServeConfig(BaseModel):
         description="Bearer key; default from EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY (an empty one "
         "is refused, not taken as 'no key').",
     )
-    device: str = "auto"
+    device: str = Field(
+        "auto",
+        description="Where queries are embedded: the router's reserved GPU (serve.router_gpus) "
+        "or the CPU; 'cuda' without router_gpus is refused.",
+    )
     dtype: str = "auto"
 
 
@@ -71,7 +75,6 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         model=manifest.model,
         settings=settings.model_dump(),
         api_key=cfg.api_key if cfg.api_key is not None else api_key_from_env(),
-        device=cfg.device,
         dtype=cfg.dtype,
         db=db,
     )

@@ -156,7 +156,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
-def _query_embedder(model: str, device: str, dtype: str, settings: ServeSettings):
+def _query_embedder(model: str, dtype: str, settings: ServeSettings):
     """The query embedder: on the GPU the replica reserved (serve.router_gpus), else on the CPU with
     OpenVINO fp32 unless told otherwise (one short query takes ~7 ms there against ~16 ms on torch on
     this project's 2-core test machine; vectors agree to ~1e-6). A replica that reserved no GPU never
@@ -221,7 +221,6 @@ class Router:
         model: str,
         settings: dict[str, Any],
         api_key: str | None = None,
-        device: str = "auto",
         dtype: str = "auto",
         db: str | None = None,
     ):
@@ -253,7 +252,7 @@ class Router:
         self._versions_at = 0.0
         self._versions_task: asyncio.Task | None = None
         self._embed_lock = asyncio.Lock()
-        self.embedder = _query_embedder(model, device, dtype, self.settings)
+        self.embedder = _query_embedder(model, dtype, self.settings)
         self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
         self._run_batch.set_max_batch_size(self.settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)

@@ -239,17 +239,15 @@ class ShardSearcher:
             where=where,
             params=params,
         )
-        return _encode(self._guarded(snap, run, where))
+        return _encode(self._guarded(run, where))
 
     def _text_rows(self, snap: _Snapshot, text: str, k: int, where: str | None) -> bytes | Exception:
         run = lambda: text_search_shard(  # noqa: E731
             snap.table, text, k=k, shard=self.shard, where=where, columns=snap.indexes.fts_columns
         )
-        return _encode(self._guarded(snap, run, where))
+        return _encode(self._guarded(run, where))
 
-    def _guarded(
-        self, snap: _Snapshot, run: Callable[[], pa.Table], where: str | None
-    ) -> pa.Table | Exception:
+    def _guarded(self, run: Callable[[], pa.Table], where: str | None) -> pa.Table | Exception:
         """``run()``, or the error it raised, as a value: one query's failure is not its batch's.
 
         Hybrid search without full-text indexes is the user's (a 400). So is a predicate LanceDB

@@ -489,11 +489,11 @@ def test_the_router_embeds_on_a_gpu_only_when_it_reserved_one(tmp_path, monkeypa
     from tests.test_index import _db
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as torch sees it
-    embedder = _query_embedder(MODEL, "auto", "auto", ServeSettings(query_engine="torch"))
+    embedder = _query_embedder(MODEL, "auto", ServeSettings(query_engine="torch"))
     assert embedder.device == "cpu" and embedder.dtype == "fp32"  # no GPU reserved: never cuda:0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build of torch
     with pytest.raises(RuntimeError, match="reserved a GPU.*sees no CUDA device"):
-        _query_embedder(MODEL, "auto", "auto", ServeSettings(router_gpus=1))
+        _query_embedder(MODEL, "auto", ServeSettings(router_gpus=1))
 
     db, *_ = _db(tmp_path, rows_per_shard=5, shards=1)
     app = build_app(ServeConfig(db=str(db), settings=ServeSettings(router_gpus=1)))
