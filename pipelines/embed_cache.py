@@ -2,20 +2,25 @@
 
 The key hashes (model id + weights hash, dtype/backend, the exact text the model reads), so a text
 embedded once is never embedded again by the same model in the same numeric format, whichever
-document or run it comes from. Embedding actors look keys up before a forward pass and append what
-they compute; the driver compacts the table and indexes its keys after each run.
+document or run it comes from. Embedding actors look keys up before a forward pass and hand what
+they compute to the run's one `CacheWriter`, which appends it in large batches (one writer per table
+at commit time, no fragment per batch); the driver waits for its last append, then compacts the
+table and indexes its keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+import ray
 from lancedb.index import BTree
 
 logger = logging.getLogger(__name__)
@@ -74,14 +79,60 @@ class EmbeddingCache:
         return found
 
     def store(self, new_keys: list[str], vectors: np.ndarray) -> None:
+        if new_keys:
+            self.table.add(_rows(new_keys, vectors, self.schema))
+
+
+def _rows(new_keys: list[str], vectors: np.ndarray, table_schema: pa.Schema) -> pa.Table:
+    dim = table_schema.field("vector").type.list_size
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(values, dim)
+    return pa.table({"key": pa.array(new_keys, pa.string()), "vector": column}, schema=table_schema)
+
+
+@ray.remote(num_cpus=0)
+class CacheWriter:
+    """The run's one writer of the embedding cache: buffers what the actors computed and appends it
+    when ``flush_rows`` rows or ``flush_s`` seconds have gathered, so that a killed run still leaves
+    all but its last few seconds of embeddings for the rerun."""
+
+    def __init__(self, db: str, dim: int, flush_rows: int = 16_384, flush_s: float = 5.0):
+        self.table = lancedb.connect(str(db)).open_table(TABLE)
+        self.schema = schema(dim)
+        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.keys: list[str] = []
+        self.vectors: list[np.ndarray] = []
+        self.received = self.written = self.appends = 0
+        self.oldest = 0.0  # when the oldest buffered row arrived
+
+    async def add(self, new_keys: list[str], vectors: np.ndarray) -> None:
         if not new_keys:
             return
-        dim = self.schema.field("vector").type.list_size
-        values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-        column = pa.FixedSizeListArray.from_arrays(values, dim)
-        self.table.add(
-            pa.table({"key": pa.array(new_keys, pa.string()), "vector": column}, schema=self.schema)
-        )
+        if not self.keys:
+            self.oldest = time.monotonic()
+        self.keys.extend(new_keys)
+        self.vectors.append(vectors)
+        self.received += len(new_keys)
+        if len(self.keys) >= self.flush_rows or time.monotonic() - self.oldest >= self.flush_s:
+            self._flush()
+
+    async def finish(self, expected: int, timeout_s: float = 60.0) -> dict[str, int]:
+        """Waits until ``expected`` rows have arrived (the actors send them before their batch moves
+        on, but the sends may still be on their way), appends the rest and says what it wrote."""
+        deadline = time.monotonic() + timeout_s
+        while self.received < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.received < expected:
+            logger.warning("embedding cache: %d of %d rows arrived", self.received, expected)
+        self._flush()
+        return {"received": self.received, "written": self.written, "appends": self.appends}
+
+    def _flush(self) -> None:
+        if self.keys:
+            self.table.add(_rows(self.keys, np.concatenate(self.vectors), self.schema))
+            self.written += len(self.keys)
+            self.appends += 1
+            self.keys, self.vectors = [], []
 
 
 def compact(db: str | Path) -> int:

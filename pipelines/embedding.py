@@ -49,6 +49,8 @@ class Embedder:
         min_batch_tokens, max_batch_tokens: bounds of the budget.
         adapt_batch: grow/shrink the budget from measured throughput (else only OOM shrinks it).
         cache_db: db dir whose embedding cache to use; None for no cache.
+        cache_writer: the run's embed_cache.CacheWriter handle, which appends in large batches;
+            None to append each batch's new vectors here.
         encode_batch_size: rows per pass when ``encode`` is called directly (queries, benchmarks).
     """
 
@@ -66,6 +68,7 @@ class Embedder:
         max_batch_tokens: int = 262_144,
         adapt_batch: bool = True,
         cache_db: str | None = None,
+        cache_writer: Any = None,
         encode_batch_size: int = 32,
     ):
         if device == "cuda":
@@ -101,6 +104,7 @@ class Embedder:
             free_memory=free,
         )
         self.cache = embed_cache.EmbeddingCache(cache_db, self.dim) if cache_db else None
+        self.cache_writer = cache_writer  # an embed_cache.CacheWriter; None: write in place
         self.namespace = backends.model_key(model, self.dtype)
         self._events_sent = 0
         self._sized = False  # the budget sized from a measured pass (GPU only)
@@ -260,7 +264,10 @@ class Embedder:
             if key not in hits and first[key] != j:
                 vectors[j] = vectors[first[key]]
         if self.cache and misses:
-            self.cache.store([keys[j] for j in misses], computed)
+            if self.cache_writer is not None:  # sent before the batch moves on: see CacheWriter.finish
+                self.cache_writer.add.remote([keys[j] for j in misses], computed)
+            else:
+                self.cache.store([keys[j] for j in misses], computed)
         events = self.budget.events[self._events_sent :]
         self._events_sent = len(self.budget.events)
         summary = {

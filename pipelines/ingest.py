@@ -210,8 +210,10 @@ def build(
             else:
                 backend["int8_model"] = str(path)
                 int8_files = ray.put(backends.read_int8(path))  # actors on any node load it from here
+        cache_writer = None
         if cfg.embedding.cache:
             embed_cache.create(db, manifest.dim)
+            cache_writer = embed_cache.CacheWriter.remote(db, manifest.dim)
         if cfg.ray.data_object_store_limit_mb:
             options = ray.data.DataContext.get_current().execution_options
             options.resource_limits = options.resource_limits.copy(
@@ -250,6 +252,7 @@ def build(
                     "max_batch_tokens": cfg.embedding.max_batch_tokens,
                     "adapt_batch": cfg.embedding.adapt_batch,
                     "cache_db": db if cfg.embedding.cache else None,
+                    "cache_writer": cache_writer,
                 },
                 batch_format="pyarrow",
                 batch_size=cfg.embedding.batch_size,
@@ -289,8 +292,11 @@ def build(
         counts["ingested"] -= dropped
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
-        if cfg.embedding.cache and embedded.totals["computed"]:
-            embed_cache.compact(db)
+        cache_writes = None
+        if cache_writer is not None:
+            cache_writes = ray.get(cache_writer.finish.remote(embedded.totals["computed"]))
+            if cache_writes["written"]:
+                embed_cache.compact(db)
         if embedded.totals["computed"]:
             manifest = store.record_vectors(db, dtype)
     indexes = None
@@ -316,6 +322,8 @@ def build(
     )
     result["throughput"]["embeddings_per_s"] = round(embedded.totals["computed"] / max(wall_s, 1e-9), 2)
     result["embeddings"] = embedded.summary()
+    if cache_writes is not None:
+        result["embeddings"]["cache_appends"] = cache_writes["appends"]
     result["batching"] = {
         "initial_token_budget": cfg.embedding.batch_tokens,
         "adaptive": cfg.embedding.adapt_batch,
@@ -344,6 +352,7 @@ class EmbedTotals:
     def __init__(self, started: float):
         self.started = started
         self.totals = dict.fromkeys(self.KEYS, 0)
+        self.batches = 0
         self.timeline: list[dict[str, Any]] = []
         self.actors: set[int] = set()
         self.devices: dict[str, dict[str, Any]] = {}  # actor pid -> its device and visible GPUs
@@ -351,6 +360,7 @@ class EmbedTotals:
 
     def add(self, stats: list[dict[str, Any]]) -> None:
         for batch in stats:
+            self.batches += 1
             for key in self.KEYS:
                 self.totals[key] += int(batch.get(key, 0))
             self.actors.add(batch.get("actor", 0))
@@ -377,6 +387,7 @@ class EmbedTotals:
         tokens = totals["tokens_computed"]
         totals["padding_overhead"] = round(totals["padded_tokens"] / tokens - 1, 4) if tokens else 0.0
         totals["actors"] = len(self.actors)
+        totals["batches"] = self.batches
         totals["actor_devices"] = self.devices
         # The share of each actor's active time (first batch in to last batch out) spent in forward
         # passes: device time from CUDA events on a GPU, the passes' wall time on a CPU.

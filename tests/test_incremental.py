@@ -3,6 +3,7 @@ with only their changed chunks embedded (the embedding cache has the rest), vani
 
 import json
 
+import lancedb
 import numpy as np
 import pytest
 
@@ -120,12 +121,23 @@ def test_search_returns_the_new_text(runs):
 
 
 def test_cache_holds_every_embedding_once_per_text(runs):
-    import lancedb
-
     table = lancedb.connect(str(runs["db"])).open_table(embed_cache.TABLE)
     stored = sum(runs[k]["embeddings"]["computed"] for k in ("first", "again", "third"))
     assert table.count_rows() == stored
     assert any(index.columns == ["key"] for index in table.list_indices())
+
+
+def test_cache_gets_few_large_appends_not_one_per_batch(ray_local, tmp_path, scifact):
+    source = _write(tmp_path / "c.jsonl", scifact_docs(40))
+    cfg = load_config(
+        None, **{"embedding.batch_size": 8, "chunking.docs_per_batch": 4, "ray.progress_bars": False}
+    )
+    report = ingest.build(source=source, db=tmp_path / "db", cfg=cfg)
+    emb = report["embeddings"]
+    assert emb["batches"] >= 5
+    assert 1 <= emb["cache_appends"] < emb["batches"]
+    table = lancedb.connect(str(tmp_path / "db")).open_table(embed_cache.TABLE)
+    assert table.count_rows() == emb["computed"] == report["chunks"]["written"]
 
 
 def test_tiny_token_budget_embeds_every_row_once_and_in_place(ray_local, tmp_path, scifact):
