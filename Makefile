@@ -22,9 +22,9 @@ $(VENV)/.torch-spec: FORCE
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch-spec
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --quiet --upgrade pip
+	$(BIN)/pip install --quiet --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --quiet -e ".[dev]"
 	touch $@
 
 FORCE:

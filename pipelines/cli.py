@@ -68,16 +68,76 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, SourceError, StoreError, BeirError, ValueError, FileNotFoundError)
 
 
+VERBOSE = {"ray.progress_bars": True, "ray.log_to_driver": True}  # what -v adds to a run's config
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
+def main(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log more: INFO lines, Ray's logs and its progress bars.")
+    ] = False,
+) -> None:
+    # The console shows warnings (INFO with -v); a run's log file gets INFO either way.
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.captureWarnings(True)
+    ctx.obj = {"ray": VERBOSE if verbose else {}}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Progress:
+    """One progress display for an ingest: a bar on a terminal, a line every 15 s elsewhere."""
+
+    EVERY_S = 15.0
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(
+            TextColumn("ingest"),
+            BarColumn(),
+            TextColumn("{task.fields[line]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+        self.printed = 0.0
+
+    def __enter__(self) -> Progress:
+        if console.is_terminal:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if console.is_terminal:
+            self.bar.stop()
+
+    def __call__(self, counts: dict) -> None:
+        total, elapsed = counts["total_docs"], max(counts["elapsed_s"], 1e-9)
+        line = (
+            f"{counts['docs']:,}{f'/{total:,}' if total else ''} docs, {counts['chunks']:,} chunks, "
+            f"{counts['tokens'] / elapsed:,.0f} tokens/s"
+        )
+        if console.is_terminal:
+            if self.task is None:
+                self.task = self.bar.add_task("ingest", total=total, line=line)
+            self.bar.update(self.task, completed=counts["docs"], line=line)
+        elif elapsed - self.printed >= self.EVERY_S:
+            self.printed = elapsed
+            eta = ""
+            if total and counts["docs"]:
+                eta = f", about {max(total - counts['docs'], 0) * elapsed / counts['docs']:.0f} s left"
+            console.print(f"ingest: {line}{eta}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def ingest(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="A directory of documents, a .jsonl or a .parquet file.")],
     db: DbOpt,
     config: ConfigOpt = None,
@@ -97,12 +157,17 @@ def ingest(
     from pipelines.report import summary_table
 
     try:
-        cfg = load_config(config, shards=shards, **{"ray.address": address})
-        result = pipeline.build(source=source, db=db, cfg=cfg, report_path=report, prune=prune)
+        cfg = load_config(config, shards=shards, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
+        with Progress() as progress:
+            result = pipeline.build(
+                source=source, db=db, cfg=cfg, report_path=report, prune=prune, progress=progress
+            )
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     Console().print(summary_table(result))
-    console.print(f"report: {Path(result['db']) / '_runs' / (result['run_id'] + '.json')}", highlight=False)
+    report_file = Path(result["db"]) / "_runs" / (result["run_id"] + ".json")
+    console.print(f"report: {report_file}", highlight=False, soft_wrap=True)  # paths unbroken
+    console.print(f"log:    {result['log']}", highlight=False, soft_wrap=True)
     if result["docs"]["failed"]:
         raise typer.Exit(EXIT_SOME_FAILED)
 

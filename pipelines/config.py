@@ -133,7 +133,12 @@ class RayConfig(_Strict):
         description="Backpressure: Ray Data pauses reading when blocks in flight take more object store "
         "memory than this, so memory stays flat however large the corpus. None: Ray's default share.",
     )
-    progress_bars: bool = True
+    progress_bars: bool = Field(
+        False, description="Ray Data's per-operator progress bars (embedpipe prints one progress line; -v)."
+    )
+    log_to_driver: bool = Field(
+        False, description="Ray's and its workers' logs on the console (-v); they always go to Ray's log dir."
+    )
 
 
 class IndexSettings(_Strict):

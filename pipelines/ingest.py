@@ -10,7 +10,7 @@ import secrets
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,30 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Use the Ray already initialized, else connect to ``address`` / RAY_ADDRESS, else start one."""
+    """Use the Ray already initialized, else connect to ``address`` / RAY_ADDRESS, else start one.
+
+    Ray's own console output follows ``cfg.log_to_driver`` (the CLI's -v): by default the workers'
+    logs stay in Ray's log dir and Ray Data's console handler shows errors only.
+    """
+    quiet_ray_data(verbose=cfg.log_to_driver)
     if ray.is_initialized():
         yield
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {
+        "address": address,
+        "logging_level": logging.INFO if cfg.log_to_driver else logging.WARNING,
+        "log_to_driver": cfg.log_to_driver,
+    }
     if address == "local":
         kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
+        # Ray 2.60 turns token authentication on for a new local cluster and warns that it did,
+        # each time; on is what we want.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _TokenAuthNotice()
+        )
     with warnings.catch_warnings():
         # Ray starts its processes with fork+exec, which lancedb's fork hook cannot tell from a bare fork.
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
@@ -46,6 +60,49 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's "token authentication is enabled" notice; its "disabled" warning stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "authentication is enabled" not in record.getMessage()
+
+
+def quiet_ray_data(*, verbose: bool) -> None:
+    """Ray Data logs each dataset's plan and, off a terminal, its progress every few seconds, on
+    a console handler of its own (the 'ray.data' logger does not propagate). Keep that handler to
+    errors unless ``verbose``; its file handler (Ray's session log dir) keeps everything."""
+    import ray.data  # noqa: F401  (configures the 'ray.data' logger)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler | SessionFileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[Path]:
+    """Everything logged in this process while the run lasts (INFO and up: embedpipe, Ray, Ray Data,
+    the libraries) goes to ``path``, next to the run report, whatever the console shows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, ray_data = logging.getLogger(), logging.getLogger("ray.data")  # ray.data does not propagate
+    level = root.level
+    root.setLevel(min(level, logging.INFO) if level else logging.NOTSET)
+    root.addHandler(handler)
+    ray_data.addHandler(handler)
+    try:
+        with contextlib.suppress(Exception):  # a cluster's driver has no local session dir
+            logger.info("Ray session logs: %s", ray._private.worker._global_node.get_session_dir_path())
+        yield path
+    finally:
+        ray_data.removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def new_run_id() -> str:
@@ -148,6 +205,7 @@ def build(
     cfg: Config,
     report_path: Path | None = None,
     prune: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Ingest ``source`` into the sharded tables under ``db`` and return the run report.
 
@@ -157,6 +215,8 @@ def build(
         cfg: validated settings; every resource number comes from here.
         report_path: an extra place to write the report (it always goes to db/_runs/).
         prune: delete stored documents of this source that the source no longer has.
+        progress: called after each written batch with the counts so far (docs, chunks, tokens,
+            elapsed_s) and total_docs, about how many the source holds (None if unknown).
 
     Returns:
         The run report (see report.build_report).
@@ -170,6 +230,7 @@ def build(
     timeline: list[dict[str, Any]] = []
     embedded = EmbedTotals(started)
     seen_ids: set[str] = set()
+    total_docs = sources.count_docs(source) if progress else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_session(cfg.ray))
         sampler = stack.enter_context(report.ResourceSampler())
@@ -178,6 +239,7 @@ def build(
         manifest = store.init_db(
             db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
         )
+        log_path = stack.enter_context(run_log(Path(db) / store.RUNS_DIR / f"{run_id}.log"))
         stack.enter_context(store.run_lock(db, run_id))  # and clears what killed runs left staged
         staging = store.Staging(db, run_id, manifest)
         staging.create()
@@ -287,6 +349,8 @@ def build(
                         "tokens": counts["tokens"],
                     }
                 )
+            if progress is not None and timeline:
+                progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
         stages = report.stage_times(ds.get_stats_summary())
         dropped, counts["chunks"] = _commit(staging, failed, attempts)
         counts["ingested"] -= dropped
@@ -337,6 +401,7 @@ def build(
         result["docs"]["pruned"] = len(pruned)
     if indexes is not None:
         result["indexes"] = indexes
+    result["log"] = str(log_path)
     paths = [Path(db) / store.RUNS_DIR / f"{run_id}.json"]
     if report_path is not None:
         paths.append(Path(report_path))
