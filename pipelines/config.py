@@ -24,6 +24,13 @@ class ReadConfig(_Strict):
     max_doc_mb: float = Field(
         64, gt=0, description="Documents larger than this are listed as failed, not read."
     )
+    quick_check_s: float = Field(
+        15,
+        ge=0,
+        description="Re-ingest into a db that has rows: first compare the source's content hashes in "
+        "the driver, without Ray, for up to this long; when every document is unchanged (or fails to "
+        "read) the run ends there. It stops at the first new or changed document. 0: off.",
+    )
 
 
 class ChunkingConfig(_Strict):

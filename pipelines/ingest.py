@@ -231,6 +231,13 @@ def build(
     embedded = EmbedTotals(started)
     seen_ids: set[str] = set()
     total_docs = sources.count_docs(source) if progress else None
+    if cfg.read.quick_check_s and store.is_db(db):
+        quick = _unchanged_run(
+            source=source, db=db, cfg=cfg, run_id=run_id, started=started, report_path=report_path,
+            prune=prune, progress=progress, total_docs=total_docs,
+        )  # fmt: skip
+        if quick is not None:
+            return quick
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_session(cfg.ray))
         sampler = stack.enter_context(report.ResourceSampler())
@@ -369,6 +376,36 @@ def build(
 
         indexes = index.build(db, settings=cfg.index)
     counts["failed"] = failed
+    return _finish(
+        run_id=run_id, started=started, source=source, db=db, cfg=cfg, counts=counts, embedded=embedded,
+        resources={**sampler.summary(), "embed_actors": pool, "timeline": sampler.timeline},
+        stages=stages, timeline=timeline, backend=backend, manifest=manifest, log_path=log_path,
+        report_path=report_path, pruned=pruned if prune else None, indexes=indexes,
+        cache_appends=cache_writes["appends"] if cache_writes is not None else None,
+    )  # fmt: skip
+
+
+def _finish(
+    *,
+    run_id: str,
+    started: float,
+    source: str,
+    db: str,
+    cfg: Config,
+    counts: dict[str, Any],
+    embedded: EmbedTotals,
+    resources: dict[str, Any],
+    stages: dict[str, Any],
+    timeline: list[dict[str, Any]],
+    backend: dict[str, Any],
+    manifest: store.Manifest,
+    log_path: Path,
+    report_path: Path | None,
+    pruned: list[str] | None,
+    indexes: dict[str, Any] | None,
+    cache_appends: int | None = None,
+) -> dict[str, Any]:
+    """Build the run report, write it to db/_runs/ (and ``report_path``) and return it."""
     wall_s = time.time() - started
     result = report.build_report(
         run_id=run_id,
@@ -377,7 +414,7 @@ def build(
         model=manifest.model,
         wall_s=wall_s,
         counts=counts,
-        resources={**sampler.summary(), "embed_actors": pool, "timeline": sampler.timeline},
+        resources=resources,
         stages=stages,
         shards=store.shard_rows(db),
         config=cfg.model_dump(),
@@ -386,8 +423,8 @@ def build(
     )
     result["throughput"]["embeddings_per_s"] = round(embedded.totals["computed"] / max(wall_s, 1e-9), 2)
     result["embeddings"] = embedded.summary()
-    if cache_writes is not None:
-        result["embeddings"]["cache_appends"] = cache_writes["appends"]
+    if cache_appends is not None:
+        result["embeddings"]["cache_appends"] = cache_appends
     result["batching"] = {
         "initial_token_budget": cfg.embedding.batch_tokens,
         "adaptive": cfg.embedding.adapt_batch,
@@ -397,7 +434,7 @@ def build(
     result["backend"]["db_vectors"] = manifest.vectors  # the db's format after this run ("mixed"?)
     if "int8_meta" in backend:
         result["backend"]["int8"] = backend["int8_meta"]
-    if prune:
+    if pruned is not None:
         result["docs"]["pruned"] = len(pruned)
     if indexes is not None:
         result["indexes"] = indexes
@@ -407,6 +444,85 @@ def build(
         paths.append(Path(report_path))
     report.write_report(result, *paths)
     return result
+
+
+def _unchanged_run(
+    *,
+    source: str,
+    db: str,
+    cfg: Config,
+    run_id: str,
+    started: float,
+    report_path: Path | None,
+    prune: bool,
+    progress: Callable[[dict[str, Any]], None] | None,
+    total_docs: int | None,
+) -> dict[str, Any] | None:
+    """The quick check: the run's report if every document of ``source`` is stored unchanged (or
+    fails to read, for the reason the full run would give), found in this process without Ray or
+    the model; None as soon as one document is new or changed, an id repeats, or
+    ``read.quick_check_s`` has passed: the full run then does the work."""
+    manifest = store.init_db(
+        db,
+        store.Manifest(
+            shards=cfg.shards,
+            model=models.model_id(cfg.embedding.model),
+            dim=embedding_dim(cfg.embedding.model),
+        ),
+    )  # checks the db takes this model and shard count, as the full run would
+    deadline = started + cfg.read.quick_check_s
+    counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
+    failed: list[list[str]] = []
+    seen: set[str] = set()
+    timeline: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(report.ResourceSampler())
+        log_path = stack.enter_context(run_log(Path(db) / store.RUNS_DIR / f"{run_id}.log"))
+        stack.enter_context(store.run_lock(db, run_id))
+        for docs in sources.iter_docs(
+            source, docs_per_batch=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
+        ):
+            checked = store.mark_unchanged(docs, db=db, shards=manifest.shards)
+            rows = checked.select(["doc_id", "source", "error", "status"]).to_pylist()
+            for row in rows:
+                if row["doc_id"] in seen:
+                    return _gave_up(f"document id {row['doc_id']!r} repeats")
+                seen.add(row["doc_id"])
+                if row["error"]:
+                    failed.append([row["doc_id"], row["source"], row["error"]])
+                elif row["status"] == "unchanged":
+                    counts["unchanged"] += 1
+                else:
+                    return _gave_up(f"{row['doc_id']!r} is new or changed")
+            if time.time() > deadline:
+                return _gave_up(
+                    f"{len(seen)} documents checked in read.quick_check_s={cfg.read.quick_check_s}"
+                )
+            timeline.append(
+                {"t": round(time.time() - started, 2), "chunks": 0, "docs": len(seen), "tokens": 0}
+            )
+            if progress is not None:
+                progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
+        logger.info("quick check: all %d documents unchanged or failed; no Ray, no model", len(seen))
+        store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
+        pruned = store.prune(db, source=source, keep=seen) if prune else None
+    indexes = None
+    if cfg.index.after_ingest:
+        from pipelines import index
+
+        indexes = index.build(db, settings=cfg.index)
+    counts["failed"] = failed
+    return _finish(
+        run_id=run_id, started=started, source=source, db=db, cfg=cfg, counts=counts,
+        embedded=EmbedTotals(started), resources={**sampler.summary(), "timeline": sampler.timeline},
+        stages={}, timeline=timeline, backend={"quick_check": True}, manifest=manifest,
+        log_path=log_path, report_path=report_path, pruned=pruned, indexes=indexes,
+    )  # fmt: skip
+
+
+def _gave_up(reason: str) -> None:
+    logger.info("quick check stopped (%s): running the full pipeline", reason)
+    return None
 
 
 class EmbedTotals:

@@ -40,22 +40,26 @@ class ResourceSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # a run shorter than one interval still gets a figure
 
     def _run(self) -> None:
-        root = psutil.Process()
         while not self._stop.wait(self.interval_s):
-            rss = 0
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    rss += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-            cpu = psutil.cpu_percent(interval=None)
-            self.peak_rss = max(self.peak_rss, rss)
-            self.cpu_samples.append(cpu)
-            self.timeline.append(
-                {"t": round(time.time() - self._started, 2), "rss_mb": round(rss / 2**20, 1), "cpu_pct": cpu}
-            )
+            self._sample()
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        rss = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        cpu = psutil.cpu_percent(interval=None)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.cpu_samples.append(cpu)
+        self.timeline.append(
+            {"t": round(time.time() - self._started, 2), "rss_mb": round(rss / 2**20, 1), "cpu_pct": cpu}
+        )
 
     def summary(self) -> dict[str, Any]:
         cpu = sum(self.cpu_samples) / len(self.cpu_samples) if self.cpu_samples else 0.0
@@ -176,6 +180,11 @@ def summary_table(report: dict[str, Any]):
         ("chunks written", str(report["chunks"]["written"])),
         *([("pruned", f"{docs['pruned']} documents no longer in the source")] if "pruned" in docs else []),
         *(
+            [("embeddings", "none: every document unchanged, found without Ray or the model (quick check)")]
+            if report.get("backend", {}).get("quick_check")
+            else []
+        ),
+        *(
             [
                 (
                     "embeddings",
@@ -191,7 +200,7 @@ def summary_table(report: dict[str, Any]):
                     + ")",
                 )
             ]
-            if "embeddings" in report
+            if "embeddings" in report and not report.get("backend", {}).get("quick_check")
             else []
         ),
         ("tokens embedded", str(report["tokens_embedded"])),

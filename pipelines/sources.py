@@ -144,24 +144,28 @@ class JsonlDatasource(FileBasedDatasource):
         self._max_doc_mb = max_doc_mb
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows: list[dict[str, Any]] = []
-        name = Path(path).name
-        limit = int(self._max_doc_mb * 1e6)
-        for line_no, line in enumerate(_lines(f, limit=limit), start=1):
-            where = f"{name}:{line_no}"
-            if isinstance(line, int) or len(line) > limit:
-                size = line if isinstance(line, int) else len(line)
-                error = f"line {line_no}: record is {_mb(size)}, over max_doc_mb={self._max_doc_mb}"
-                rows.append(_doc(where, source=path, error=error))
-            elif not line.strip():
-                continue
-            else:
-                rows.append(_line_to_doc(line, line_no, source=path, where=where))
-            if len(rows) >= self._docs_per_block:
-                yield pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
-                rows = []
-        if rows:
+        yield from _jsonl_blocks(f, path, docs_per_block=self._docs_per_block, max_doc_mb=self._max_doc_mb)
+
+
+def _jsonl_blocks(f: Any, path: str, *, docs_per_block: int, max_doc_mb: float) -> Iterator[pa.Table]:
+    rows: list[dict[str, Any]] = []
+    name = Path(path).name
+    limit = int(max_doc_mb * 1e6)
+    for line_no, line in enumerate(_lines(f, limit=limit), start=1):
+        where = f"{name}:{line_no}"
+        if isinstance(line, int) or len(line) > limit:
+            size = line if isinstance(line, int) else len(line)
+            error = f"line {line_no}: record is {_mb(size)}, over max_doc_mb={max_doc_mb}"
+            rows.append(_doc(where, source=path, error=error))
+        elif not line.strip():
+            continue
+        else:
+            rows.append(_line_to_doc(line, line_no, source=path, where=where))
+        if len(rows) >= docs_per_block:
             yield pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
 
 
 def _line_to_doc(line: bytes, line_no: int, *, source: str, where: str) -> dict[str, Any]:
@@ -377,6 +381,47 @@ def read_source(
         f"Unsupported source {str(source)!r}. Supported: a directory of "
         f"{', '.join(sorted(FILE_SUFFIXES))} files, a .jsonl file, or a .parquet file."
     )
+
+
+def iter_docs(
+    source: str | Path, *, docs_per_batch: int = 1000, max_doc_mb: float = 64
+) -> Iterator[pa.Table]:
+    """The documents of ``source`` (DOC_SCHEMA rows, failed ones included), read in this process,
+    one batch at a time: the same rows ``read_source`` gives, without Ray (see ingest's quick check).
+    """
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise SourceError(f"Source {str(source)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in {".jsonl", ".ndjson"}:
+        with path.open("rb") as f:
+            yield from _jsonl_blocks(f, str(path), docs_per_block=docs_per_batch, max_doc_mb=max_doc_mb)
+    elif suffix == ".parquet" or (path.is_dir() and _all_parquet(path)):
+        import pyarrow.parquet as pq
+
+        for file in [path] if path.is_file() else sorted(_visible_files(path)):
+            try:
+                batches = pq.ParquetFile(file).iter_batches(batch_size=docs_per_batch)
+                for batch in batches:
+                    yield parquet_to_docs(
+                        pa.Table.from_batches([batch]), source=str(path), max_doc_mb=max_doc_mb
+                    )
+            except Exception as exc:  # as _read_parquet: a broken file is one failed row
+                reason = f"unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}"
+                yield pa.Table.from_pylist(
+                    [_doc(str(file), source=str(file), error=reason)], schema=DOC_SCHEMA
+                )
+    elif path.is_dir() or suffix in FILE_SUFFIXES:
+        if path.is_dir():
+            root, items = path, list_files(path, max_doc_mb=max_doc_mb)
+        else:
+            root, items = path.parent, [{"path": str(path), "error": _unreadable(str(path), max_doc_mb)}]
+        for start in range(0, len(items), 16):
+            yield files_to_docs(
+                pa.Table.from_pylist(items[start : start + 16]), root=str(root), max_doc_mb=max_doc_mb
+            )
+    else:
+        raise SourceError(f"Unsupported source {str(source)!r}.")
 
 
 def count_docs(source: str | Path, *, max_scan_gb: float = 8.0) -> int | None:

@@ -215,6 +215,11 @@ def record_vectors(db: str | Path, dtype: str) -> Manifest:
     return manifest
 
 
+def is_db(db: str | Path) -> bool:
+    """Whether ``db`` holds an embedpipe db (its manifest)."""
+    return (_local(db) / MANIFEST).exists()
+
+
 def init_db(db: str | Path, manifest: Manifest) -> Manifest:
     """Create the db (manifest and empty shard tables), or check that an existing one matches."""
     root = _local(db)

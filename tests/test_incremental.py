@@ -2,6 +2,7 @@
 with only their changed chunks embedded (the embedding cache has the rest), vanished ones pruned."""
 
 import json
+from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -187,3 +188,32 @@ def test_int8_backend_end_to_end(ray_local, tmp_path, scifact):
     searcher = Searcher(tmp_path / "db")
     top = [searcher.search(d["title"], k=1).to_pylist()[0]["doc_id"] for d in docs[:20]]
     assert sum(t == d["_id"] for t, d in zip(top, docs[:20], strict=True)) >= 18
+
+
+def test_unchanged_reingest_is_a_quick_check_without_ray_and_fails_what_the_full_run_fails(
+    ray_local, tmp_path, scifact
+):
+    docs = scifact_docs(30)
+    source = tmp_path / "c.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs) + "{not json\n")
+    db = tmp_path / "db"
+    cfg = load_config(None, shards=2, **{"ray.progress_bars": False})
+    first = ingest.build(source=source, db=db, cfg=cfg)
+    assert first["docs"]["ingested"] == 30 and first["stages"]  # the full pipeline ran
+
+    again = ingest.build(source=source, db=db, cfg=cfg)
+    assert again["backend"] == {"quick_check": True, "db_vectors": first["backend"]["db_vectors"]}
+    assert again["stages"] == {} and again["embeddings"]["computed"] == 0
+    assert (again["docs"]["unchanged"], again["docs"]["ingested"], again["docs"]["failed"]) == (30, 0, 1)
+    assert again["failures"] == first["failures"]  # the same document, the same reason
+    assert Path(again["log"]).exists()
+
+    docs[7]["text"] += " An erratum: the assay was repeated."
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    third = ingest.build(source=source, db=db, cfg=cfg)
+    assert "quick_check" not in third["backend"] and third["stages"]
+    assert (third["docs"]["ingested"], third["docs"]["unchanged"], third["docs"]["failed"]) == (1, 29, 0)
+    assert "quick check stopped" in Path(third["log"]).read_text()
+
+    off = ingest.build(source=source, db=db, cfg=load_config(None, shards=2, **{"read.quick_check_s": 0}))
+    assert off["stages"] and off["docs"]["unchanged"] == 30
