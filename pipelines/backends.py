@@ -295,15 +295,27 @@ class TorchBackend:
 
 
 class OpenVINOBackend:
-    """An OpenVINO model (int8, or fp32 for short queries) on the CPU; tokenization by the model's
-    own fast tokenizer."""
+    """An OpenVINO model on the CPU: int8 (quantized), or the fp32 export run in fp32 or bf16;
+    tokenization by the model's own fast tokenizer."""
 
-    def __init__(self, model: str, *, files: str | Path | dict[str, Any], threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        files: str | Path | dict[str, Any],
+        threads: int | None = None,
+        precision: str | None = None,
+        streams: int = 1,
+    ):
         """
         Args:
             model: the source model (its tokenizer is used).
             files: the model's directory (``export_openvino``), or ``read_int8`` of it.
             threads: inference threads; default every core.
+            precision: for an fp32 export, ``fp32`` (the default) or ``bf16`` (OpenVINO's bf16
+                inference precision: AVX512-BF16 or AMX CPUs only). None for an int8 model.
+            streams: more than 1 compiles for throughput, with that many inference streams sharing
+                ``threads``; ``run_many`` then keeps them all busy (one pass at a time still works).
         """
         no_openvino_telemetry()
         import openvino as ov
@@ -319,14 +331,24 @@ class OpenVINOBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(models.resolve_model(model))
         self.max_length = int(files["meta"]["max_seq_length"])
         self.dim = int(files["meta"]["dim"])
-        self.dtype = "fp32" if files["meta"].get("format") == "openvino-fp32" else "int8"
-        config = {"INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1, "PERFORMANCE_HINT": "LATENCY"}
-        if self.dtype == "fp32":
+        exported_fp32 = files["meta"].get("format") == "openvino-fp32"
+        if precision not in (None, "fp32", "bf16") or (precision == "bf16" and not exported_fp32):
+            raise ValueError(f"precision {precision!r} needs an fp32 export. Supported: fp32, bf16.")
+        self.dtype = (precision or "fp32") if exported_fp32 else "int8"
+        threads = threads or os.cpu_count() or 1
+        self.streams = max(1, min(streams, threads))
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads}
+        if self.streams > 1:
+            config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=self.streams)
+        else:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        if exported_fp32:
             # OpenVINO runs an fp32 model in bf16 on CPUs with AVX512-BF16 or AMX unless told not to;
-            # an fp32 export must give the vectors torch fp32 gives on every CPU.
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+            # the precision is always named, so that a dtype means the same vectors on every CPU.
+            config["INFERENCE_PRECISION_HINT"] = "bf16" if self.dtype == "bf16" else "f32"
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
         self.device = "cpu"
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -345,14 +367,32 @@ class OpenVINOBackend:
     def run_prepared(self, prepared: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         return self._infer(*prepared)
 
+    def run_many(self, prepared: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Several passes at once, spread over the inference streams; results in input order."""
+        if self._queue is None or len(prepared) < 2:
+            return [self.run_prepared(p) for p in prepared]
+        out: list[np.ndarray | None] = [None] * len(prepared)
+
+        def done(request: Any, i: int) -> None:
+            out[i] = _unit(np.array(request.get_output_tensor(0).data, dtype=np.float32))
+
+        self._queue.set_callback(done)
+        for i, (input_ids, mask) in enumerate(prepared):
+            self._queue.start_async({"input_ids": input_ids, "attention_mask": mask}, i)
+        self._queue.wait_all()
+        return out  # type: ignore[return-value]
+
     def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
-        vectors = np.asarray(out[self.compiled.output(0)], dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
+        return _unit(np.asarray(out[self.compiled.output(0)], dtype=np.float32))
 
     def free_memory(self) -> None:
         pass
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
 
 
 def pad_ids(ids: list[Any], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,22 +413,29 @@ def load_backend(
     dtype: str,
     threads: int | None = None,
     int8_model: Any = None,
-    openvino_model: str | Path | None = None,
+    openvino_model: Any = None,
+    streams: int = 1,
 ) -> TorchBackend | OpenVINOBackend:
-    """The backend for a dtype; int8 needs ``int8_model`` (a directory, ``read_int8`` bytes or a Ray
-    object reference to them). ``openvino_model``, an fp32 export, runs fp32 on OpenVINO instead of
-    torch."""
-    if openvino_model is not None and dtype == "fp32" and device == "cpu":
-        return OpenVINOBackend(model, files=openvino_model, threads=threads)
+    """The backend for a dtype; int8 needs ``int8_model``. ``openvino_model``, an fp32 export, runs
+    fp32 or bf16 on OpenVINO instead of torch. Either model is a directory, ``read_int8`` bytes or
+    a Ray object reference to them; ``streams`` > 1 compiles an OpenVINO model for throughput."""
+    if openvino_model is not None and dtype in ("fp32", "bf16") and device == "cpu":
+        return OpenVINOBackend(
+            model, files=_fetched(openvino_model), threads=threads, precision=dtype, streams=streams
+        )
     if dtype == "int8":
         if int8_model is None:
             raise ValueError("dtype int8 needs a quantized model (see `embedpipe quantize`)")
-        if type(int8_model).__name__ == "ObjectRef":
-            import ray
-
-            int8_model = ray.get(int8_model)
-        return OpenVINOBackend(model, files=int8_model, threads=threads)
+        return OpenVINOBackend(model, files=_fetched(int8_model), threads=threads, streams=streams)
     return TorchBackend(model, device=device, dtype=dtype, threads=threads)
+
+
+def _fetched(files: Any) -> Any:
+    if type(files).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(files)
+    return files
 
 
 def quantize(

@@ -65,6 +65,15 @@ class EmbeddingConfig(_Strict):
         "model_cache) when openvino is installed, else bf16 with native bf16 (AVX512-BF16/AMX), else fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="What runs the model on a CPU. auto: measured once per machine (pipelines/autotune.py) "
+        "with dtype auto choosing the precision too: the fastest whose vectors stay within cosine 0.995 "
+        "of fp32. int8 always runs on OpenVINO; a GPU always on torch.",
+    )
+    openvino_streams: int = Field(
+        2, gt=0, description="OpenVINO inference streams per CPU actor (throughput mode); 1: latency mode."
+    )
     batch_size: int = Field(
         1024,
         gt=0,
@@ -125,6 +134,10 @@ class EmbeddingConfig(_Strict):
             )
         if self.dtype == "int8" and self.device == "cuda":
             raise ValueError("dtype int8 runs on the CPU (OpenVINO); on a GPU use fp16 or bf16")
+        if self.dtype == "int8" and self.engine == "torch":
+            raise ValueError("dtype int8 runs on OpenVINO: set engine to auto or openvino, or another dtype")
+        if self.engine == "openvino" and self.device == "cuda":
+            raise ValueError("engine openvino runs on the CPU; on a GPU use engine auto or torch")
         return self
 
 

@@ -43,8 +43,10 @@ class Embedder:
         device: auto, cpu or cuda.
         cpu_threads: threads for the forward pass on a CPU; default all cores of the node.
         int8_model: directory of the quantized model (backends.quantize).
-        openvino_model: directory of an fp32 OpenVINO export (backends.openvino_fp32_model): fp32 on
-            a CPU then runs on OpenVINO instead of torch.
+        openvino_model: an fp32 OpenVINO export (backends.openvino_fp32_model; a directory, its bytes
+            or a Ray reference to them): fp32 or bf16 on a CPU then run on OpenVINO instead of torch.
+        openvino_streams: more than 1 runs an OpenVINO model for throughput: the passes of a batch
+            are spread over that many inference streams.
         batch_tokens: the starting token budget per forward pass.
         min_batch_tokens, max_batch_tokens: bounds of the budget.
         adapt_batch: grow/shrink the budget from measured throughput (else only OOM shrinks it).
@@ -62,7 +64,8 @@ class Embedder:
         device: str = "auto",
         cpu_threads: int | None = None,
         int8_model: str | None = None,
-        openvino_model: str | None = None,
+        openvino_model: Any = None,
+        openvino_streams: int = 1,
         batch_tokens: int = 8192,
         min_batch_tokens: int = 256,
         max_batch_tokens: int = 262_144,
@@ -91,6 +94,7 @@ class Embedder:
             threads=threads,
             int8_model=int8_model,
             openvino_model=openvino_model,
+            streams=openvino_streams if self.device == "cpu" else 1,
         )
         self._backend: backends.TorchBackend | backends.OpenVINOBackend | None = None
         self.dim = embedding_dim(model)
@@ -143,6 +147,9 @@ class Embedder:
         if not texts:
             return out, stats  # nothing to embed: the model is not even loaded
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        if ids is not None and getattr(self.backend, "streams", 1) > 1:
+            self._run_streams(order, lengths, ids, out, stats)
+            return out, stats
         prefetch = ids is not None and hasattr(self.backend, "prepare_ids")
 
         def next_part(start: int) -> list[int]:  # cut with the budget as it stands now
@@ -160,6 +167,31 @@ class Embedder:
             self._run(part, texts, lengths, out, stats, ids, prepared=ready.result() if ready else None)
             part, ready = following, upcoming
         return out, stats
+
+    def _run_streams(
+        self, order: list[int], lengths: list[int], ids: list[Any], out: np.ndarray, stats: dict
+    ) -> None:
+        """Every pass of the batch at once, over the backend's inference streams (OpenVINO's
+        throughput mode; a CPU has no out-of-memory to split on)."""
+        parts, start = [], 0
+        while start < len(order):
+            end = batching.group_end(order, lengths, start, self.budget.value)
+            parts.append(order[start:end])
+            start = end
+        started = time.perf_counter()
+        results = self.backend.run_many([self.backend.prepare_ids([ids[i] for i in part]) for part in parts])
+        seconds = time.perf_counter() - started
+        padded_all = sum(len(part) * max(lengths[i] for i in part) for part in parts)
+        for part, vectors in zip(parts, results, strict=True):
+            out[part] = vectors
+            padded = len(part) * max(lengths[i] for i in part)
+            stats["passes"] += 1
+            stats["padded_tokens"] += padded
+            # The passes overlap: each gets the share of the wall time its padded tokens took.
+            self.budget.observe(
+                tokens=sum(lengths[i] for i in part), padded=padded, seconds=seconds * padded / padded_all
+            )
+        stats["busy_s"] += seconds
 
     def _prepare(self, part: list[int], ids: list[list[int]]) -> Any:
         if self._preparer is None:

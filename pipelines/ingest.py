@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines import backends, chunking, embed_cache, models, report, sources, store
+from pipelines import autotune, backends, chunking, embed_cache, models, report, sources, store
 from pipelines.chunking import embed_input
 from pipelines.config import Config, RayConfig
 from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, embedding_dim
@@ -190,6 +190,42 @@ def embedding_dtype(cfg: Config, *, on_gpu: bool, stored: str | None = None) -> 
     return dtype
 
 
+def cpu_engine(
+    source: str | None, cfg: Config, *, dtype: str, int8_path: str | None, free: bool
+) -> tuple[str, str, dict[str, Any] | None]:
+    """The (dtype, engine) CPU actors run, and the measurement behind it (None if none was needed).
+
+    Args:
+        source: the corpus; its first chunks are the measurement's sample.
+        cfg: embedding.dtype/engine say what is fixed.
+        dtype: the dtype decided so far (embedding_dtype; int8 when its model is at hand).
+        int8_path: the int8 model, if one is at hand.
+        free: whether the precision may change (dtype auto, and the db holds no vectors yet).
+    """
+    engine = cfg.embedding.engine
+    if dtype == "int8" and not free:
+        return "int8", "openvino", None
+    if engine != "auto" and not free:
+        return dtype, engine, None
+    if not backends.openvino_available() and not free:
+        return dtype, "torch", None
+    texts = calibration_texts(source, cfg, 256) if source else []
+    if len(texts) < 16:  # too little to measure; the flags decide
+        return dtype, ("openvino" if dtype == "int8" else "torch"), None
+    choice = autotune.cached_choice(
+        cfg.embedding.model,
+        texts=texts,
+        int8_files=int8_path,
+        threads=cfg.embedding.cpu_threads,
+        streams=cfg.embedding.openvino_streams,
+        dtypes=None if free else (dtype,),
+        engines=None if engine == "auto" else (engine,),
+        root=backends.cache_root(cfg.embedding.model_cache),
+    )
+    summary = {k: choice[k] for k in ("dtype", "engine", "tokens_per_s", "results", "signature")}
+    return choice["dtype"], choice["engine"], summary
+
+
 def _runs_on(dtype: str, device: str) -> bool:
     if dtype == "fp16":
         return device == "cuda"
@@ -279,6 +315,21 @@ def build(
             else:
                 backend["int8_model"] = str(path)
                 int8_files = ray.put(backends.read_int8(path))  # actors on any node load it from here
+        openvino_files = None
+        if device == "cpu":
+            dtype, engine, backend["autotune"] = cpu_engine(
+                source,
+                cfg,
+                dtype=dtype,
+                int8_path=backend.get("int8_model"),
+                free=cfg.embedding.dtype == "auto" and manifest.vectors is None,
+            )
+            backend.update(dtype=dtype, engine=engine)
+            if engine == "openvino" and dtype != "int8":
+                exported = backends.openvino_fp32_model(model, backends.cache_root(cfg.embedding.model_cache))
+                openvino_files = ray.put(backends.read_int8(exported))
+        else:
+            backend["engine"] = "torch"
         cache_writer = None
         if cfg.embedding.cache:
             embed_cache.create(db, manifest.dim)
@@ -316,6 +367,8 @@ def build(
                     "device": device,
                     "cpu_threads": cfg.embedding.cpu_threads,
                     "int8_model": int8_files,
+                    "openvino_model": openvino_files,
+                    "openvino_streams": cfg.embedding.openvino_streams,
                     "batch_tokens": cfg.embedding.batch_tokens,
                     "min_batch_tokens": cfg.embedding.min_batch_tokens,
                     "max_batch_tokens": cfg.embedding.max_batch_tokens,

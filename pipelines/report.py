@@ -190,6 +190,7 @@ def summary_table(report: dict[str, Any]):
                     "embeddings",
                     f"{report['embeddings']['computed']} computed, {report['embeddings']['cache_hits']} "
                     f"from the cache ({report.get('backend', {}).get('dtype', '?')} on "
+                    f"{report.get('backend', {}).get('engine', 'torch')}/"
                     f"{report.get('backend', {}).get('device', '?')}, "
                     f"{report['embeddings']['oom_splits']} OOM splits"
                     + (

@@ -162,3 +162,47 @@ def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
     assert "FORKS 0" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     assert not (tmp_path / "home" / "intel").exists()  # no client id written
     assert "fork support is experimental" not in out.stderr
+
+
+def _chunk_ids(n_docs: int, max_tokens: int = 128):
+    from tests.conftest import scifact_docs
+
+    docs = [_doc(d["_id"], source="s", title=d["title"], text=d["text"]) for d in scifact_docs(n_docs)]
+    chunks = chunk_docs(pa.Table.from_pylist(docs, schema=DOC_SCHEMA), model=MODEL, max_tokens=max_tokens)
+    texts = [
+        embed_input(t, x)
+        for t, x in zip(chunks["title"].to_pylist(), chunks["text"].to_pylist(), strict=True)
+    ]
+    return texts, chunks["n_tokens"].to_pylist(), chunks["input_ids"].to_pylist()
+
+
+def test_openvino_streams_give_the_vectors_of_one_pass_at_a_time(embedder, tmp_path):
+    """Throughput mode runs a batch's passes side by side on two inference streams."""
+    from pipelines import backends
+
+    exported = str(backends.openvino_fp32_model(MODEL, root=tmp_path))
+    texts, lengths, ids = _chunk_ids(30)
+    small = {"batch_tokens": 1024, "min_batch_tokens": 256, "max_batch_tokens": 1024}
+    one = Embedder(model=MODEL, device="cpu", dtype="fp32", openvino_model=exported, **small)
+    two = Embedder(
+        model=MODEL, device="cpu", dtype="fp32", openvino_model=exported, openvino_streams=2, **small
+    )
+    v1, s1 = one.embed(texts, lengths, ids)
+    v2, s2 = two.embed(texts, lengths, ids)
+    assert two.backend.streams == 2 and s2["passes"] == s1["passes"] > 2
+    np.testing.assert_allclose(v2, v1, atol=1e-6)
+    np.testing.assert_allclose(v1, embedder.encode(texts), atol=2e-5)
+
+
+def test_openvino_bf16_runs_in_bf16_where_the_cpu_has_it(embedder, tmp_path):
+    from pipelines import backends
+
+    if not backends.cpu_has_native_bf16():
+        pytest.skip("no AVX512-BF16 or AMX on this CPU: bf16 is not offered here")
+    exported = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    bf16 = backends.OpenVINOBackend(MODEL, files=exported, precision="bf16")
+    assert "bfloat16" in str(bf16.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    texts, _, ids = _chunk_ids(10)
+    vectors, reference = bf16.encode_ids(ids), embedder.encode(texts)
+    cosine = np.sum(vectors * reference, axis=1)
+    assert cosine.min() > 0.999 and np.abs(vectors - reference).max() > 1e-6  # bf16, not fp32

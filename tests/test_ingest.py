@@ -176,3 +176,23 @@ def test_one_db_never_mixes_vector_formats_unasked(ray_local, tmp_path, scifact)
         ),
     )
     assert mixed["backend"]["db_vectors"] == "mixed" and store.read_manifest(db).vectors == "mixed"
+
+
+def test_fp32_on_openvino_in_the_pipeline_stores_torch_fp32_vectors(ray_local, tmp_path, scifact):
+    """engine: openvino runs the fp32 export in throughput mode (two streams) in the actors."""
+    from pipelines.chunking import embed_input
+    from pipelines.embedding import Embedder
+
+    db = tmp_path / "db"
+    overrides = {"embedding.dtype": "fp32", "embedding.engine": "openvino", "ray.progress_bars": False}
+    report = ingest.build(
+        source=_write_jsonl(tmp_path / "a.jsonl", scifact_docs(10)),
+        db=db,
+        cfg=load_config(None, shards=2, **overrides),
+    )
+    assert (report["backend"]["dtype"], report["backend"]["engine"]) == ("fp32", "openvino")
+    rows = [r for t in store.open_shards(db).values() for r in t.to_arrow().to_pylist()]
+    assert len(rows) == report["chunks"]["written"] > 10
+    torch_fp32 = Embedder(model=report["model"], device="cpu", dtype="fp32")
+    expected = torch_fp32.encode([embed_input(r["title"], r["text"]) for r in rows])
+    np.testing.assert_allclose(np.array([r["vector"] for r in rows]), expected, atol=2e-5)
