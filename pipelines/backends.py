@@ -352,10 +352,14 @@ class OpenVINOBackend:
         self.device = "cpu"
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        return self._infer(*self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids and mask of ``texts``, ready for ``run_prepared`` or ``run_many``."""
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
-        return self._infer(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
     def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
         """One pass over texts tokenized already (the chunker's ``input_ids``)."""

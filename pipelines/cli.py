@@ -530,6 +530,7 @@ def bench_command(
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     Console().print(bench.table(result))
+    Console().print(bench.plain_table(result))
     typer.echo(bench.ratios_text(result))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

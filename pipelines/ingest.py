@@ -190,6 +190,48 @@ def embedding_dtype(cfg: Config, *, on_gpu: bool, stored: str | None = None) -> 
     return dtype
 
 
+def choose_backend(source: str | None, cfg: Config, *, device: str, stored: str | None) -> dict[str, Any]:
+    """What the actors run: dtype, engine and device, the models' paths and how they were chosen.
+
+    On a CPU this may quantize the model (int8, once per machine) and measure the candidates
+    (autotune, once per machine); both are cached.
+
+    Args:
+        source: the corpus (calibration and measurement sample).
+        cfg: the config.
+        device: what the actors reserve: cpu or cuda.
+        stored: the format of the vectors the db holds (Manifest.vectors), if any.
+    """
+    dtype = embedding_dtype(cfg, on_gpu=device == "cuda", stored=stored)
+    backend: dict[str, Any] = {"dtype": dtype, "device": device, "engine": "torch"}
+    if dtype == "int8":
+        path, backend["int8_meta"] = int8_model(source, cfg)
+        if path is None:
+            if stored == "int8" and not cfg.embedding.allow_mixed_dtypes:
+                raise ValueError(
+                    f"The db holds int8 vectors, but no int8 model is cached here and "
+                    f"{backend['int8_meta']['reason'].split(';')[0]}: run `embedpipe quantize` on a "
+                    "larger sample of the corpus first."
+                )
+            dtype = backends.resolve_dtype("auto", "cpu")
+        else:
+            backend["int8_model"] = str(path)
+    if device == "cpu":
+        dtype, engine, backend["autotune"] = cpu_engine(
+            source,
+            cfg,
+            dtype=dtype,
+            int8_path=backend.get("int8_model"),
+            free=cfg.embedding.dtype == "auto" and stored is None,
+        )
+        backend.update(engine=engine)
+        if engine == "openvino" and dtype != "int8":
+            root = backends.cache_root(cfg.embedding.model_cache)
+            backend["openvino_model"] = str(backends.openvino_fp32_model(cfg.embedding.model, root))
+    backend["dtype"] = dtype
+    return backend
+
+
 def cpu_engine(
     source: str | None, cfg: Config, *, dtype: str, int8_path: str | None, free: bool
 ) -> tuple[str, str, dict[str, Any] | None]:
@@ -299,37 +341,13 @@ def build(
         # The device follows from what the actors reserve: a GPU actor runs on its GPU (or fails
         # saying why), a CPU actor never touches one.
         device = "cuda" if pool["num_gpus"] else "cpu"
-        dtype = embedding_dtype(cfg, on_gpu=device == "cuda", stored=manifest.vectors)
-        backend: dict[str, Any] = {"dtype": dtype, "device": device}
-        int8_files = None
-        if dtype == "int8":
-            path, backend["int8_meta"] = int8_model(source, cfg)
-            if path is None:
-                if manifest.vectors == "int8" and not cfg.embedding.allow_mixed_dtypes:
-                    raise ValueError(
-                        f"The db holds int8 vectors, but no int8 model is cached here and "
-                        f"{backend['int8_meta']['reason'].split(';')[0]}: run `embedpipe quantize` on a "
-                        "larger sample of the corpus first."
-                    )
-                dtype = backend["dtype"] = backends.resolve_dtype("auto", "cpu")
-            else:
-                backend["int8_model"] = str(path)
-                int8_files = ray.put(backends.read_int8(path))  # actors on any node load it from here
+        backend = choose_backend(source, cfg, device=device, stored=manifest.vectors)
+        dtype = backend["dtype"]
+        # Actors on any node load the models from Ray's object store.
+        int8_files = ray.put(backends.read_int8(backend["int8_model"])) if dtype == "int8" else None
         openvino_files = None
-        if device == "cpu":
-            dtype, engine, backend["autotune"] = cpu_engine(
-                source,
-                cfg,
-                dtype=dtype,
-                int8_path=backend.get("int8_model"),
-                free=cfg.embedding.dtype == "auto" and manifest.vectors is None,
-            )
-            backend.update(dtype=dtype, engine=engine)
-            if engine == "openvino" and dtype != "int8":
-                exported = backends.openvino_fp32_model(model, backends.cache_root(cfg.embedding.model_cache))
-                openvino_files = ray.put(backends.read_int8(exported))
-        else:
-            backend["engine"] = "torch"
+        if backend["engine"] == "openvino" and dtype != "int8":
+            openvino_files = ray.put(backends.read_int8(backend["openvino_model"]))
         cache_writer = None
         if cfg.embedding.cache:
             embed_cache.create(db, manifest.dim)

@@ -25,8 +25,26 @@ def test_bench_then_plan(ray_local, mini_beir, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     figures = json.loads(out_json.read_text())
-    for key in ("ratio_vs_plain_fp32", "ratio_vs_plain_same_dtype", "reingest_speedup", "ndcg@10"):
+    for key in (
+        "ratio_vs_plain_fp32",
+        "ratio_vs_plain_same_dtype",
+        "ratio_vs_plain_best",
+        "reingest_speedup",
+        "ndcg@10",
+    ):
         assert isinstance(figures[key], float) and figures[key] > 0, key
+    # A plain loop per backend this CPU runs (autotune's candidates), each scored on its own vectors.
+    from pipelines import autotune, backends
+
+    pairs = {(r["dtype"], r["engine"]) for r in figures["plain"]}
+    int8 = figures["pipeline"]["embeddings"]["computed"] > 0 and "int8_model" in figures
+    assert pairs == set(autotune.candidates(int8=int8, openvino=backends.openvino_available()))
+    assert all(r["tokens_per_s"] > 0 and r["ndcg@10"] > 0.5 for r in figures["plain"])
+    best = figures["plain_best"]
+    assert best["tokens_per_s"] == max(
+        r["tokens_per_s"] for r in figures["plain"] if r["ndcg@10"] >= figures["plain"][0]["ndcg@10"] - 0.005
+    )
+    assert figures["phases"]["d"]["wall_s"] < figures["phases"]["c"]["wall_s"]
     assert set(figures["phases"]) == {"a", "b", "c", "d"}
     assert figures["reingest"] == {"unchanged": figures["docs"], "embeddings_computed": 0}
     assert figures["phases"]["c"]["gflops_per_s"] > 0 and figures["gflop_per_chunk"] > 0
