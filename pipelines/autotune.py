@@ -17,13 +17,14 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines import backends, batching, models
+from pipelines import NOTICE, backends, batching, models
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +84,20 @@ def _versions() -> dict[str, str]:
 def cached_choice(
     model: str,
     *,
-    texts: list[str],
+    texts: list[str] | Callable[[], list[str]],
     int8_files: Any = None,
     threads: int | None = None,
     streams: int = 2,
     dtypes: tuple[str, ...] | None = None,
     engines: tuple[str, ...] | None = None,
     root: Path | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The measured choice for ``model`` on this CPU, from the cache or measured now.
 
     Args:
         model: the embedding model.
-        texts: a sample of what will be embedded (chunk texts); a few hundred are plenty.
+        texts: a sample of what will be embedded (chunk texts; a few hundred are plenty), or a
+            function that gives it, called only when there is something to measure.
         int8_files: the quantized model (directory or ``read_int8`` bytes); None leaves int8 out.
         threads: inference threads; default every core.
         streams: OpenVINO inference streams, as the pipeline runs it.
@@ -103,7 +105,8 @@ def cached_choice(
         root: the model cache (backends.cache_root()).
 
     Returns:
-        {"dtype", "engine", "tokens_per_s", "results": every candidate's figures, "signature"}.
+        {"dtype", "engine", "tokens_per_s", "results": every candidate's figures, "signature"}, or
+        None when nothing was cached and the sample has under 16 texts.
     """
     openvino = backends.openvino_available()
     pairs = [
@@ -127,7 +130,10 @@ def cached_choice(
             return json.loads(path.read_text())
         except ValueError:
             pass  # a torn file: measure again
-    logger.warning("measuring which precision embeds fastest on this CPU (once): %s", ", ".join(
+    texts = texts() if callable(texts) else texts
+    if len(texts) < 16:
+        return None
+    logger.log(NOTICE, "measuring which precision embeds fastest on this CPU (once): %s", ", ".join(
         f"{d} on {e}" for d, e in pairs
     ))  # fmt: skip
     results = measure(

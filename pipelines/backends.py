@@ -319,7 +319,6 @@ class OpenVINOBackend:
         """
         no_openvino_telemetry()
         import openvino as ov
-        from transformers import AutoTokenizer
 
         if not isinstance(files, dict):
             if not (Path(files) / "model.xml").exists():
@@ -328,7 +327,9 @@ class OpenVINOBackend:
         core = ov.Core()
         weights = ov.Tensor(np.frombuffer(files["bin"], dtype=np.uint8).copy())
         network = core.read_model(model=files["xml"].decode("utf-8"), weights=weights)
-        self.tokenizer = AutoTokenizer.from_pretrained(models.resolve_model(model))
+        self.model = model
+        self._tokenizer: Any = None  # transformers' tokenizer, loaded when texts come untokenized
+        self.pad_id = models.pad_token_id(model)
         self.max_length = int(files["meta"]["max_seq_length"])
         self.dim = int(files["meta"]["dim"])
         exported_fp32 = files["meta"].get("format") == "openvino-fp32"
@@ -354,6 +355,14 @@ class OpenVINOBackend:
     def encode(self, texts: list[str]) -> np.ndarray:
         return self._infer(*self.tokenize(texts))
 
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(models.resolve_model(self.model))
+        return self._tokenizer
+
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Padded ids and mask of ``texts``, ready for ``run_prepared`` or ``run_many``."""
         enc = self.tokenizer(
@@ -366,7 +375,7 @@ class OpenVINOBackend:
         return self.run_prepared(self.prepare_ids(ids))
 
     def prepare_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        return pad_ids(ids, self.tokenizer.pad_token_id or 0)
+        return pad_ids(ids, self.pad_id)
 
     def run_prepared(self, prepared: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         return self._infer(*prepared)

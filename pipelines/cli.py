@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines import NOTICE
 from pipelines.config import ConfigError, api_key_from_env, load_config
 
 EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
@@ -80,9 +81,9 @@ def main(
 ) -> None:
     # The console shows warnings (INFO with -v); a run's log file gets INFO either way.
     handler = logging.StreamHandler()
-    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setLevel(logging.INFO if verbose else NOTICE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=logging.INFO if verbose else NOTICE, handlers=[handler])
     logging.captureWarnings(True)
     ctx.obj = {"ray": VERBOSE if verbose else {}}
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -54,6 +54,7 @@ class Embedder:
         cache_writer: the run's embed_cache.CacheWriter handle, which appends in large batches;
             None to append each batch's new vectors here.
         encode_batch_size: rows per pass when ``encode`` is called directly (queries, benchmarks).
+        preload: start loading the model at once, in a thread (the pipeline's actors do).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Embedder:
         cache_db: str | None = None,
         cache_writer: Any = None,
         encode_batch_size: int = 32,
+        preload: bool = False,
     ):
         if device == "cuda":
             if os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
@@ -85,7 +87,8 @@ class Embedder:
         # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); the forward pass is the one
         # stage that can use every core, and the others mostly wait on it.
         threads = (cpu_threads or os.cpu_count() or 1) if self.device == "cpu" else None
-        # Loaded on first use: a run whose documents are all unchanged or cached never needs it.
+        # Loaded on first use (a batch of unchanged or cached rows never needs it), or with ``preload``
+        # in a thread from the start, while the actor's first batch is read and chunked.
         self._load = functools.partial(
             backends.load_backend,
             model,
@@ -97,6 +100,11 @@ class Embedder:
             streams=openvino_streams if self.device == "cpu" else 1,
         )
         self._backend: backends.TorchBackend | backends.OpenVINOBackend | None = None
+        self._loading: Any = None
+        if preload:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._loading = ThreadPoolExecutor(1, thread_name_prefix="embed-load").submit(self._load)
         self.dim = embedding_dim(model)
         self.encode_batch_size = encode_batch_size
         free = batching.cuda_free_fraction if self.device == "cuda" else batching.host_free_fraction
@@ -117,7 +125,7 @@ class Embedder:
     @property
     def backend(self) -> backends.TorchBackend | backends.OpenVINOBackend:
         if self._backend is None:
-            self._backend = self._load()
+            self._backend = self._loading.result() if self._loading is not None else self._load()
             if self._backend.dim != self.dim:
                 raise ValueError(f"model gives {self._backend.dim}-d vectors, expected {self.dim}")
         return self._backend

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines import autotune, backends, chunking, embed_cache, models, report, sources, store
+from pipelines import NOTICE, autotune, backends, chunking, embed_cache, models, report, sources, store
 from pipelines.chunking import embed_input
 from pipelines.config import Config, RayConfig
 from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, embedding_dim
@@ -156,7 +156,9 @@ def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, 
                         "reason": f"int8 needs {MIN_CALIBRATION} chunks to calibrate on and the source has "
                         f"{len(texts)}; using the torch backend for this run"
                     }
-                logger.warning("quantizing %s to int8 on %d chunks of %s (once)", model, len(texts), source)
+                logger.log(
+                    NOTICE, "quantizing %s to int8 on %d chunks of %s (once)", model, len(texts), source
+                )
                 backends.quantize(model, texts, target)
     return target, json.loads((target / "meta.json").read_text())
 
@@ -251,12 +253,9 @@ def cpu_engine(
         return dtype, engine, None
     if not backends.openvino_available() and not free:
         return dtype, "torch", None
-    texts = calibration_texts(source, cfg, 256) if source else []
-    if len(texts) < 16:  # too little to measure; the flags decide
-        return dtype, ("openvino" if dtype == "int8" else "torch"), None
     choice = autotune.cached_choice(
         cfg.embedding.model,
-        texts=texts,
+        texts=lambda: calibration_texts(source, cfg, 256) if source else [],
         int8_files=int8_path,
         threads=cfg.embedding.cpu_threads,
         streams=cfg.embedding.openvino_streams,
@@ -264,6 +263,8 @@ def cpu_engine(
         engines=None if engine == "auto" else (engine,),
         root=backends.cache_root(cfg.embedding.model_cache),
     )
+    if choice is None:  # too little text to measure on; the CPU's flags decide
+        return dtype, ("openvino" if dtype == "int8" else "torch"), None
     summary = {k: choice[k] for k in ("dtype", "engine", "tokens_per_s", "results", "signature")}
     return choice["dtype"], choice["engine"], summary
 
@@ -387,6 +388,7 @@ def build(
                     "int8_model": int8_files,
                     "openvino_model": openvino_files,
                     "openvino_streams": cfg.embedding.openvino_streams,
+                    "preload": True,  # the model loads while the first batch is read and chunked
                     "batch_tokens": cfg.embedding.batch_tokens,
                     "min_batch_tokens": cfg.embedding.min_batch_tokens,
                     "max_batch_tokens": cfg.embedding.max_batch_tokens,

@@ -88,6 +88,9 @@ def stage_times(stats: Any) -> dict[str, dict[str, float]]:
                 "task_cpu_s_sum": round(_stat_sum(op.cpu_time), 3),
                 "rows_out": int(_stat_sum(op.output_num_rows)),
             }
+    cpu = sum(stage["task_cpu_s_sum"] for stage in stages.values())
+    for stage in stages.values():  # each stage's share of the CPU time the pipeline's tasks used
+        stage["cpu_share"] = round(stage["task_cpu_s_sum"] / cpu, 3) if cpu > 0 else 0.0
     return stages
 
 

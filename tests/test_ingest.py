@@ -60,6 +60,8 @@ def test_report_accounts_for_every_document(ingested):
         assert saved["throughput"][key] > 0
     assert saved["resources"]["peak_rss_mb"] > 0
     assert any("Embedder" in name for name in saved["stages"])
+    shares = [stage["cpu_share"] for stage in saved["stages"].values()]
+    assert abs(sum(shares) - 1) < 0.01 and all(0 <= x <= 1 for x in shares)
 
 
 def test_shards_hold_every_chunk_once_and_each_doc_in_one_shard(ingested):
