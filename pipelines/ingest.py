@@ -358,6 +358,9 @@ def build(
             options.resource_limits = options.resource_limits.copy(
                 object_store_memory=cfg.ray.data_object_store_limit_mb * 2**20
             )
+        # Chunking in tasks of its own (a CPU reservation unlike the actors' keeps Ray Data from fusing
+        # it into them): the actors then run passes back to back while the next rows are chunked.
+        chunk_cpus = {"num_cpus": cfg.chunking.num_cpus} if cfg.chunking.num_cpus else {}
         ds = (
             sources.read_source(
                 source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
@@ -367,6 +370,7 @@ def build(
                 batch_format="pyarrow",
                 batch_size=cfg.chunking.docs_per_batch,
                 fn_kwargs={"db": db, "shards": manifest.shards},
+                **chunk_cpus,
             )
             .map_batches(
                 chunking.chunk_docs,
@@ -377,6 +381,7 @@ def build(
                     "max_tokens": cfg.chunking.max_tokens,
                     "overlap_tokens": cfg.chunking.overlap_tokens,
                 },
+                **chunk_cpus,
             )
             .map_batches(
                 Embedder,
@@ -432,10 +437,12 @@ def build(
             if progress is not None and timeline:
                 progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
         stages = report.stage_times(ds.get_stats_summary())
+        finishing = time.time()
         dropped, counts["chunks"] = _commit(staging, failed, attempts)
         counts["ingested"] -= dropped
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
+        committed = time.time()
         cache_writes = None
         if cache_writer is not None:
             cache_writes = ray.get(cache_writer.finish.remote(embedded.totals["computed"]))
@@ -443,6 +450,11 @@ def build(
                 embed_cache.compact(db)
         if embedded.totals["computed"]:
             manifest = store.record_vectors(db, dtype)
+        logger.info(
+            "after the last batch: commit %.2f s, embedding cache %.2f s",
+            committed - finishing,
+            time.time() - committed,
+        )
     indexes = None
     if cfg.index.after_ingest:
         from pipelines import index
