@@ -101,6 +101,12 @@ class EmbeddingConfig(_Strict):
     cache: bool = Field(
         True, description="Reuse embeddings of texts embedded before (the _embed_cache table in the db)."
     )
+    cache_flush_rows: int = Field(
+        16_384, gt=0, description="The cache writer appends once this many new vectors have gathered..."
+    )
+    cache_flush_s: float = Field(
+        5.0, gt=0, description="...or once the oldest has waited this long (what a killed run can lose)."
+    )
     allow_mixed_dtypes: bool = Field(
         False,
         description="Let a run add vectors in another numeric format than the db holds (int8 on a CPU, "

@@ -352,7 +352,12 @@ def build(
         cache_writer = None
         if cfg.embedding.cache:
             embed_cache.create(db, manifest.dim)
-            cache_writer = embed_cache.CacheWriter.remote(db, manifest.dim)
+            cache_writer = embed_cache.CacheWriter.remote(
+                db,
+                manifest.dim,
+                flush_rows=cfg.embedding.cache_flush_rows,
+                flush_s=cfg.embedding.cache_flush_s,
+            )
         if cfg.ray.data_object_store_limit_mb:
             options = ray.data.DataContext.get_current().execution_options
             options.resource_limits = options.resource_limits.copy(

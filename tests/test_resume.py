@@ -29,7 +29,7 @@ SETTINGS = {
     "shards": 3,
     "read": {"docs_per_block": 6},  # several blocks, so that a run is stopped part-way
     "chunking": {"max_tokens": 128, "docs_per_batch": 6},
-    "embedding": {"batch_size": 16},
+    "embedding": {"batch_size": 16, "cache_flush_rows": 16},  # the cache grows batch by batch
     "ray": {"progress_bars": False, "num_cpus": 2},
 }
 
@@ -48,7 +48,7 @@ def _staged_data(db) -> bool:
 
 
 def _cached_files(db) -> set[Path]:
-    """Data files of the embedding cache, which the embedding actor appends to after each batch."""
+    """Data files of the embedding cache, which the run's cache writer appends to every 16 rows here."""
     return set((Path(db) / "_embed_cache.lance" / "data").glob("*.lance"))
 
 
