@@ -29,6 +29,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+RECENT_ROWS = 32_768  # vectors an actor remembers (~50 MB at 384-d): more than a cache writer holds back
+
+
 class Embedder:
     """Adds a normalized ``vector`` column to chunk rows whose status is "ok".
 
@@ -117,6 +120,7 @@ class Embedder:
         )
         self.cache = embed_cache.EmbeddingCache(cache_db, self.dim) if cache_db else None
         self.cache_writer = cache_writer  # an embed_cache.CacheWriter; None: write in place
+        self._recent: dict[str, np.ndarray] = {}  # key -> vector, the last RECENT_ROWS computed here
         self.namespace = backends.model_key(model, self.dtype)
         self._events_sent = 0
         self._sized = False  # the budget sized from a measured pass (GPU only)
@@ -285,7 +289,10 @@ class Embedder:
         inputs = [embed_input(titles[i], texts[i]) for i in todo]
         vectors = np.zeros((len(todo), self.dim), dtype=np.float32)
         keys = embed_cache.keys(self.namespace, inputs) if self.cache else []
-        hits = self.cache.lookup(keys) if self.cache else {}
+        # What this actor computed lately first: the writer may not have appended it yet.
+        hits = {k: self._recent[k] for k in keys if k in self._recent}
+        if self.cache:
+            hits |= self.cache.lookup([k for k in keys if k not in hits])
         # Each distinct text not in the cache is embedded once, however many rows share it.
         first: dict[str, int] = {}
         misses: list[int] = []
@@ -306,6 +313,10 @@ class Embedder:
         if self.cache and misses:
             if self.cache_writer is not None:  # sent before the batch moves on: see CacheWriter.finish
                 self.cache_writer.add.remote([keys[j] for j in misses], computed)
+                for j, vector in zip(misses, computed, strict=True):
+                    self._recent[keys[j]] = vector
+                while len(self._recent) > RECENT_ROWS:
+                    self._recent.pop(next(iter(self._recent)))  # the oldest
             else:
                 self.cache.store([keys[j] for j in misses], computed)
         events = self.budget.events[self._events_sent :]

@@ -1,5 +1,7 @@
 """The embedding stage with the real bundled model."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -206,3 +208,33 @@ def test_openvino_bf16_runs_in_bf16_where_the_cpu_has_it(embedder, tmp_path):
     vectors, reference = bf16.encode_ids(ids), embedder.encode(texts)
     cosine = np.sum(vectors * reference, axis=1)
     assert cosine.min() > 0.999 and np.abs(vectors - reference).max() > 1e-6  # bf16, not fp32
+
+
+def test_an_actor_reuses_what_it_computed_before_the_cache_writer_appends_it(tmp_path):
+    """The run's cache writer appends every few seconds; a text repeated in the next batch is not
+    embedded again meanwhile. (The writer here only records what it is sent: the unit under test
+    is the actor.)"""
+    from pipelines import embed_cache
+
+    sent = []
+
+    class Writer:
+        class add:  # noqa: N801  (the shape of a Ray actor method)
+            @staticmethod
+            def remote(keys, vectors):
+                sent.append((keys, vectors))
+
+    embed_cache.create(tmp_path, 384)
+    actor = Embedder(model=MODEL, device="cpu", dtype="fp32", cache_db=str(tmp_path), cache_writer=Writer())
+    docs = [
+        _doc(f"d{i}", source="s", title="T", text=f"Enzyme {i} speeds up reaction {i}.") for i in range(5)
+    ]
+    chunks = chunk_docs(pa.Table.from_pylist(docs, schema=DOC_SCHEMA), model=MODEL)
+    first = json.loads(actor(chunks)["embed_stats"][0].as_py())
+    again = actor(chunks)
+    stats = json.loads(again["embed_stats"][0].as_py())
+    assert (first["computed"], stats["computed"], stats["cache_hits"]) == (5, 0, 5)
+    assert len(sent) == 1 and len(sent[0][0]) == 5  # each vector sent to the writer once
+    np.testing.assert_allclose(
+        np.stack(again["vector"].to_numpy(zero_copy_only=False)), sent[0][1], atol=1e-6
+    )
