@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,7 @@ class TorchBackend:
         from sentence_transformers import SentenceTransformer
 
         transformers.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -492,8 +494,12 @@ def export_openvino(
     no_openvino_telemetry()
     import openvino as ov
     import torch
+    import transformers
     from sentence_transformers import SentenceTransformer
 
+    # A one-time step that is announced already: no weight-loading bars or config notes on top.
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists() and not force:
         return json.loads((out_dir / "meta.json").read_text())
@@ -519,7 +525,10 @@ def export_openvino(
         return_tensors="pt",
     )
     shape = ov.PartialShape([-1, -1])
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Tracing with fixed example shapes is what the conversion does; its TracerWarnings say so.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations met while tracing
         converted = ov.convert_model(
             _Pooled(st),
             example_input={"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]},
