@@ -48,10 +48,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
         # Ray 2.60 turns token authentication on for a new local cluster and warns that it did,
-        # each time; on is what we want.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            _TokenAuthNotice()
-        )
+        # each time; on is what we want. One filter however many runs this process makes.
+        token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if not any(isinstance(f, _TokenAuthNotice) for f in token_logger.filters):
+            token_logger.addFilter(_TokenAuthNotice())
     with warnings.catch_warnings():
         # Ray starts its processes with fork+exec, which lancedb's fork hook cannot tell from a bare fork.
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
@@ -322,9 +322,7 @@ def build(
         sampler = stack.enter_context(report.ResourceSampler())
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         # After ray.init: lancedb warns when its runtime is forked, and Ray forks while starting.
-        manifest = store.init_db(
-            db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
-        )
+        manifest = _open_db(db, cfg)
         log_path = stack.enter_context(run_log(Path(db) / store.RUNS_DIR / f"{run_id}.log"))
         stack.enter_context(store.run_lock(db, run_id))  # and clears what killed runs left staged
         staging = store.Staging(db, run_id, manifest)
@@ -536,6 +534,14 @@ def _finish(
     return result
 
 
+def _open_db(db: str, cfg: Config) -> store.Manifest:
+    """The db's manifest; a new db is created for the configured model and shard count."""
+    model = cfg.embedding.model
+    return store.init_db(
+        db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
+    )
+
+
 def _unchanged_run(
     *,
     source: str,
@@ -552,14 +558,7 @@ def _unchanged_run(
     fails to read, for the reason the full run would give), found in this process without Ray or
     the model; None as soon as one document is new or changed, an id repeats, or
     ``read.quick_check_s`` has passed: the full run then does the work."""
-    manifest = store.init_db(
-        db,
-        store.Manifest(
-            shards=cfg.shards,
-            model=models.model_id(cfg.embedding.model),
-            dim=embedding_dim(cfg.embedding.model),
-        ),
-    )  # checks the db takes this model and shard count, as the full run would
+    manifest = _open_db(db, cfg)  # checks the db takes this model and shard count, as the full run does
     deadline = started + cfg.read.quick_check_s
     counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
     failed: list[list[str]] = []
