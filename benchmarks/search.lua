@@ -1,14 +1,32 @@
 -- wrk script: POST /search with request bodies taken in turn from a file (one JSON body per line).
--- wrk -t2 -c8 -d30s -s benchmarks/search.lua http://127.0.0.1:8000 -- bodies.jsonl [api-key]
+-- wrk -t2 -c8 -d30s -s benchmarks/search.lua http://127.0.0.1:8000 -- bodies.jsonl [api-key] [once THREADS]
+-- "once": each body is sent at most once (of THREADS threads, each takes every THREADS-th line); a
+-- thread stops when its lines run out, so no query repeats within the run.
 local bodies = {}
 local next_body = 1
+local once = false
+local threads = 0
+
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
 
 function init(args)
+  once = args[3] == "once"
+  local id = tonumber(wrk.thread:get("id")) or 0
+  local count = tonumber(args[4]) or 1
+  local n = 0
   for line in io.lines(args[1]) do
-    bodies[#bodies + 1] = line
+    if not once or n % count == id then
+      bodies[#bodies + 1] = line
+    end
+    n = n + 1
   end
-  -- Threads start at different places so that they do not send the same query at once.
-  next_body = (math.random(#bodies) - 1) % #bodies + 1
+  if not once then
+    -- Threads start at different places so that they do not send the same query at once.
+    next_body = (math.random(#bodies) - 1) % #bodies + 1
+  end
   wrk.method = "POST"
   wrk.path = "/search"
   wrk.headers["Content-Type"] = "application/json"
@@ -19,6 +37,9 @@ end
 
 function request()
   local body = bodies[next_body]
+  if once and next_body >= #bodies then
+    wrk.thread:stop()
+  end
   next_body = next_body % #bodies + 1
   return wrk.format(nil, nil, nil, body)
 end

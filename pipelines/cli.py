@@ -204,7 +204,7 @@ def query(
         cfg = load_config(config, **{"serve.default_mode": mode})
         # The db's owner may filter on every column, in the grammar /search checks.
         where = compile_filter(where, columns=TABLE_COLUMNS) if where else None
-        searcher = Searcher(db, index=cfg.index)
+        searcher = Searcher(db, index=cfg.index, dtype=cfg.serve.query_dtype)
         if exact:
             if cfg.serve.default_mode != "vector":
                 raise ValueError("--exact applies to vector mode only.")
@@ -277,7 +277,7 @@ def evaluate(
                     f"in {result['wall_s']:.0f} s",
                     highlight=False,
                 )
-            searcher = Searcher(db, index=cfg.index)
+            searcher = Searcher(db, index=cfg.index, dtype=cfg.serve.query_dtype)
             if searcher.manifest.vectors == "mixed":
                 console.print(
                     "note: this db mixes vectors of several numeric formats (embedding.allow_mixed_dtypes); "
@@ -354,13 +354,15 @@ def serve_command(
     """
     from ray import serve
 
+    from pipelines import store
     from pipelines.ingest import ray_session
     from serve.app import ServeConfig, build_app
 
     try:
         cfg = load_config(config, **{"serve.host": host, "serve.port": port, "ray.address": address})
         key = api_key_from_env()
-        application = build_app(ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index, api_key=key))
+        serve_cfg = ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index, api_key=key)
+        store.read_manifest(db)  # a missing db fails before Ray starts
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
@@ -374,6 +376,10 @@ def serve_command(
             )
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     with ray_session(cfg.ray):
+        try:  # with Ray up: the layout is checked against the cluster's resources
+            application = build_app(serve_cfg)
+        except _user_errors() as exc:
+            raise _fail(str(exc)) from exc
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(application, name="embedpipe", route_prefix="/")
         console.print(

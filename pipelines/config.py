@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -200,12 +200,26 @@ class ServeSettings(_Strict):
         "binary; ~4x the requests/s here, but its stats ports 8404 and 9101 bind every interface).",
     )
     port: int = Field(8000, ge=0, le=65535)
-    shard_replicas: int = Field(1, gt=0, description="Replicas of each shard deployment.")
-    shard_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per shard replica.")
+    shard_groups: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto",
+        description="How the shards are split among deployments. 0: the router holds every shard and "
+        "searches them in-process (no deployment-handle call per query; the fastest on one node). "
+        "N >= 1: N shard-group deployments, shards dealt round-robin, each searching its own side by "
+        "side; the router merges their answers. auto: 0 on a one-node Ray, one group per node (at "
+        "most one per shard) on a cluster.",
+    )
+    shard_replicas: int = Field(1, gt=0, description="Replicas of each shard-group deployment.")
+    shard_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved per shard-group replica.")
     shard_resources: dict[str, float] = Field(
         default_factory=dict,
-        description="Custom Ray resources per shard replica, e.g. {search_node: 1}: shards then run only "
-        "on nodes that declare the resource, as many per node as its amount allows.",
+        description="Custom Ray resources per shard-group replica, e.g. {search_node: 1}: groups then run "
+        "only on nodes that declare the resource, as many per node as its amount allows.",
+    )
+    search_threads: int | None = Field(
+        None,
+        gt=0,
+        description="Threads searching a group's shards side by side (LanceDB and numpy release the "
+        "GIL). None: 2 per shard, at least 4, at most 32.",
     )
     router_replicas: int = Field(1, gt=0)
     router_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per router replica.")
@@ -221,10 +235,17 @@ class ServeSettings(_Strict):
         description="CPU threads for query embedding. A batch is embedded while the shards wait for "
         "it, so 2 beat 1 here (c=1 p50 28 vs 32 ms); torch threads spin-wait, so keep it small there.",
     )
+    query_dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto",
+        description="Precision queries are embedded in, by Serve and embedpipe query alike. auto follows "
+        "the documents where this machine runs their precision natively (int8 with VNNI/AMX and the "
+        "cached int8 model, bf16 with AVX512-BF16/AMX), else fp32 on a CPU and fp16 on a GPU.",
+    )
     query_engine: Literal["auto", "torch", "openvino"] = Field(
         "auto",
-        description="What embeds queries. auto: OpenVINO fp32 on a CPU (exported once per machine and "
-        "cached; ~2x faster than torch for one short query), torch on a GPU.",
+        description="What embeds fp32/bf16 queries on a CPU. auto: OpenVINO if installed (exported once "
+        "per machine and cached; ~2x faster than torch for one short query). int8 queries always run "
+        "on OpenVINO, GPU queries on torch. embedpipe query makes the same choice.",
     )
     max_ongoing_requests: int = Field(
         64, gt=0, description="Requests a router replica takes at once; bounds the embed batch too."

@@ -226,10 +226,14 @@ def format_plan(result: dict[str, Any]) -> str:
         ("cost", cost),
     ]
     if s is not None:
-        # Every query fans out to every shard, so each shard sees the full load too.
+        # On one node each router replica searches every shard itself; on a cluster every query goes to
+        # every shard group, so each group needs as many replicas as the routers.
         serving = f"{s['qps']:g} QPS -> {s['replicas']} router replicas"
         if s["shards"]:
-            serving += f" + {s['replicas']} searcher replicas per shard x {s['shards']} shards"
+            serving += (
+                f", each searching the {s['shards']} shards in-process (on a cluster: {s['replicas']} "
+                "replicas per shard group)"
+            )
         serving += f" ({s['qps_per_replica']:g} QPS each)"
         rows.append(("serving", serving))
     width = max(len(label) for label, _ in rows)

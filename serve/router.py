@@ -1,11 +1,14 @@
-"""The ingress: validates a request, embeds the query (batched), fans out to every shard, merges.
+"""The ingress: validates a request, embeds the query (batched), searches the shards, merges.
+
+On one node the router holds every shard itself (``pipelines.search.ShardGroup``) and a query costs no
+deployment-handle call at all; on a cluster it calls the shard-group deployments (``serve/group.py``)
+and merges their answers.
 
 The ``app`` object is the FastAPI application Serve wraps; its OpenAPI document is at /openapi.json.
 No ``from __future__ import annotations`` here: FastAPI must see the real request and response types.
 """
 
 import asyncio
-import importlib.util
 import json
 import logging
 import re
@@ -19,13 +22,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from pipelines.config import ServeSettings
+from pipelines.config import IndexSettings, ServeSettings
 from pipelines.filters import FilterError, allowed_columns, compile_filter
-from pipelines.search import NoTextIndexError, query_dtype
+from pipelines.search import NoTextIndexError, QueryTimeout, ShardError, ShardGroup, combine, query_embedder
 from serve import ui
 from serve.cache import QueryCache
-from serve.merge import merge_topk, rrf_fuse
-from serve.shard import QueryTimeout, ShardError, decode
+from serve.group import decode
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class Health(BaseModel):
     model: str | None = Field(None, description="Details below come only with the API key, if one is set.")
     shards: list[ShardHealth] | None = None
     rows: int | None = None
-    unavailable: list[str] | None = Field(None, description="Shards that did not answer in time.")
+    unavailable: list[str] | None = Field(None, description="Shard groups that did not answer in time.")
 
 
 class _Job(NamedTuple):
@@ -156,37 +158,19 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
-def _query_embedder(model: str, dtype: str, settings: ServeSettings):
-    """The query embedder: on the GPU the replica reserved (serve.router_gpus), else on the CPU with
-    OpenVINO fp32 unless told otherwise (one short query takes ~7 ms there against ~16 ms on torch on
-    this project's 2-core test machine; vectors agree to ~1e-6). A replica that reserved no GPU never
-    uses one, even on a GPU node: another process may own it."""
+def _query_embedder(model: str, dtype: str, settings: ServeSettings, vectors: str | None = None):
+    """The query embedder (``pipelines.search.query_embedder``, as ``embedpipe query`` uses it): on
+    the GPU the replica reserved (serve.router_gpus), else on the CPU. A replica that reserved no GPU
+    never uses one, even on a GPU node: another process may own it."""
     from pipelines import backends
-    from pipelines.embedding import Embedder
 
     device = "cuda" if settings.router_gpus > 0 else "cpu"
     if device == "cuda":
         backends.require_cuda("this router replica reserved a GPU (serve.router_gpus)")
-    engine = settings.query_engine
-    if engine == "auto":
-        on_cpu = device == "cpu"
-        fits = on_cpu and dtype in ("auto", "fp32") and importlib.util.find_spec("openvino") is not None
-        engine = "openvino" if fits else "torch"
-    if engine == "openvino":
-        try:
-            exported = backends.openvino_fp32_model(model)
-        except Exception:
-            if settings.query_engine == "openvino":
-                raise
-            logger.exception("OpenVINO export of %s failed; queries are embedded with torch", model)
-        else:
-            return Embedder(
-                model=model, device="cpu", dtype="fp32", cpu_threads=settings.router_threads,
-                openvino_model=str(exported),
-            )  # fmt: skip
-    return Embedder(
-        model=model, device=device, dtype=query_dtype(dtype, device), cpu_threads=settings.router_threads
-    )
+    return query_embedder(
+        model, vectors=vectors, device=device, dtype=dtype, engine=settings.query_engine,
+        threads=settings.router_threads,
+    )  # fmt: skip
 
 
 def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
@@ -206,27 +190,33 @@ class Router:
     """Ingress deployment.
 
     Args:
-        shards: handles of the ShardSearcher deployments, one per shard.
+        groups: handles of the ShardGroupSearcher deployments; none: the router holds every shard of
+            ``db`` itself (one node: no handle call per query).
         model: the model id the db was embedded with (queries must use the same one).
         settings: serve settings (limits, batching, cache, hybrid fusion).
         api_key: when set, every endpoint but /healthz and the pages' HTML shells needs
             ``Authorization: Bearer <key>``.
-        db: the db directory, whose run reports the /runs pages show.
+        dtype: the query embedder's precision (auto: ``pipelines.search.query_precision``).
+        db: the db directory: its shards, and the run reports the /runs pages show.
+        index: index settings (ANN query parameters), for the shards held here.
+        vectors: the precision of the db's vectors (the manifest's), which auto follows.
     """
 
     def __init__(
         self,
-        shards: list[DeploymentHandle],
+        groups: list[DeploymentHandle],
         *,
         model: str,
         settings: dict[str, Any],
         api_key: str | None = None,
         dtype: str = "auto",
         db: str | None = None,
+        index: dict[str, Any] | None = None,
+        vectors: str | None = None,
     ):
         from serve import guard, metrics
 
-        self.shards = shards
+        self.groups = groups
         self.model = model
         self.db = db
         self.auth = bool(api_key)
@@ -248,24 +238,33 @@ class Router:
             max_bytes=int(self.settings.cache_mb * 2**20),
             sizeof=_entry_bytes,
         )
+        self.local: ShardGroup | None = None
+        if not groups:
+            self.local = ShardGroup(
+                db, refresh_s=self.settings.refresh_s, index=IndexSettings.model_validate(index or {}),
+                memory_rows=self.settings.memory_rows, threads=self.settings.search_threads,
+            )  # fmt: skip
         self._versions: tuple[int, ...] | None = None
         self._versions_at = 0.0
         self._versions_task: asyncio.Task | None = None
+        self._stats: list[dict[str, Any] | None] = [None] * len(groups)
+        self._stats_at = float("-inf")
+        self._stats_task: asyncio.Task | None = None
         self._embed_lock = asyncio.Lock()
-        self.embedder = _query_embedder(model, dtype, self.settings)
+        self.embedder = _query_embedder(model, dtype, self.settings, vectors)
         self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
         self._run_batch.set_max_batch_size(self.settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _run_batch(self, jobs: list[_Job]) -> list[_Answer | Exception]:
-        """Answer the queries that arrived together: one forward pass, one call per shard for all.
+        """Answer the queries that arrived together: one forward pass, one search of the shards for all.
 
-        Batching the fan-out matters as much as batching the model: each deployment-handle call costs
-        milliseconds of CPU, so per-query calls to every shard would cap throughput long before the
-        searches do. Two batches run at once, so that one is embedded while the shards search the
-        other. A job's own error (a bad filter, a failed shard query) comes back as its answer, not
-        the batch's.
+        Batching the search matters as much as batching the model: each deployment-handle call costs
+        milliseconds of CPU, so per-query calls to shard groups would cap throughput long before the
+        searches do. Two batches run at once, so that one is embedded while the other is searched. A
+        job's own error (a bad filter, a failed shard query, its deadline) comes back as its answer,
+        not the batch's.
         """
         self.metrics.EMBED_BATCH.observe(len(jobs))
         # One forward pass at a time (a model is not for two threads at once), in a thread so that
@@ -276,40 +275,32 @@ class Router:
         candidates = self.settings.hybrid_candidates
         depth = [job.k if job.mode == "vector" else max(job.k, candidates) for job in jobs]
         wheres = [job.filter for job in jobs]
-        hybrid = [i for i, job in enumerate(jobs) if job.mode == "hybrid"]
-        text_row = {i: j for j, i in enumerate(hybrid)}  # a hybrid job's row in the text answers
+        texts = [job.query if job.mode == "hybrid" else None for job in jobs]
         timeout = self.settings.query_timeout_s
-        deadline = time.monotonic() + timeout
-        calls = [
-            self._call_shard(deadline, shard.search_many, vectors, depth, wheres, timeout)
-            for shard in self.shards
-        ]
-        if hybrid:
-            texts = [jobs[i].query for i in hybrid]
-            ks, filters = [depth[i] for i in hybrid], [wheres[i] for i in hybrid]
-            calls += [
-                self._call_shard(deadline, shard.text_search_many, texts, ks, filters, timeout)
-                for shard in self.shards
+        if self.local is not None:
+            search = self.local.search
+            found = await asyncio.to_thread(search, vectors, depth, wheres, texts, timeout_s=timeout)
+            per_group, versions = [found.answers], found.versions
+        else:
+            deadline = time.monotonic() + timeout
+            calls = [
+                self._call_group(deadline, group.search.remote, vectors, depth, wheres, texts, timeout)
+                for group in self.groups
             ]
-        answers = await asyncio.gather(*calls)
-        vector_answers, text_answers = answers[: len(self.shards)], answers[len(self.shards) :]
-        versions = tuple(version for _, version in vector_answers)
-        if text_answers and tuple(version for _, version in text_answers) != versions:
-            versions = ()  # a commit landed between the two searches: do not cache
+            answers = await asyncio.gather(*calls)
+            per_group = [group_answers for group_answers, _ in answers]
+            versions = tuple(v for _, group_versions in answers for v in group_versions)
         results: list[_Answer | Exception] = []
         for i, job in enumerate(jobs):
             try:
-                per_shard = [decode(hits[i]) for hits, _ in vector_answers]
-                j = text_row.get(i)
-                per_shard_text = [decode(hits[j]) for hits, _ in text_answers] if j is not None else []
+                parts = [a[i] if self.local is not None else decode(a[i]) for a in per_group]
+                error = next((p for p in parts if isinstance(p, Exception)), None)
+                if error is not None:
+                    raise error
             except (FilterError, NoTextIndexError, ShardError, QueryTimeout) as error:
                 results.append(error)
                 continue
-            if job.mode == "vector":
-                merged = merge_topk(per_shard, k=job.k)
-            else:
-                rankings = [merge_topk(per_shard, k=depth[i]), merge_topk(per_shard_text, k=depth[i])]
-                merged = rrf_fuse(rankings, k=job.k, rrf_k=self.settings.rrf_k)
+            merged = combine(parts, k=job.k, depth=depth[i], rrf_k=self.settings.rrf_k)
             hits = merged.select(list(Hit.model_fields)).to_pylist()
             # The response's results, serialized once: the cache keeps these bytes (their size is
             # what it bounds) and a hit is sent without serializing again.
@@ -317,30 +308,59 @@ class Router:
         self.metrics.SHARD_FANOUT.observe(time.perf_counter() - started)
         return results
 
-    async def _call_shard(self, deadline: float, method: Any, *args: Any) -> Any:
+    async def _call_group(self, deadline: float, method: Any, *args: Any) -> Any:
         """``method.remote(*args)``, tried again while its replica is dead or unreachable and the
         deadline allows: Serve starts a new replica within ``health_check_period_s``, so a killed
-        shard costs its queries time, not an error."""
+        group costs its queries time, not an error."""
         while True:
             try:
                 return await method.remote(*args)
             except RayActorError:
                 if time.monotonic() + _RETRY_WAIT_S >= deadline:
                     raise
-                logger.warning("a shard replica is unavailable; trying again")
+                logger.warning("a shard-group replica is unavailable; trying again")
                 await asyncio.sleep(_RETRY_WAIT_S)
 
     async def _table_versions(self) -> tuple[int, ...]:
-        """Every shard's table version, asked at most every ``refresh_s`` (requests share one ask)."""
+        """Every shard's table version: the router's own shards' (refreshed at most every refresh_s,
+        off the event loop), or asked of the groups at most every refresh_s (requests share one ask)."""
+        if self.local is not None:
+            if self.local.fresh:
+                return self.local.versions()
+            return await asyncio.to_thread(self.local.versions)
         if self._versions is None or time.monotonic() - self._versions_at >= self.settings.refresh_s:
             if self._versions_task is None or self._versions_task.done():
                 deadline = time.monotonic() + self.settings.query_timeout_s
                 self._versions_task = asyncio.ensure_future(
-                    asyncio.gather(*(self._call_shard(deadline, shard.version) for shard in self.shards))
+                    asyncio.gather(*(self._call_group(deadline, group.versions) for group in self.groups))
                 )
-            versions = tuple(await self._versions_task)
+            versions = tuple(v for group_versions in await self._versions_task for v in group_versions)
             self._versions, self._versions_at = versions, time.monotonic()
         return self._versions
+
+    async def _shard_stats(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every shard's stats and the groups that did not answer, from what the router last learnt:
+        its own shards' snapshots, or the groups' answers, asked at most every refresh_s (at least
+        1 s apart) in the background, so a health check never waits on a shard."""
+        if self.local is not None:
+            if self.local.fresh:
+                return self.local.stats(), []
+            return await asyncio.to_thread(self.local.stats), []
+        due = time.monotonic() - self._stats_at >= max(1.0, self.settings.refresh_s)
+        if due and (self._stats_task is None or self._stats_task.done()):
+            self._stats_task = asyncio.ensure_future(self._ask_stats())
+        if all(s is None for s in self._stats):
+            await asyncio.wait({self._stats_task}, timeout=2.0)  # the first check: wait a little
+        stats = [s for group_stats in self._stats if group_stats is not None for s in group_stats]
+        unavailable = [f"group {i}" for i, s in enumerate(self._stats) if s is None]
+        return stats, unavailable
+
+    async def _ask_stats(self) -> None:
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(group.stats.remote(), 2.0) for group in self.groups), return_exceptions=True
+        )
+        self._stats = [a if isinstance(a, list) else None for a in answers]
+        self._stats_at = time.monotonic()
 
     async def _search(self, job: _Job, key_versions: tuple[int, ...]) -> tuple[bytes, bool]:
         """The merged hits as JSON, and whether they may be cached: computed on exactly
@@ -405,15 +425,11 @@ class Router:
         """ok or degraded; with the API key (or when none is set) also the shards, their rows,
         indexes and table versions, and the model.
 
-        degraded: a shard did not answer within 2 s, or its refreshes keep failing (it serves an
-        old table version).
+        degraded: a shard group did not answer its last stats request within 2 s, or a shard's
+        refreshes keep failing (it serves an old table version). Answered from the stats the router
+        holds, refreshed at most every refresh_s: a health check costs no shard call.
         """
-        calls = [asyncio.wait_for(shard.stats.remote(), 2.0) for shard in self.shards]
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        stats = [a for a in answers if isinstance(a, dict)]
-        unavailable = [
-            f"shard {i}" for i, a in enumerate(answers) if not isinstance(a, dict)
-        ]  # fmt: skip
+        stats, unavailable = await self._shard_stats()
         failing = unavailable or any(s.get("refresh_failing_s") is not None for s in stats)
         status = "degraded" if failing else "ok"
         if not self.guard.authorized(request):

@@ -1,7 +1,7 @@
 """Searches during an ingest never fail and never see half a document.
 
-The searches go through the Serve shard class itself (serve.shard.ShardSearcher, refreshing on every
-query) while another ingest adds new documents and replaces changed ones. Afterwards every table
+The searches go through the shard group that Serve's router and ``embedpipe query`` search with
+(pipelines.search.ShardGroup, refreshing on every query) while another ingest adds new documents and replaces changed ones. Afterwards every table
 version a search saw is checked: each document in it whole (chunks 0..n-1, one content_hash, one run).
 """
 
@@ -14,9 +14,7 @@ import pytest
 
 from pipelines import ingest, store
 from pipelines.config import load_config
-from pipelines.search import Searcher
-from serve.merge import merge_topk
-from serve.shard import ShardSearcher
+from pipelines.search import Searcher, ShardGroup
 from tests.conftest import scifact_docs
 
 
@@ -48,7 +46,7 @@ def test_searches_during_an_ingest(ray_local, scifact, tmp_path):
 
     queries = [d["title"] for d in docs[:50:2]]
     vectors = Searcher(db, device="cpu", dtype="fp32").embed(queries)
-    shards = [ShardSearcher.func_or_class(str(db), name, refresh_s=0) for name in store.open_shards(db)]
+    group = ShardGroup(str(db), refresh_s=0, memory_rows=100_000)
     result: dict = {}
     run = threading.Thread(target=lambda: result.update(ingest.build(source=second, db=db, cfg=cfg)))
     seen: set[tuple[str, int]] = set()
@@ -59,18 +57,17 @@ def test_searches_during_an_ingest(ray_local, scifact, tmp_path):
         for vector in vectors:
             alive = run.is_alive()
             try:
-                answers = [shard.search(vector, 10) for shard in shards]
-                hits = merge_topk([hits for hits, _ in answers], k=10)
-                assert hits.num_rows == 10
+                (part,), versions = group.search(vector, [10])
+                assert not isinstance(part, Exception), part
+                assert part.vector.num_rows == 10
             except Exception as exc:  # counted, not raised: the test reports how many failed
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
-            seen |= {(shard.shard, version) for shard, (_, version) in zip(shards, answers, strict=True)}
+            seen |= set(zip(group.names, versions, strict=True))
             during += alive
             time.sleep(0.01)
     run.join()
-    for shard in shards:  # and once the commits are in
-        seen.add((shard.shard, shard.search(vectors[0], 10)[1]))
+    seen |= set(zip(group.names, group.search(vectors[0], [10]).versions, strict=True))  # after the commits
 
     print(f"\n{during} searches during the ingest, {len(errors)} errors; table versions seen: {sorted(seen)}")
     assert result["docs"] == {"seen": 50, "ingested": 35, "unchanged": 15, "failed": 0}

@@ -1,5 +1,6 @@
-"""Small shards searched from memory give LanceDB's exact answers; the Serve shard class follows new
-table versions, sends filtered queries to LanceDB, and tells a bad filter from a fault of its own."""
+"""Small shards searched from memory give LanceDB's exact answers; a shard group (the search code of
+``embedpipe query`` and Serve alike) follows new table versions, sends filtered queries to LanceDB,
+answers each query of a batch alone, and tells a bad filter from a fault of its own."""
 
 import time
 
@@ -8,10 +9,26 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import pipelines.search.shard
 from pipelines import store
-from pipelines.search import MemoryShard, search_shard
-from serve.shard import FilterError, ShardSearcher, decode
+from pipelines.filters import FilterError
+from pipelines.search import MemoryShard, QueryTimeout, ShardError, ShardGroup, search_shard
 from tests.test_index import DIM, _db
+
+
+def _search(group, vector, k, where=None):
+    """One query's rows and the version searched; its error raised."""
+    answer = group.search(vector, [k], [where])
+    (part,) = answer.answers
+    if isinstance(part, Exception):
+        raise part
+    return part.vector, answer.versions[0]
+
+
+def _rows(part):
+    if isinstance(part, Exception):
+        raise part
+    return part.vector
 
 
 def _queries(rng, table, n):
@@ -58,10 +75,10 @@ def test_memory_search_equals_lancedb_exact_search(tmp_path, k):
 def test_shard_searcher_follows_new_versions_and_filters(tmp_path):
     db, rng, _ = _db(tmp_path, rows_per_shard=400, shards=1)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-    shard = ShardSearcher.func_or_class(str(db), "shard_000", refresh_s=0, memory_rows=10_000)
-    assert shard.stats()["in_memory"] is True
+    shard = ShardGroup(str(db), refresh_s=0, memory_rows=10_000)
+    assert shard.stats()[0]["in_memory"] is True
     query = _queries(rng, table, 2)[0]
-    hits, version = shard.search(query, 10)
+    hits, version = _search(shard, query, 10)
     exact = search_shard(table, query, k=10, shard="shard_000", exact=True)
     assert hits["chunk_id"].to_pylist() == exact["chunk_id"].to_pylist()
 
@@ -73,115 +90,96 @@ def test_shard_searcher_follows_new_versions_and_filters(tmp_path):
         pa.FixedSizeListArray.from_arrays(pa.array(query), DIM).cast(new.schema.field("vector").type),
     )
     table.add(new)
-    hits2, version2 = shard.search(query, 10)
+    hits2, version2 = _search(shard, query, 10)
     assert version2 > version and hits2["chunk_id"][0].as_py() == "fresh#0"
 
     # A filter goes through LanceDB (prefilter), with the same scores.
-    filtered, _ = shard.search(query, 5, "doc_id != 's0-d1'")
+    filtered, _ = _search(shard, query, 5, "doc_id != 's0-d1'")
     assert filtered.num_rows == 5 and "s0-d1#0" not in filtered["chunk_id"].to_pylist()
     with pytest.raises(FilterError, match="invalid filter"):
-        shard.search(query, 5, "no_such_column = 1")
+        _search(shard, query, 5, "no_such_column = 1")
 
     # Batched: one call answers many queries, a bad filter fails only its own query.
-    import asyncio
-
-    answers, _ = asyncio.run(
-        shard.search_many(np.stack([query, query]), [3, 3], [None, "no_such_column = 1"])
-    )
-    assert decode(answers[0])["chunk_id"][0].as_py() == "fresh#0"
+    answers, _ = shard.search(np.stack([query, query]), [3, 3], [None, "no_such_column = 1"])
+    assert _rows(answers[0])["chunk_id"][0].as_py() == "fresh#0"
     with pytest.raises(FilterError):
-        decode(answers[1])
+        _rows(answers[1])
 
 
 def test_large_shards_are_not_held_in_memory(tmp_path):
     db, *_ = _db(tmp_path, rows_per_shard=300, shards=1)
-    assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=100).stats()["in_memory"] is False
-    assert ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0).stats()["in_memory"] is False
+    assert ShardGroup(str(db), memory_rows=100).stats()[0]["in_memory"] is False
+    assert ShardGroup(str(db), memory_rows=0).stats()[0]["in_memory"] is False
+    assert ShardGroup(str(db), memory_rows=300).stats()[0]["in_memory"] is True
 
 
 def test_a_shard_answers_from_one_version_until_it_refreshes(tmp_path):
     db, rng, _ = _db(tmp_path, rows_per_shard=200, shards=1)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
     for memory_rows in (10_000, 0):  # from memory, and through LanceDB
-        shard = ShardSearcher.func_or_class(str(db), "shard_000", refresh_s=3600, memory_rows=memory_rows)
+        shard = ShardGroup(str(db), refresh_s=3600, memory_rows=memory_rows)
         query = _queries(rng, table, 2)[0]
-        before, version = shard.search(query, 1000)
+        before, version = _search(shard, query, 1000)
         new = pa.array([f"new{memory_rows}-{i}" for i in range(3)])
         table.add(table.to_arrow().slice(0, 3).set_column(0, "chunk_id", new))
-        during, same = shard.search(query, 1000)
+        during, same = _search(shard, query, 1000)
         assert same == version and during.num_rows == before.num_rows  # the commit is not seen yet
-        shard._checked_at = time.monotonic() - 3601  # the refresh interval has passed (0.0 is not
-        # long enough ago on a machine up for less than an hour)
-        after, newer = shard.search(query, 1000)
+        shard.shards[0].expire()  # as if the refresh interval had passed
+        after, newer = _search(shard, query, 1000)
         assert newer > version and after.num_rows == before.num_rows + 3
 
 
 def test_a_failing_query_fails_alone(tmp_path, monkeypatch):
-    import asyncio
-
-    import serve.shard
-
     db, rng, _ = _db(tmp_path, rows_per_shard=100, shards=1)
-    real = serve.shard.search_shard
+    real = pipelines.search.shard.search_shard
 
     def flaky(table, vector, *, k, **kw):
         if k == 7:
             raise RuntimeError("disk on fire")
         return real(table, vector, k=k, **kw)
 
-    monkeypatch.setattr(serve.shard, "search_shard", flaky)
-    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0)
+    monkeypatch.setattr(pipelines.search.shard, "search_shard", flaky)
+    shard = ShardGroup(str(db), memory_rows=0)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-    answers, _ = asyncio.run(shard.search_many(_queries(rng, table, 2), [7, 3], [None, None]))
-    with pytest.raises(serve.shard.ShardError, match="disk on fire"):
-        decode(answers[0])
-    assert decode(answers[1]).num_rows == 3
+    answers, _ = shard.search(_queries(rng, table, 2), [7, 3], [None, None])
+    with pytest.raises(ShardError, match="disk on fire"):
+        _rows(answers[0])
+    assert _rows(answers[1]).num_rows == 3
 
 
 def test_a_slow_query_times_out_alone_and_a_failing_refresh_shows(tmp_path, monkeypatch):
-    import asyncio
-
-    import serve.shard
-
     db, rng, _ = _db(tmp_path, rows_per_shard=100, shards=1)
-    real = serve.shard.search_shard
+    real = pipelines.search.shard.search_shard
 
     def slow(table, vector, *, k, **kw):
         if k == 7:
             time.sleep(1.5)
         return real(table, vector, k=k, **kw)
 
-    monkeypatch.setattr(serve.shard, "search_shard", slow)
-    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0, refresh_s=0)
+    monkeypatch.setattr(pipelines.search.shard, "search_shard", slow)
+    shard = ShardGroup(str(db), memory_rows=0, refresh_s=0)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-
-    async def timed():
-        started = time.monotonic()
-        vectors = _queries(rng, table, 2)
-        found = await shard.search_many(vectors, [7, 3], [None, "chunk_index >= 0"], timeout_s=0.3)
-        return found, time.monotonic() - started
-
-    (answers, _), took = asyncio.run(timed())  # (asyncio.run then waits for the slow thread to end)
+    vectors = _queries(rng, table, 2)
+    started = time.monotonic()
+    answers, _ = shard.search(vectors, [7, 3], [None, "chunk_index >= 0"], timeout_s=0.3)
+    took = time.monotonic() - started
     assert took < 1.2  # answered at the deadline, not after the slow query
-    with pytest.raises(serve.shard.QueryTimeout):
-        decode(answers[0])
-    assert decode(answers[1]).num_rows == 3
+    with pytest.raises(QueryTimeout):
+        _rows(answers[0])
+    assert _rows(answers[1]).num_rows == 3
 
-    assert shard.stats()["refresh_failing_s"] is None
-    monkeypatch.setattr(shard, "_load_latest", lambda: (_ for _ in ()).throw(OSError("disk gone")))
-    stats = shard.stats()  # the last good version still serves, and says its refreshes fail
+    assert shard.stats()[0]["refresh_failing_s"] is None
+    only = shard.shards[0]
+    monkeypatch.setattr(only, "_load_latest", lambda: (_ for _ in ()).throw(OSError("disk gone")))
+    (stats,) = shard.stats()  # the last good version still serves, and says its refreshes fail
     assert stats["refresh_failing_s"] is not None and stats["refresh_error"] == "OSError"
     assert stats["rows"] == 100
 
 
 def test_a_failing_filter_runs_once_and_its_error_names_no_schema(tmp_path, monkeypatch):
-    import asyncio
-
-    import serve.shard
-
     db, rng, _ = _db(tmp_path, rows_per_shard=50, shards=1)
     calls = []
-    real = serve.shard.search_shard
+    real = pipelines.search.shard.search_shard
 
     def rejecting(table, vector, *, k, where=None, **kw):
         calls.append(where)
@@ -189,13 +187,13 @@ def test_a_failing_filter_runs_once_and_its_error_names_no_schema(tmp_path, monk
             raise ValueError("Invalid input, No field named nope. Valid fields are vector, source, metadata")
         return real(table, vector, k=k, **kw)
 
-    monkeypatch.setattr(serve.shard, "search_shard", rejecting)
-    shard = ShardSearcher.func_or_class(str(db), "shard_000", memory_rows=0)
+    monkeypatch.setattr(pipelines.search.shard, "search_shard", rejecting)
+    shard = ShardGroup(str(db), memory_rows=0, refresh_s=3600)
     counted = []
-    monkeypatch.setattr(type(shard._current().table), "count_rows", lambda *a, **kw: counted.append(a))
+    monkeypatch.setattr(type(shard.snapshots()[0].table), "count_rows", lambda *a, **kw: counted.append(a))
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-    answers, _ = asyncio.run(shard.search_many(_queries(rng, table, 1), [3], ["`doc_id` = 'x'"]))
+    answers, _ = shard.search(_queries(rng, table, 1), [3], ["`doc_id` = 'x'"])
     with pytest.raises(FilterError) as error:
-        decode(answers[0])
+        _rows(answers[0])
     assert calls == ["`doc_id` = 'x'"] and counted == []  # run once; no second run to assign blame
     assert "vector" not in str(error.value) and "metadata" not in str(error.value)

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from serve.merge import merge_topk
+from pipelines.search import merge_topk
 
 
 def _shard(name, rows):
@@ -67,7 +67,7 @@ def test_rejects_bad_k():
 
 
 def test_rrf_rewards_rows_in_both_rankings():
-    from serve.merge import rrf_fuse
+    from pipelines.search import rrf_fuse
 
     vector = _shard("a", [("v1", 0.9), ("both", 0.8), ("v3", 0.7)])
     text = _shard("b", [("t1", 12.0), ("both", 9.0)])
@@ -78,7 +78,7 @@ def test_rrf_rewards_rows_in_both_rankings():
 
 
 def test_rrf_handles_empty_rankings():
-    from serve.merge import rrf_fuse
+    from pipelines.search import rrf_fuse
 
     empty = _shard("a", [])
     assert rrf_fuse([empty, empty], k=5).num_rows == 0

@@ -2,7 +2,7 @@
 marked with a custom ``embed_node`` resource standing in for GPU nodes.
 
 Embedding actors must run on the marked nodes only, the shards written by tasks on several nodes must
-hold every chunk once, and the shard deployments of the Serve app must spread over the nodes. Where
+hold every chunk once, and two shard-group deployments of the Serve app on two nodes must answer as one group does. Where
 each actor, task and replica ran comes from Ray's state API. Runs in a subprocess because the cluster
 needs its own Ray, not the session's.
 """
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
     ray.init(address=cluster.address, logging_level="WARNING")
     from ray.util.state import list_actors, list_tasks
 
-    from pipelines import chunking, ingest, sources, store
+    from pipelines import chunking, index, ingest, sources, store
     from pipelines.config import ServeSettings, load_config
 
     cfg = load_config(None, shards=4, **{
@@ -57,6 +57,7 @@ SCRIPT = textwrap.dedent(
     rows = {name: t.to_arrow().select(["chunk_id", "doc_id"]).to_pylist()
             for name, t in store.open_shards(db).items()}
 
+    index.build(db, settings=cfg.index)  # BM25, for hybrid queries
     from ray import serve
 
     from serve.app import ServeConfig, build_app
@@ -65,14 +66,25 @@ SCRIPT = textwrap.dedent(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(shard_cpus=0, router_cpus=0, refresh_s=0, shard_resources=slot)
+    # Two shard groups, one per node (each node has one search_slot), and for comparison one group
+    # held by the router itself.
+    settings = ServeSettings(shard_cpus=0, router_cpus=0, refresh_s=0, shard_resources=slot, shard_groups=2)
     serve.run(build_app(ServeConfig(db=db, settings=settings, device="cpu", dtype="fp32")),
               name="embedpipe", route_prefix="/")
-    found = []
-    for doc in [json.loads(line) for line in open(corpus)][:5]:
-        body = {"query": doc["title"], "k": 3}
-        r = requests.post(f"http://127.0.0.1:{port}/search", json=body, timeout=120)
-        found.append([r.status_code, doc["_id"], [h["doc_id"] for h in r.json()["results"]]])
+    one = settings.model_copy(update={"shard_groups": 0})
+    serve.run(build_app(ServeConfig(db=db, settings=one, device="cpu", dtype="fp32")),
+              name="one", route_prefix="/one")
+    found, same = [], []
+    for doc in [json.loads(line) for line in open(corpus)][:8]:
+        for mode in ("vector", "hybrid"):
+            body = {"query": doc["title"], "k": 5, "mode": mode}
+            r = requests.post(f"http://127.0.0.1:{port}/search", json=body, timeout=120)
+            r1 = requests.post(f"http://127.0.0.1:{port}/one/search", json=body, timeout=120)
+            if mode == "vector":
+                found.append([r.status_code, doc["_id"], [h["doc_id"] for h in r.json()["results"]]])
+            pairs = [(h["chunk_id"], round(h["score"], 5)) for h in r.json()["results"]]
+            pairs1 = [(h["chunk_id"], round(h["score"], 5)) for h in r1.json()["results"]]
+            same.append(pairs == pairs1)
     replicas = [a for a in list_actors(detail=True, limit=1000)
                 if (a.class_name or "").startswith("ServeReplica:embedpipe:")]
     print("RESULT " + json.dumps({
@@ -85,6 +97,7 @@ SCRIPT = textwrap.dedent(
         "expected_chunks": expected,
         "replicas": {a.class_name.split(":")[-1]: names.get(a.node_id) for a in replicas},
         "searches": found,
+        "same_as_one_group": same,
     }))
     serve.shutdown()
     ray.shutdown()
@@ -114,11 +127,13 @@ def test_four_node_cluster(tmp_path, scifact):
     for name, rows in result["rows"].items():
         assert all(name == f"shard_{_shard(r['doc_id']):03d}" for r in rows)
 
-    # Serve: one shard deployment per node (serve.shard_resources), answering through the router.
-    shards = {k: v for k, v in result["replicas"].items() if k.startswith("ShardSearcher")}
-    assert sorted(shards.values()) == ["cpu0", "embed0", "embed1", "head"], shards
+    # Serve: two shard groups on two different nodes (serve.shard_resources), merged by the router,
+    # answer exactly as one group holding every shard does.
+    groups = {k: v for k, v in result["replicas"].items() if k.startswith("ShardGroup")}
+    assert sorted(groups) == ["ShardGroup-0", "ShardGroup-1"] and len(set(groups.values())) == 2, groups
     for status, doc_id, hits in result["searches"]:
         assert status == 200 and hits[0] == doc_id
+    assert len(result["same_as_one_group"]) == 16 and all(result["same_as_one_group"])
 
 
 def _shard(doc_id: str) -> int:

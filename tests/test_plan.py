@@ -144,7 +144,7 @@ def test_qps_gives_the_replicas_needed():
     assert custom["serving"]["replicas"] == 3
     assert not any("Python ingress" in note for note in custom["notes"])
     assert plan(_report(), docs=1_000)["serving"] is None
-    assert "25 QPS -> 3 router replicas + 3 searcher replicas per shard x 2 shards" in format_plan(result)
+    assert "25 QPS -> 3 router replicas, each searching the 2 shards in-process" in format_plan(result)
 
 
 def test_storage_is_measured_from_db_bytes_or_estimated_from_dim():

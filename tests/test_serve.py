@@ -4,6 +4,7 @@ import json
 import socket
 import time
 
+import numpy as np
 import pytest
 import requests
 
@@ -495,15 +496,96 @@ def test_the_router_embeds_on_a_gpu_only_when_it_reserved_one(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="reserved a GPU.*sees no CUDA device"):
         _query_embedder(MODEL, "auto", ServeSettings(router_gpus=1))
 
+    import serve.app
+
     db, *_ = _db(tmp_path, rows_per_shard=5, shards=1)
+    monkeypatch.setattr(serve.app, "_cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     app = build_app(ServeConfig(db=str(db), settings=ServeSettings(router_gpus=1)))
     assert app._bound_deployment.ray_actor_options["num_gpus"] == 1
+    monkeypatch.setattr(serve.app, "_cluster_resources", lambda: {"CPU": 2.0})  # no GPU: fails at once
+    with pytest.raises(serve.app.LayoutError, match="router_gpus reserves 1 GPUs but the cluster has 0"):
+        build_app(ServeConfig(db=str(db), settings=ServeSettings(router_gpus=1)))
     with pytest.raises(ValueError, match="router_gpus"):
         build_app(ServeConfig(db=str(db), device="cuda"))
 
 
-def test_queries_are_embedded_in_fp32_on_a_cpu_by_default(served):
-    _, db, *_ = served
-    # On a CPU with native bf16 "auto" once chose bf16 here, while /search embeds in fp32.
-    assert Searcher(db, device="cpu").embedder.dtype == "fp32"
-    assert Searcher(db, device="cpu", dtype="bf16").embedder.dtype == "bf16"  # when asked for
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_search_and_local_query_embed_alike_in_every_precision(served, precision):
+    """/search and embedpipe query's Searcher give the same chunk ids and scores whatever precision
+    embeds the query (bf16 is native on AVX512-BF16/AMX CPUs, where OpenVINO would otherwise run
+    fp32 as bf16; int8 is the cached quantized model)."""
+    from ray import serve
+
+    from pipelines import backends
+    from serve.app import ServeConfig, build_app
+
+    url, db, docs, *_ = served
+    if precision == "int8":  # the quantized model an int8 ingest would have cached on this machine
+        target = backends.int8_dir(backends.cache_root(), MODEL)
+        if not (target / "model.xml").exists():
+            backends.quantize(MODEL, [d["text"] for d in docs[:64]], target)
+    route = f"/p-{precision}"
+    settings = ServeSettings(shard_cpus=0, router_cpus=0, cache_size=0)
+    serve.run(
+        build_app(ServeConfig(db=str(db), settings=settings, api_key=KEY, dtype=precision)),
+        name=f"parity-{precision}",
+        route_prefix=route,
+    )
+    try:
+        searcher = Searcher(db, device="cpu", dtype=precision)
+        assert searcher.embedder.dtype == precision
+        for doc in docs[:20]:
+            response = requests.post(f"{url}{route}/search", json={"query": doc["title"], "k": 10},
+                                     headers=AUTH, timeout=60)  # fmt: skip
+            assert response.status_code == 200, response.text
+            hits = response.json()["results"]
+            local = searcher.search(doc["title"], k=10)
+            assert [h["chunk_id"] for h in hits] == local["chunk_id"].to_pylist()
+            np.testing.assert_allclose([h["score"] for h in hits], local["score"].to_pylist(), atol=1e-5)
+    finally:
+        serve.delete(f"parity-{precision}")
+
+
+def test_queries_follow_the_documents_precision(monkeypatch):
+    from pipelines import backends
+    from pipelines.search import query, query_precision
+
+    monkeypatch.setattr(query, "_int8_model", lambda model: "/cached/int8")
+    monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: True)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    auto = {v: query_precision(vectors=v, device="cpu", model=MODEL) for v in ("int8", "bf16", "fp32", None)}
+    assert auto == {"int8": "int8", "bf16": "bf16", "fp32": "fp32", None: "fp32"}
+    assert query_precision(vectors="int8", device="cpu", dtype="fp32", model=MODEL) == "fp32"  # asked for
+    assert query_precision(vectors="int8", device="cuda", model=MODEL) == "fp16"
+    monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: False)  # int8 gains nothing without VNNI/AMX
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert query_precision(vectors="int8", device="cpu", model=MODEL) == "fp32"
+    assert query_precision(vectors="bf16", device="cpu", model=MODEL) == "fp32"
+    monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: True)
+    monkeypatch.setattr(query, "_int8_model", lambda model: None)  # no quantized model on this machine
+    assert query_precision(vectors="int8", device="cpu", model=MODEL) == "fp32"
+
+
+def test_a_layout_the_cluster_cannot_hold_fails_at_once_saying_what_to_change(tmp_path, monkeypatch):
+    import serve.app
+    from serve.app import LayoutError, ServeConfig, build_app, shard_groups
+    from tests.test_index import _db
+
+    db, *_ = _db(tmp_path, rows_per_shard=5, shards=16)
+    monkeypatch.setattr(serve.app, "_cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(serve.app, "_alive_nodes", lambda: 1)
+    app = build_app(ServeConfig(db=str(db)))  # 16 shards on 2 CPUs: the router holds them all
+    assert (
+        app._bound_deployment.init_args[0] == []
+        and app._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+    )
+    with pytest.raises(LayoutError, match=r"reserves 8.5 CPUs .* cluster has 2. Lower serve.shard_groups"):
+        build_app(ServeConfig(db=str(db), settings=ServeSettings(shard_groups=16, shard_cpus=0.5)))
+    with pytest.raises(LayoutError, match="resource 'search_node'"):
+        build_app(
+            ServeConfig(
+                db=str(db), settings=ServeSettings(shard_groups=2, shard_resources={"search_node": 1})
+            )
+        )
+    assert [shard_groups("auto", shards=4, nodes=n) for n in (1, 2, 8)] == [0, 2, 4]
+    assert shard_groups(9, shards=4, nodes=1) == 4

@@ -1,0 +1,213 @@
+"""ShardGroup: several shard tables searched side by side in one process, each query's rows merged.
+
+``embedpipe query`` searches one group holding every shard; a Serve router holds one the same way (or
+calls group deployments spread over a cluster's nodes and merges their answers with ``combine``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, NamedTuple
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from pipelines import store
+from pipelines.config import IndexSettings
+from pipelines.search.merge import merge_topk, rrf_fuse
+from pipelines.search.shard import QueryTimeout, Shard, ShardError, Snapshot
+
+logger = logging.getLogger(__name__)
+
+# Memory searches smaller than this (rows x queries) run in the calling thread; larger ones in the
+# pool, shards side by side (numpy releases the GIL).
+INLINE_SCORES = 262_144
+
+
+class Partial(NamedTuple):
+    """One query's answer from a group: the vector top-k merged over its shards, and for a hybrid
+    query the BM25 top-k too."""
+
+    vector: pa.Table | None
+    text: pa.Table | None
+
+
+class GroupAnswer(NamedTuple):
+    """Each query's Partial (or the error that ended it), and the table version of every shard."""
+
+    answers: list[Partial | Exception]
+    versions: tuple[int, ...]
+
+
+class ShardGroup:
+    """Shard tables of one db held open in this process and searched concurrently.
+
+    A batch of queries costs one matrix product per in-memory shard and one LanceDB query per
+    (query, shard) otherwise, run in a thread pool (LanceDB and numpy release the GIL); each query's
+    rows are merged over the group's shards before it is answered. Every answer reports the table
+    versions it was computed on.
+
+    Args:
+        db: the db directory.
+        shards: the shard tables this group holds (default: every shard of the db).
+        refresh_s: how often each shard looks for a newer table version (0: before every search).
+        index: index settings (ANN query parameters).
+        memory_rows: exact shards up to this many rows are searched in memory (0: never).
+        threads: the pool's threads (default: 2 per shard, at least 4, at most 32).
+    """
+
+    def __init__(
+        self,
+        db: str,
+        shards: list[str] | None = None,
+        *,
+        refresh_s: float = 1.0,
+        index: IndexSettings | None = None,
+        memory_rows: int = 0,
+        threads: int | None = None,
+    ):
+        conn = lancedb.connect(str(db))
+        names = shards if shards is not None else list(store.open_shards(db))
+        if not names:
+            raise ValueError(f"{db}: a shard group needs at least one shard")
+        self.shards = [
+            Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows) for name in names
+        ]
+        self.names = names
+        self.pool = ThreadPoolExecutor(threads or min(32, max(4, 2 * len(names))), "shard-search")
+        self.snapshots()  # open every table now: a db that cannot be read fails at start, not per query
+
+    @property
+    def fresh(self) -> bool:
+        return all(shard.fresh for shard in self.shards)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every shard's current snapshot (stale ones refreshed side by side)."""
+        if self.fresh:
+            return [shard.current() for shard in self.shards]
+        return list(self.pool.map(Shard.current, self.shards))
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(snap.version for snap in self.snapshots())
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each shard's rows, version, indexes and refresh state, refreshed at most every refresh_s."""
+        self.snapshots()
+        return [shard.stats() for shard in self.shards]
+
+    def search(
+        self,
+        vectors: np.ndarray | None,
+        ks: list[int],
+        wheres: list[str | None] | None = None,
+        texts: list[str | None] | None = None,
+        *,
+        exact: bool = False,
+        timeout_s: float | None = None,
+    ) -> GroupAnswer:
+        """Each query's top ``ks[i]`` over the group's shards.
+
+        Args:
+            vectors: unit query vectors, one row per query (None: BM25 searches only).
+            ks: rows to return per query.
+            wheres: an optional SQL predicate per query (``pipelines.filters.compile_filter``'s
+                output), applied before the search.
+            texts: per query, the text of a BM25 search to run beside the vector search (hybrid
+                mode), or None.
+            exact: scan every row even where an ANN index exists.
+            timeout_s: a query whose LanceDB searches are not all done by then gets QueryTimeout (the
+                other queries of the batch are answered; a LanceDB query cannot be stopped, so its
+                thread finishes on its own and its rows are dropped).
+
+        Returns:
+            Per query a Partial or the error that ended it (a bad filter, a shard's fault, the
+            deadline), and the table versions searched.
+        """
+        started = time.monotonic()
+        n = len(ks)
+        if vectors is not None:
+            vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+        wheres = wheres or [None] * n
+        texts = texts or [None] * n
+        snaps = self.snapshots()
+        # found[i][s]: query i's rows from shard s; texts likewise.
+        found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
+        found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
+        # future -> (where its rows go, shard, queries, whether it answers several queries)
+        pending: dict[Future, tuple[list[list[Any]], int, list[int], bool]] = {}
+        searched = range(n) if vectors is not None else range(0)
+        for s, (shard, snap) in enumerate(zip(self.shards, snaps, strict=True)):
+            in_memory = [i for i in searched if snap.memory is not None and not wheres[i]]
+            if in_memory:
+                if snap.memory.num_rows * len(in_memory) <= INLINE_SCORES:
+                    for i, hits in zip(in_memory, _memory(snap, vectors, ks, in_memory), strict=True):
+                        found[i][s] = hits
+                else:
+                    future = self.pool.submit(_memory, snap, vectors, ks, in_memory)
+                    pending[future] = (found, s, in_memory, True)
+            for i in sorted(set(searched) - set(in_memory)):
+                future = self.pool.submit(shard.vector_query, snap, vectors[i], ks[i], wheres[i], exact)
+                pending[future] = (found, s, [i], False)
+            for i in (i for i in range(n) if texts[i] is not None):
+                future = self.pool.submit(shard.text_query, snap, texts[i], ks[i], wheres[i])
+                pending[future] = (found_text, s, [i], False)
+        remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
+        done, late = wait(pending, timeout=remaining)
+        for future in done:
+            into, s, rows, many = pending[future]
+            try:
+                answer = future.result()
+            except Exception as exc:  # noqa: BLE001 - a memory search; LanceDB's come back as values
+                logger.exception("%s: in-memory search failed", self.names[s])
+                answer = ShardError(f"{self.names[s]}: {type(exc).__name__}")
+            for i, hits in zip(rows, answer if many and isinstance(answer, list) else [answer] * len(rows),
+                               strict=True):  # fmt: skip
+                into[i][s] = hits
+        for future in late:
+            into, s, rows, _ = pending[future]
+            logger.warning("%s: a query ran past its deadline of %.3g s", self.names[s], timeout_s)
+            for i in rows:
+                into[i][s] = QueryTimeout(f"{self.names[s]}: no answer within {timeout_s:g} s")
+        answers: list[Partial | Exception] = []
+        for i in range(n):
+            parts = found[i] if vectors is not None else []
+            parts = parts + (found_text[i] if texts[i] is not None else [])
+            error = next((p for p in parts if isinstance(p, Exception)), None)
+            if error is not None:
+                answers.append(error)
+                continue
+            text = merge_topk(found_text[i], k=ks[i]) if texts[i] is not None else None
+            vector = merge_topk(found[i], k=ks[i]) if vectors is not None else None
+            answers.append(Partial(vector, text))
+        return GroupAnswer(answers, tuple(snap.version for snap in snaps))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _memory(snap: Snapshot, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:
+    return snap.memory.search(vectors[rows], [ks[i] for i in rows])
+
+
+def combine(parts: list[Partial], *, k: int, depth: int | None = None, rrf_k: int = 60) -> pa.Table:
+    """One query's global top-k from its answers of every group: the merged vector rows, or for a
+    hybrid query the vector and BM25 rankings (each merged over the groups first) fused by
+    reciprocal rank.
+
+    Args:
+        parts: the query's Partial from each group.
+        k: rows to return.
+        depth: hybrid only: the rows each ranking was searched to (the candidates fused); default k.
+        rrf_k: hybrid only: the fusion constant.
+    """
+    depth = max(k, depth or k)
+    vectors = [p.vector for p in parts]
+    if parts[0].text is None:
+        return vectors[0].slice(0, k) if len(parts) == 1 else merge_topk(vectors, k=k)
+    texts = [p.text for p in parts]
+    vector = vectors[0] if len(parts) == 1 else merge_topk(vectors, k=depth)
+    text = texts[0] if len(parts) == 1 else merge_topk(texts, k=depth)
+    return rrf_fuse([vector, text], k=k, rrf_k=rrf_k)
