@@ -53,7 +53,7 @@ def main() -> None:
     from pipelines.config import api_key_from_env
     from pipelines.evaluate import load_beir
 
-    key = api_key_from_env()
+    key = api_key_from_env() or ""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     queries, _ = load_beir(args.beir_dir)
     texts = [queries[qid] for qid in sorted(queries)]

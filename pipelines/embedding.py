@@ -78,6 +78,7 @@ class Embedder:
         cache_writer: Any = None,
         encode_batch_size: int = 32,
         preload: bool = False,
+        static_lengths: tuple[int, ...] = (),
     ):
         if device == "cuda":
             if os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
@@ -101,6 +102,7 @@ class Embedder:
             int8_model=int8_model,
             openvino_model=openvino_model,
             streams=openvino_streams if self.device == "cpu" else 1,
+            static_lengths=static_lengths,
         )
         self._backend: backends.TorchBackend | backends.OpenVINOBackend | None = None
         self._loading: Any = None

@@ -251,26 +251,74 @@ class Router:
         self._stats_at = float("-inf")
         self._stats_task: asyncio.Task | None = None
         self._embed_lock = asyncio.Lock()
+        self._queue: asyncio.Queue[tuple[_Job, asyncio.Future]] | None = None
+        self._workers: list[asyncio.Task] = []
         self.embedder = _query_embedder(model, dtype, self.settings, vectors)
         self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
-        self._run_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
-    async def _run_batch(self, jobs: list[_Job]) -> list[_Answer | Exception]:
-        """Answer the queries that arrived together: one forward pass, one search of the shards for all.
+    async def _answer(self, job: _Job) -> _Answer | Exception:
+        """The job's answer, computed in a batch with the queries that queued beside it."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._workers = [asyncio.create_task(self._batch_worker()) for _ in range(2)]
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((job, future))
+        return await future
+
+    async def _batch_worker(self) -> None:
+        """Batches queries as they queue: one forward pass, one search of the shards for all.
+
+        A worker takes its batch when the model is free, so a batch holds every query that queued
+        while the last one was embedded (up to max_batch_size): batches grow with the load and a lone
+        query is never held back. Two workers run, so that one batch is embedded while the other is
+        searched. (Serve's @serve.batch forms a batch as soon as its wait ends, free model or not; with
+        no wait it queued batches of one or two under load here.)
+        """
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            try:
+                # One forward pass at a time (a model is not for two threads at once), in a thread so
+                # that the event loop serves other requests meanwhile.
+                async with self._embed_lock:
+                    await self._fill(batch)
+                    batch = [(job, future) for job, future in batch if not future.done()]  # timed out
+                    if not batch:
+                        continue
+                    self.metrics.EMBED_BATCH.observe(len(batch))
+                    queries = [job.query for job, _ in batch]
+                    vectors = await asyncio.to_thread(self.embedder.encode, queries)
+                answers = await self._run_batch([job for job, _ in batch], vectors)
+            except Exception as exc:  # noqa: BLE001 - every query of the batch gets it; the worker lives on
+                logger.exception("a query batch failed")
+                answers = [exc] * len(batch)
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+
+    async def _fill(self, batch: list[tuple[_Job, asyncio.Future]]) -> None:
+        limit = self.settings.max_batch_size
+        deadline = time.monotonic() + self.settings.batch_wait_timeout_s
+        while len(batch) < limit:
+            if self._queue.empty():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    return
+            else:
+                batch.append(self._queue.get_nowait())
+
+    async def _run_batch(self, jobs: list[_Job], vectors: Any) -> list[_Answer | Exception]:
+        """Answer the queries that were embedded together: one search of the shards for all.
 
         Batching the search matters as much as batching the model: each deployment-handle call costs
         milliseconds of CPU, so per-query calls to shard groups would cap throughput long before the
-        searches do. Two batches run at once, so that one is embedded while the other is searched. A
-        job's own error (a bad filter, a failed shard query, its deadline) comes back as its answer,
-        not the batch's.
+        searches do. A job's own error (a bad filter, a failed shard query, its deadline) comes back
+        as its answer, not the batch's.
         """
-        self.metrics.EMBED_BATCH.observe(len(jobs))
-        # One forward pass at a time (a model is not for two threads at once), in a thread so that
-        # the event loop serves other requests meanwhile.
-        async with self._embed_lock:
-            vectors = await asyncio.to_thread(self.embedder.encode, [job.query for job in jobs])
         started = time.perf_counter()
         candidates = self.settings.hybrid_candidates
         depth = [job.k if job.mode == "vector" else max(job.k, candidates) for job in jobs]
@@ -367,7 +415,7 @@ class Router:
         ``key_versions``, and k small enough. Past ``query_timeout_s`` a QueryTimeout is raised (the
         batch goes on for the queries that came with it)."""
         try:
-            answer = await asyncio.wait_for(self._run_batch(job), self.settings.query_timeout_s)
+            answer = await asyncio.wait_for(self._answer(job), self.settings.query_timeout_s)
         except TimeoutError:
             raise QueryTimeout(
                 f"no answer within query_timeout_s={self.settings.query_timeout_s:g}"

@@ -10,6 +10,9 @@ from pipelines.embedding import Embedder
 
 logger = logging.getLogger(__name__)
 
+# One query at a time runs on OpenVINO models compiled for these lengths (see OpenVINOBackend).
+STATIC_LENGTHS = (16, 32, 48, 64, 128, 256)
+
 
 def query_precision(*, vectors: str | None, device: str, dtype: str = "auto", model: str) -> str:
     """The precision queries are embedded in.
@@ -66,7 +69,10 @@ def query_embedder(
                 f"int8 queries need the int8 model of {model} on this machine: run `embedpipe quantize` "
                 "or an int8 ingest here first, or ask for fp32."
             )
-        return Embedder(model=model, device="cpu", dtype="int8", int8_model=str(found), cpu_threads=threads)
+        return Embedder(
+            model=model, device="cpu", dtype="int8", int8_model=str(found), cpu_threads=threads,
+            static_lengths=STATIC_LENGTHS,
+        )  # fmt: skip
     openvino = engine == "openvino" or (engine == "auto" and backends.openvino_available())
     if device == "cpu" and precision in ("fp32", "bf16") and openvino:
         try:
@@ -77,8 +83,9 @@ def query_embedder(
             logger.exception("OpenVINO export of %s failed; queries are embedded with torch", model)
         else:
             return Embedder(
-                model=model, device="cpu", dtype=precision, cpu_threads=threads, openvino_model=str(exported)
-            )
+                model=model, device="cpu", dtype=precision, cpu_threads=threads, openvino_model=str(exported),
+                static_lengths=STATIC_LENGTHS,
+            )  # fmt: skip
     return Embedder(model=model, device=device, dtype=precision, cpu_threads=threads)
 
 
