@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 fatal error (nothing committed by the failing step); 2 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -369,11 +370,18 @@ def serve_command(
         _check_port_free(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail on it without a word
     # Serve reads these when Ray starts, so they shape an embedded Ray only; set them on a cluster's nodes.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    if cfg.serve.ingress == "haproxy":
-        if shutil.which("haproxy") is None:
-            raise _fail(
-                "serve.ingress is haproxy, but no haproxy binary is on PATH (apt-get install haproxy)."
-            )
+    ingress = cfg.serve.ingress
+    if ingress == "auto":
+        ingress = "haproxy" if shutil.which("haproxy") else "python"
+    if ingress == "haproxy" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        from serve.ingress import haproxy_environment
+
+        try:
+            hardened = haproxy_environment()
+        except FileNotFoundError as exc:
+            raise _fail(str(exc)) from exc
+        os.environ.update(hardened)
+        atexit.register(shutil.rmtree, Path(hardened["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent, True)
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     with ray_session(cfg.ray):
         try:  # with Ray up: the layout is checked against the cluster's resources
@@ -383,7 +391,7 @@ def serve_command(
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(application, name="embedpipe", route_prefix="/")
         console.print(
-            f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} "
+            f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} through the {ingress} ingress "
             "(POST /search, GET /healthz, /metrics, /docs); Ctrl-C stops",
             highlight=False,
         )

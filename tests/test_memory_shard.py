@@ -197,3 +197,36 @@ def test_a_failing_filter_runs_once_and_its_error_names_no_schema(tmp_path, monk
         _rows(answers[0])
     assert calls == ["`doc_id` = 'x'"] and counted == []  # run once; no second run to assign blame
     assert "vector" not in str(error.value) and "metadata" not in str(error.value)
+
+
+@pytest.mark.parametrize("k", [1, 10, 250])
+def test_a_group_held_in_memory_answers_as_its_shards_through_lancedb(tmp_path, k):
+    """Several shards held as one in memory give the rows, scores and order of each shard's exact
+    LanceDB search merged, ties across shards included; a filtered query still goes to LanceDB."""
+    db, rng, _ = _db(tmp_path, rows_per_shard=120, shards=3)
+    conn = lancedb.connect(str(db))
+    first = conn.open_table(store.shard_name(0))
+    # An exact copy of shard 0's first row in shard 2, under another id: a tie across shards.
+    copy = first.to_arrow().slice(0, 1)
+    conn.open_table(store.shard_name(2)).add(copy.set_column(0, "chunk_id", pa.array(["a-tie#0"])))
+    held = ShardGroup(str(db), memory_rows=10_000)
+    lance = ShardGroup(str(db), memory_rows=0)
+    assert [s["in_memory"] for s in held.stats()] == [True] * 3
+    queries = _queries(rng, first, 20)
+    queries[0] = np.asarray(copy.column("vector")[0].values, np.float32)
+    got, _ = held.search(queries, [k] * len(queries))
+    want, _ = lance.search(queries, [k] * len(queries))
+    for g, w in zip(got, want, strict=True):
+        assert g.vector.column_names == w.vector.column_names and g.vector.num_rows == w.vector.num_rows
+        np.testing.assert_allclose(g.vector["score"].to_numpy(), w.vector["score"].to_numpy(), atol=1e-5)
+        # The same rows and shards, up to which copy of an exact tie at the cut is kept (a matrix
+        # product may score two equal rows an ulp apart); each ordered by score, then chunk_id.
+        above = w.vector["score"].to_numpy()[-1] + 1e-5
+        rows = {(r["chunk_id"], r["shard"]) for r in g.vector.to_pylist() if r["score"] > above}
+        assert rows == {(r["chunk_id"], r["shard"]) for r in w.vector.to_pylist() if r["score"] > above}
+        order = [(-r["score"], r["chunk_id"]) for r in g.vector.to_pylist()]
+        assert order == sorted(order)
+    assert {"a-tie#0", "s0-d0#0"} & set(got[0].vector["chunk_id"].to_pylist()[:2])
+    (filtered,), _ = held.search(queries[1:2], [5], ["chunk_index >= 0"])
+    (exact,), _ = lance.search(queries[1:2], [5])
+    assert filtered.vector["chunk_id"].to_pylist() == exact.vector["chunk_id"].to_pylist()

@@ -7,6 +7,7 @@ calls group deployments spread over a cluster's nodes and merges their answers w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
@@ -18,12 +19,12 @@ import pyarrow as pa
 from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.search.merge import merge_topk, rrf_fuse
-from pipelines.search.shard import QueryTimeout, Shard, ShardError, Snapshot
+from pipelines.search.shard import MemoryShard, QueryTimeout, Shard, ShardError, Snapshot
 
 logger = logging.getLogger(__name__)
 
 # Memory searches smaller than this (rows x queries) run in the calling thread; larger ones in the
-# pool, shards side by side (numpy releases the GIL).
+# pool, beside the LanceDB queries (numpy releases the GIL).
 INLINE_SCORES = 262_144
 
 
@@ -45,10 +46,12 @@ class GroupAnswer(NamedTuple):
 class ShardGroup:
     """Shard tables of one db held open in this process and searched concurrently.
 
-    A batch of queries costs one matrix product per in-memory shard and one LanceDB query per
-    (query, shard) otherwise, run in a thread pool (LanceDB and numpy release the GIL); each query's
-    rows are merged over the group's shards before it is answered. Every answer reports the table
-    versions it was computed on.
+    The group's small exact shards are held in memory as one (``MemoryShard.combined``, rebuilt when
+    one of them moves to a new version): a batch of queries costs one matrix product and one top-k
+    per query for all of them. Other shards, and filtered queries, cost one LanceDB query per (query,
+    shard), run in a thread pool (LanceDB and numpy release the GIL); each query's rows are merged
+    over the group's shards before it is answered. Every answer reports the table versions it was
+    computed on.
 
     Args:
         db: the db directory.
@@ -77,6 +80,8 @@ class ShardGroup:
             Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows) for name in names
         ]
         self.names = names
+        self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None] = ((), None)
+        self._memory_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(threads or min(32, max(4, 2 * len(names))), "shard-search")
         self.snapshots()  # open every table now: a db that cannot be read fails at start, not per query
 
@@ -133,63 +138,89 @@ class ShardGroup:
         wheres = wheres or [None] * n
         texts = texts or [None] * n
         snaps = self.snapshots()
-        # found[i][s]: query i's rows from shard s; texts likewise.
+        memory, held = self._memory_for(snaps)
+        # found[i][s]: query i's rows from shard s (None: answered by the memory part); texts likewise.
         found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
-        # future -> (where its rows go, shard, queries, whether it answers several queries)
-        pending: dict[Future, tuple[list[list[Any]], int, list[int], bool]] = {}
+        from_memory: list[Any] = [None] * n
+        # future -> (where its rows go, shard (-1: memory), queries, whether it answers several queries)
+        pending: dict[Future, tuple[list[Any], int, list[int], bool]] = {}
         searched = range(n) if vectors is not None else range(0)
+        plain = [i for i in searched if not wheres[i]] if memory is not None else []
+        if plain:
+            if memory.num_rows * len(plain) <= INLINE_SCORES:
+                for i, hits in zip(plain, _memory(memory, vectors, ks, plain), strict=True):
+                    from_memory[i] = hits
+            else:
+                future = self.pool.submit(_memory, memory, vectors, ks, plain)
+                pending[future] = (from_memory, -1, plain, True)
         for s, (shard, snap) in enumerate(zip(self.shards, snaps, strict=True)):
-            in_memory = [i for i in searched if snap.memory is not None and not wheres[i]]
-            if in_memory:
-                if snap.memory.num_rows * len(in_memory) <= INLINE_SCORES:
-                    for i, hits in zip(in_memory, _memory(snap, vectors, ks, in_memory), strict=True):
-                        found[i][s] = hits
-                else:
-                    future = self.pool.submit(_memory, snap, vectors, ks, in_memory)
-                    pending[future] = (found, s, in_memory, True)
-            for i in sorted(set(searched) - set(in_memory)):
+            skip = set(plain) if s in held else set()
+            for i in (i for i in searched if i not in skip):
                 future = self.pool.submit(shard.vector_query, snap, vectors[i], ks[i], wheres[i], exact)
-                pending[future] = (found, s, [i], False)
+                pending[future] = (found[i], s, [i], False)
             for i in (i for i in range(n) if texts[i] is not None):
                 future = self.pool.submit(shard.text_query, snap, texts[i], ks[i], wheres[i])
-                pending[future] = (found_text, s, [i], False)
+                pending[future] = (found_text[i], s, [i], False)
         remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
         done, late = wait(pending, timeout=remaining)
         for future in done:
             into, s, rows, many = pending[future]
+            name = self.names[s] if s >= 0 else "memory"
             try:
                 answer = future.result()
             except Exception as exc:  # noqa: BLE001 - a memory search; LanceDB's come back as values
-                logger.exception("%s: in-memory search failed", self.names[s])
-                answer = ShardError(f"{self.names[s]}: {type(exc).__name__}")
-            for i, hits in zip(rows, answer if many and isinstance(answer, list) else [answer] * len(rows),
-                               strict=True):  # fmt: skip
-                into[i][s] = hits
+                logger.exception("%s: search failed", name)
+                answer = ShardError(f"{name}: {type(exc).__name__}")
+            values = answer if many and isinstance(answer, list) else [answer] * len(rows)
+            for i, hits in zip(rows, values, strict=True):
+                if many:
+                    into[i] = hits
+                else:
+                    into[s] = hits
         for future in late:
-            into, s, rows, _ = pending[future]
-            logger.warning("%s: a query ran past its deadline of %.3g s", self.names[s], timeout_s)
+            into, s, rows, many = pending[future]
+            name = self.names[s] if s >= 0 else "memory"
+            logger.warning("%s: a query ran past its deadline of %.3g s", name, timeout_s)
             for i in rows:
-                into[i][s] = QueryTimeout(f"{self.names[s]}: no answer within {timeout_s:g} s")
+                error = QueryTimeout(f"{name}: no answer within {timeout_s:g} s")
+                if many:
+                    into[i] = error
+                else:
+                    into[s] = error
         answers: list[Partial | Exception] = []
         for i in range(n):
-            parts = found[i] if vectors is not None else []
-            parts = parts + (found_text[i] if texts[i] is not None else [])
-            error = next((p for p in parts if isinstance(p, Exception)), None)
+            vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
+            vector_parts = vector_parts if vectors is not None else []
+            text_parts = found_text[i] if texts[i] is not None else []
+            error = next((p for p in [*vector_parts, *text_parts] if isinstance(p, Exception)), None)
             if error is not None:
                 answers.append(error)
                 continue
-            text = merge_topk(found_text[i], k=ks[i]) if texts[i] is not None else None
-            vector = merge_topk(found[i], k=ks[i]) if vectors is not None else None
+            text = merge_topk(text_parts, k=ks[i]) if texts[i] is not None else None
+            vector = None
+            if vectors is not None:
+                vector = vector_parts[0] if len(vector_parts) == 1 else merge_topk(vector_parts, k=ks[i])
             answers.append(Partial(vector, text))
         return GroupAnswer(answers, tuple(snap.version for snap in snaps))
+
+    def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, set[int]]:
+        """The group's small shards held as one in memory, at these snapshots' versions, and which
+        shards it holds; rebuilt (reading those tables) when one of them has moved on."""
+        key = tuple((s, snap.version) for s, snap in enumerate(snaps) if snap.in_memory)
+        if self._memory[0] != key:
+            with self._memory_lock:
+                if self._memory[0] != key:
+                    parts = [(self.names[s], snaps[s].table) for s, _ in key]
+                    self._memory = (key, MemoryShard.combined(parts) if parts else None)
+        return self._memory[1], {s for s, _ in key}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _memory(snap: Snapshot, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:
-    return snap.memory.search(vectors[rows], [ks[i] for i in rows])
+def _memory(memory: MemoryShard, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:
+    return memory.search(vectors[rows], [ks[i] for i in rows])
 
 
 def combine(parts: list[Partial], *, k: int, depth: int | None = None, rrf_k: int = 60) -> pa.Table:

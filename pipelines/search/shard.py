@@ -98,13 +98,14 @@ class QueryTimeout(TimeoutError):
 
 
 class MemoryShard:
-    """Exact cosine search over a shard held in memory: its vectors and the result columns.
+    """Exact cosine search over shard tables held in memory: their vectors and result columns.
 
-    A LanceDB query costs a few milliseconds of planning even on a tiny table; a small shard searched
-    many times (the Serve deployments) answers from memory instead, many queries in one matrix
-    product. The rows, scores and order equal ``search_shard(..., exact=True)``: score is
-    1 - cosine distance, and rows tied with the k-th best are kept or cut by chunk_id, as the merge
-    orders them.
+    A LanceDB query costs a few milliseconds of planning even on a tiny table; small shards searched
+    many times (Serve) answer from memory instead, many queries in one matrix product. Several shards
+    of a group are held as one (``combined``), so a query costs one product and one top-k for all of
+    them. The rows, scores and order equal ``search_shard(..., exact=True)`` merged with
+    ``merge_topk``: score is 1 - cosine distance, and rows tied with the k-th best are kept or cut by
+    chunk_id, as the merge orders them.
 
     Args:
         table: an open LanceDB table, at the version to hold.
@@ -112,7 +113,18 @@ class MemoryShard:
     """
 
     def __init__(self, table: Any, *, shard: str):
-        data = table.to_arrow().select([*RESULT_COLUMNS, "vector"])
+        self._load([(shard, table)])
+
+    @classmethod
+    def combined(cls, parts: list[tuple[str, Any]]) -> MemoryShard:
+        """One MemoryShard over several (shard name, table) parts."""
+        memory = cls.__new__(cls)
+        memory._load(parts)
+        return memory
+
+    def _load(self, parts: list[tuple[str, Any]]) -> None:
+        tables = [table.to_arrow().select([*RESULT_COLUMNS, "vector"]) for _, table in parts]
+        data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         vectors = data.column("vector").combine_chunks()
         dim = vectors.type.list_size
         flat = vectors.flatten()  # respects the array's offset, unlike .values
@@ -120,10 +132,13 @@ class MemoryShard:
         norms = np.linalg.norm(self.vectors, axis=1)
         self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
         self.rows = data.drop_columns(["vector"]).combine_chunks()  # one chunk: cheaper take per query
+        # Each row's shard, as dictionary indices into the names.
+        names = pa.array([name for name, _ in parts], pa.string())
+        owner = np.repeat(np.arange(len(parts), dtype=np.int32), [t.num_rows for t in tables])
+        self.shards = pa.DictionaryArray.from_arrays(pa.array(owner), names)
         # Position of each row in chunk_id order: ties in score are cut by it, as merge_topk does.
         chunk_ids = np.asarray(self.rows.column("chunk_id").to_pylist(), dtype=object)
         self.id_rank = np.argsort(np.argsort(chunk_ids))
-        self.shard = shard
 
     @property
     def num_rows(self) -> int:
@@ -152,19 +167,20 @@ class MemoryShard:
             else:
                 idx = np.arange(scores.size)
             idx = idx[np.lexsort((self.id_rank[idx], -scores[idx]))][:n]
-        return _finish(self.rows.take(idx), pa.array(scores[idx], pa.float32()), self.shard)
+        hits = self.rows.take(idx).append_column("score", pa.array(scores[idx], pa.float32()))
+        return hits.append_column("shard", self.shards.take(pa.array(idx)).cast(pa.string()))
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """What a shard answers from: one table version (its own handle, pinned there), its indexes, its
-    row count, and its rows in memory if small."""
+    row count, and whether it is small enough to be searched in memory (its group holds the rows)."""
 
     version: int
     table: Any
     indexes: ShardIndexes
     rows: int
-    memory: MemoryShard | None
+    in_memory: bool
 
 
 class Shard:
@@ -173,9 +189,9 @@ class Shard:
 
     Each table version is searched through its own table handle, pinned to it, so every answer is
     computed on exactly the version it reports, even while a refresh moves on to the next one. A
-    shard without a vector index and with at most ``memory_rows`` rows is searched in memory
-    (``MemoryShard``: LanceDB's exact rows and order); a filtered query, or a larger or indexed shard,
-    goes through LanceDB. Safe to use from many threads.
+    shard without a vector index and with at most ``memory_rows`` rows is searched in memory by its
+    group (``MemoryShard``: LanceDB's exact rows and order); a filtered query, or a larger or indexed
+    shard, goes through LanceDB. Safe to use from many threads.
 
     Args:
         conn: an open LanceDB connection to the db.
@@ -244,12 +260,10 @@ class Shard:
         table.checkout(version)
         indexes = read_indexes(table)
         rows = table.count_rows()
-        memory = None
-        if indexes.vector_kind == "exact" and 0 < rows <= self.memory_rows:
-            memory = MemoryShard(table, shard=self.name)
+        in_memory = indexes.vector_kind == "exact" and 0 < rows <= self.memory_rows
         logger.info("%s: serving version %d (%s)", self.name, version,
-                    "in memory" if memory else indexes.vector_kind)  # fmt: skip
-        return Snapshot(version, table, indexes, rows, memory)
+                    "in memory" if in_memory else indexes.vector_kind)  # fmt: skip
+        return Snapshot(version, table, indexes, rows, in_memory)
 
     def stats(self) -> dict[str, Any]:
         """Rows, version and indexes served (as of the last refresh), and whether refreshes are
@@ -261,7 +275,7 @@ class Shard:
             "rows": snap.rows,
             "version": snap.version,
             "vector_index": snap.indexes.vector_kind,
-            "in_memory": snap.memory is not None,
+            "in_memory": snap.in_memory,
             "fts": list(snap.indexes.fts_columns),
             "refresh_failing_s": round(time.monotonic() - self._refresh_failed_since, 1) if failing else None,
             "refresh_error": self._refresh_error if failing else None,
