@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from pipelines import store
 from pipelines.config import IndexSettings
 
 logger = logging.getLogger(__name__)
+
+# index_stats() without the IVF centroids: read_indexes needs none, and Lance warns on every call
+# until told which it should be.
+os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 
 VECTOR_INDEX = "vector_idx"  # + "_p<partitions>": LanceDB does not report an IVF partition count
 FTS_COLUMNS = ("title", "text")

@@ -1,8 +1,9 @@
 """Searches during an ingest never fail and never see half a document.
 
 The searches go through the shard group that Serve's router and ``embedpipe query`` search with
-(pipelines.search.ShardGroup, refreshing on every query) while another ingest adds new documents and replaces changed ones. Afterwards every table
-version a search saw is checked: each document in it whole (chunks 0..n-1, one content_hash, one run).
+(pipelines.search.ShardGroup, refreshing on every query) while another ingest adds new documents and
+replaces changed ones. Afterwards every table version a search saw is checked: each document in it
+whole (chunks 0..n-1, one content_hash, one run).
 """
 
 import json

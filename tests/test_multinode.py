@@ -2,9 +2,9 @@
 marked with a custom ``embed_node`` resource standing in for GPU nodes.
 
 Embedding actors must run on the marked nodes only, the shards written by tasks on several nodes must
-hold every chunk once, and two shard-group deployments of the Serve app on two nodes must answer as one group does. Where
-each actor, task and replica ran comes from Ray's state API. Runs in a subprocess because the cluster
-needs its own Ray, not the session's.
+hold every chunk once, and two shard-group deployments of the Serve app on two nodes must answer as one
+group does. Where each actor, task and replica ran comes from Ray's state API. Runs in a subprocess
+because the cluster needs its own Ray, not the session's.
 """
 
 import textwrap

@@ -589,3 +589,47 @@ def test_a_layout_the_cluster_cannot_hold_fails_at_once_saying_what_to_change(tm
         )
     assert [shard_groups("auto", shards=4, nodes=n) for n in (1, 2, 8)] == [0, 2, 4]
     assert shard_groups(9, shards=4, nodes=1) == 4
+
+
+def test_sixteen_shards_serve_on_two_cpus_and_answer_as_four(served, tmp_path):
+    """The served 4-shard db's rows dealt into 16 shards: the app starts on the 2-CPU test Ray with
+    the default reservations (the router holds every shard) and answers exactly as the 4-shard app."""
+    import lancedb
+    import pyarrow as pa
+    from ray import serve
+
+    from pipelines import store
+    from serve.app import ServeConfig, build_app
+
+    url, db, docs, *_ = served
+    manifest = store.read_manifest(db)
+    db16 = tmp_path / "db16"
+    store.init_db(
+        db16, store.Manifest(shards=16, model=manifest.model, dim=manifest.dim, vectors=manifest.vectors)
+    )
+    rows = pa.concat_tables(t.to_arrow() for t in store.open_shards(db).values())
+    owner = pa.array([store.shard_of(d, 16) for d in rows["doc_id"].to_pylist()])
+    conn = lancedb.connect(str(db16))
+    for s in range(16):
+        part = rows.filter(pa.compute.equal(owner, s))
+        if part.num_rows:
+            conn.open_table(store.shard_name(s)).add(part)
+    settings = ServeSettings(max_query_chars=300, cache_size=0)  # router_cpus 0.5, shard_groups auto
+    serve.run(
+        build_app(ServeConfig(db=str(db16), settings=settings, api_key=KEY, dtype="fp32")),
+        name="sixteen",
+        route_prefix="/sixteen",
+    )
+    try:
+        health = requests.get(f"{url}/sixteen/healthz", headers=AUTH, timeout=30).json()
+        assert health["status"] == "ok" and len(health["shards"]) == 16 and health["rows"] == rows.num_rows
+        for doc in docs[:20]:
+            body = {"query": doc["title"], "k": 10}
+            four = requests.post(f"{url}/search", json=body, headers=AUTH, timeout=60).json()["results"]
+            sixteen = requests.post(f"{url}/sixteen/search", json=body, headers=AUTH, timeout=60).json()[
+                "results"
+            ]
+            assert [h["chunk_id"] for h in sixteen] == [h["chunk_id"] for h in four]
+            np.testing.assert_allclose([h["score"] for h in sixteen], [h["score"] for h in four], atol=1e-5)
+    finally:
+        serve.delete("sixteen")
