@@ -24,7 +24,8 @@ class ShardGroupSearcher:
         shards: the shard tables of this group.
         refresh_s: how often to look for newer table versions.
         index: index settings (ANN query parameters).
-        memory_rows: the largest exact shard held in memory.
+        memory_rows: the largest shard held in memory.
+        exact_rows: held rows scanned per query; more go through an in-memory IVF index.
         threads: search threads (default: 2 per shard).
     """
 
@@ -36,10 +37,11 @@ class ShardGroupSearcher:
         index: dict[str, Any] | None = None,
         memory_rows: int = 0,
         threads: int | None = None,
+        exact_rows: int = 200_000,
     ):
         self.group = ShardGroup(
             db, shards, refresh_s=refresh_s, index=IndexSettings.model_validate(index or {}),
-            memory_rows=memory_rows, threads=threads,
+            memory_rows=memory_rows, threads=threads, exact_rows=exact_rows,
         )  # fmt: skip
 
     async def search(

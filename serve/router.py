@@ -242,7 +242,8 @@ class Router:
         if not groups:
             self.local = ShardGroup(
                 db, refresh_s=self.settings.refresh_s, index=IndexSettings.model_validate(index or {}),
-                memory_rows=self.settings.memory_rows, threads=self.settings.search_threads,
+                memory_rows=self.settings.memory_rows, exact_rows=self.settings.memory_exact_rows,
+                threads=self.settings.search_threads,
             )  # fmt: skip
         self._versions: tuple[int, ...] | None = None
         self._versions_at = 0.0

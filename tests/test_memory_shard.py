@@ -230,3 +230,42 @@ def test_a_group_held_in_memory_answers_as_its_shards_through_lancedb(tmp_path, 
     (filtered,), _ = held.search(queries[1:2], [5], ["chunk_index >= 0"])
     (exact,), _ = lance.search(queries[1:2], [5])
     assert filtered.vector["chunk_id"].to_pylist() == exact.vector["chunk_id"].to_pylist()
+
+
+def test_a_large_held_group_searches_an_ivf_index_and_rebuilds_it_in_the_background(tmp_path):
+    """Past exact_rows the held rows are searched through an in-memory IVF index: the rows it returns
+    carry their exact scores, recall against the exact scan is high, and a commit is picked up by a
+    rebuild in the background while the previous version answers."""
+    db, rng, _ = _db(tmp_path, rows_per_shard=2500, shards=2)
+    group = ShardGroup(str(db), memory_rows=10_000, exact_rows=1000, refresh_s=0)
+    lance = ShardGroup(str(db), memory_rows=0)
+    memory, _ = group._memory_for(group.snapshots())
+    assert memory.ivf is not None and memory.num_rows == 5000
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    queries = _queries(rng, table, 40)
+    got, versions = group.search(queries, [10] * 40)
+    want, _ = lance.search(queries, [10] * 40)
+    recall = np.mean([
+        len(set(g.vector["chunk_id"].to_pylist()) & set(w.vector["chunk_id"].to_pylist())) / 10
+        for g, w in zip(got, want, strict=True)
+    ])  # fmt: skip
+    assert recall >= 0.9, recall
+    for g, w in zip(got, want, strict=True):  # a row both found has the same score: scored exactly
+        exact = dict(zip(w.vector["chunk_id"].to_pylist(), w.vector["score"].to_pylist(), strict=True))
+        for c, score in zip(g.vector["chunk_id"].to_pylist(), g.vector["score"].to_pylist(), strict=True):
+            assert c not in exact or abs(exact[c] - score) < 1e-5
+
+    new = table.to_arrow().slice(0, 1)
+    new = new.set_column(0, "chunk_id", pa.array(["fresh#0"])).set_column(
+        new.schema.get_field_index("vector"), "vector",
+        pa.FixedSizeListArray.from_arrays(pa.array(queries[0]), DIM).cast(new.schema.field("vector").type),
+    )  # fmt: skip
+    table.add(new)
+    (first,), during = group.search(queries[:1], [3])
+    assert during == versions  # the old version answers while the index is rebuilt
+    deadline = time.monotonic() + 60
+    while group.search(queries[:1], [3]).versions == versions:
+        assert time.monotonic() < deadline, "the rebuild never landed"
+        time.sleep(0.1)
+    (after,), _ = group.search(queries[:1], [3])
+    assert after.vector["chunk_id"][0].as_py() == "fresh#0"

@@ -58,7 +58,10 @@ class ShardGroup:
         shards: the shard tables this group holds (default: every shard of the db).
         refresh_s: how often each shard looks for a newer table version (0: before every search).
         index: index settings (ANN query parameters).
-        memory_rows: exact shards up to this many rows are searched in memory (0: never).
+        memory_rows: shards up to this many rows are held in memory (0: never).
+        exact_rows: held rows up to this many are scanned per query; above, an in-memory IVF index
+            finds candidates that are then scored exactly (built in the background when the held
+            shards change: the previous versions serve meanwhile).
         threads: the pool's threads (default: 2 per shard, at least 4, at most 32).
     """
 
@@ -70,6 +73,7 @@ class ShardGroup:
         refresh_s: float = 1.0,
         index: IndexSettings | None = None,
         memory_rows: int = 0,
+        exact_rows: int = 200_000,
         threads: int | None = None,
     ):
         conn = lancedb.connect(str(db))
@@ -80,10 +84,20 @@ class ShardGroup:
             Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows) for name in names
         ]
         self.names = names
-        self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None] = ((), None)
+        self.exact_rows = exact_rows
+        # (key: held shards and versions, the memory, the snapshots it holds by shard)
+        self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None, dict[int, Snapshot]] = (
+            (),
+            None,
+            {},
+        )
         self._memory_lock = threading.Lock()
+        self._building: Future | None = None
+        self._builder = ThreadPoolExecutor(1, "memory-build")
         self.pool = ThreadPoolExecutor(threads or min(32, max(4, 2 * len(names))), "shard-search")
-        self.snapshots()  # open every table now: a db that cannot be read fails at start, not per query
+        # Open every table (a db that cannot be read fails at start, not per query) and load the rows
+        # held in memory before the first query.
+        self._memory_for(self.snapshots())
 
     @property
     def fresh(self) -> bool:
@@ -137,8 +151,10 @@ class ShardGroup:
             vectors = np.atleast_2d(np.asarray(vectors, np.float32))
         wheres = wheres or [None] * n
         texts = texts or [None] * n
-        snaps = self.snapshots()
-        memory, held = self._memory_for(snaps)
+        current = self.snapshots()
+        memory, held = self._memory_for(current)
+        # Held shards answer from the versions their memory holds, filtered queries included.
+        snaps = [held.get(s, snap) for s, snap in enumerate(current)]
         # found[i][s]: query i's rows from shard s (None: answered by the memory part); texts likewise.
         found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
@@ -204,19 +220,48 @@ class ShardGroup:
             answers.append(Partial(vector, text))
         return GroupAnswer(answers, tuple(snap.version for snap in snaps))
 
-    def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, set[int]]:
-        """The group's small shards held as one in memory, at these snapshots' versions, and which
-        shards it holds; rebuilt (reading those tables) when one of them has moved on."""
+    def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
+        """The group's held shards as one in memory, and the snapshot of each shard it holds.
+
+        Rebuilt (reading those tables) when one of them has moved to a new version: at once while
+        the held rows are few enough to scan; in the background when an IVF index must be built,
+        the previous versions answering meanwhile.
+        """
         key = tuple((s, snap.version) for s, snap in enumerate(snaps) if snap.in_memory)
-        if self._memory[0] != key:
+        current_key, memory, held = self._memory
+        if current_key == key:
+            return memory, held
+        small = sum(snaps[s].rows for s, _ in key) <= self.exact_rows
+        if small or memory is None:
             with self._memory_lock:
                 if self._memory[0] != key:
-                    parts = [(self.names[s], snaps[s].table) for s, _ in key]
-                    self._memory = (key, MemoryShard.combined(parts) if parts else None)
-        return self._memory[1], {s for s, _ in key}
+                    self._memory = self._build(key, snaps)
+            return self._memory[1], self._memory[2]
+        if self._building is None or self._building.done():
+            self._building = self._builder.submit(self._build_later, key, snaps)
+        return memory, held
+
+    def _build(self, key: tuple[tuple[int, int], ...], snaps: list[Snapshot]):
+        parts = [(self.names[s], snaps[s].table) for s, _ in key]
+        started = time.monotonic()
+        memory = MemoryShard.combined(parts, exact_rows=self.exact_rows) if parts else None
+        if memory is not None:
+            logger.info("holding %d rows of %d shards in memory (%s), built in %.1f s", memory.num_rows,
+                        len(parts), "IVF" if memory.ivf else "exact", time.monotonic() - started)  # fmt: skip
+        return key, memory, {s: snaps[s] for s, _ in key}
+
+    def _build_later(self, key: tuple[tuple[int, int], ...], snaps: list[Snapshot]) -> None:
+        try:
+            built = self._build(key, snaps)
+        except Exception:
+            logger.exception("rebuilding the rows held in memory failed; the previous versions serve on")
+            return
+        with self._memory_lock:
+            self._memory = built
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
 
 def _memory(memory: MemoryShard, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:
