@@ -13,6 +13,7 @@ were. Needs wrk;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -44,14 +45,15 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for ingress in args.ingress.split(","):
-        for groups in args.groups.split(","):
-            settings = {"shard_groups": int(groups), "ingress": ingress, "port": args.port,
-                        "query_dtype": args.query_dtype}  # fmt: skip
-            for row in _measure(args, settings):
-                row.update(shard_groups=int(groups), ingress=ingress, query_dtype=args.query_dtype)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    runs = [(ingress, groups) for ingress in args.ingress.split(",") for groups in args.groups.split(",")]
+    for n, (ingress, groups) in enumerate(runs):
+        # Each run on a port of its own: nothing left of the last one can answer for it.
+        settings = {"shard_groups": int(groups), "ingress": ingress, "port": args.port + n,
+                    "query_dtype": args.query_dtype}  # fmt: skip
+        for row in _measure(args, settings):
+            row.update(shard_groups=int(groups), ingress=ingress, query_dtype=args.query_dtype)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"cpu": _cpu(), "rows": rows}, indent=2))
 
@@ -76,12 +78,17 @@ def _measure(args: argparse.Namespace, settings: dict) -> list[dict]:
         )  # fmt: skip
         return [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        _signal(server, signal.SIGTERM)
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+            _signal(server, signal.SIGKILL)
         os.unlink(config)
+
+
+def _signal(server: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, sig)
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 240) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -370,7 +371,7 @@ def serve_command(
         _check_port_free(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail on it without a word
     # Serve reads these when Ray starts, so they shape an embedded Ray only; set them on a cluster's nodes.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    ingress = cfg.serve.ingress
+    ingress, hardened = cfg.serve.ingress, None
     if ingress == "auto":
         ingress = "haproxy" if shutil.which("haproxy") else "python"
     if ingress == "haproxy" and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
@@ -395,11 +396,30 @@ def serve_command(
             "(POST /search, GET /healthz, /metrics, /docs); Ctrl-C stops",
             highlight=False,
         )
+        # SIGTERM (a service manager, kill) stops it as Ctrl-C does: Serve shuts down and takes its
+        # proxy with it; HAProxy, started by Ray, would otherwise outlive it and keep the port.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+        finally:
+            if hardened:
+                _stop_processes_under(Path(hardened["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_processes_under(root: Path) -> None:
+    """Terminate the HAProxy processes run from ``root`` (the private dir of this service's HAProxy)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(root) in part for part in proc.info["cmdline"] or []):
+            proc.terminate()
 
 
 def _check_port_free(host: str, port: int) -> None:
