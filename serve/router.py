@@ -333,7 +333,7 @@ class Router:
         else:
             deadline = time.monotonic() + timeout
             calls = [
-                self._call_group(deadline, group.search.remote, vectors, depth, wheres, texts, timeout)
+                self._call_group(deadline, group.search, vectors, depth, wheres, texts, timeout)
                 for group in self.groups
             ]
             answers = await asyncio.gather(*calls)

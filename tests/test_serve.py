@@ -633,3 +633,37 @@ def test_sixteen_shards_serve_on_two_cpus_and_answer_as_four(served, tmp_path):
             np.testing.assert_allclose([h["score"] for h in sixteen], [h["score"] for h in four], atol=1e-5)
     finally:
         serve.delete("sixteen")
+
+
+def test_shard_group_deployments_answer_as_the_router_alone(served):
+    """The cluster layout on one node: two shard-group deployments behind the router answer exactly
+    as the router holding every shard (vector, hybrid, filtered), and /healthz lists every shard."""
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    url, db, docs, *_ = served
+    settings = ServeSettings(shard_groups=2, shard_cpus=0, router_cpus=0, max_query_chars=300, cache_size=0)
+    serve.run(
+        build_app(ServeConfig(db=str(db), settings=settings, api_key=KEY, device="cpu", dtype="fp32")),
+        name="groups",
+        route_prefix="/groups",
+    )
+    try:
+        health = requests.get(f"{url}/groups/healthz", headers=AUTH, timeout=30).json()
+        assert health["status"] == "ok" and len(health["shards"]) == 4
+        bodies = [{"query": d["title"], "k": 5, "mode": m} for d in docs[:6] for m in ("vector", "hybrid")]
+        bodies.append({"query": docs[0]["title"], "k": 5, "filter": f"doc_id != '{docs[0]['_id']}'"})
+        for body in bodies:
+            alone = requests.post(f"{url}/search", json=body, headers=AUTH, timeout=60)
+            grouped = requests.post(f"{url}/groups/search", json=body, headers=AUTH, timeout=60)
+            assert alone.status_code == grouped.status_code == 200, grouped.text
+            a, g = alone.json()["results"], grouped.json()["results"]
+            assert [h["chunk_id"] for h in g] == [h["chunk_id"] for h in a]
+            np.testing.assert_allclose([h["score"] for h in g], [h["score"] for h in a], atol=1e-5)
+        bad = requests.post(
+            f"{url}/groups/search", json={"query": "x", "filter": "nope = 1"}, headers=AUTH, timeout=60
+        )
+        assert bad.status_code == 400
+    finally:
+        serve.delete("groups")
