@@ -389,8 +389,13 @@ def serve_command(
             application = build_app(serve_cfg)
         except _user_errors() as exc:
             raise _fail(str(exc)) from exc
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(application, name="embedpipe", route_prefix="/")
+        try:
+            serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+            serve.run(application, name="embedpipe", route_prefix="/")
+        except Exception as exc:  # noqa: BLE001 - Ray's own errors; the details are in Ray's logs
+            last = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+            message = f"the service did not start: {last[0].strip()[:300]} (details: Ray's serve logs)"
+            raise _fail(message) from exc
         console.print(
             f"serving {db} on http://{cfg.serve.host}:{cfg.serve.port} through the {ingress} ingress "
             "(POST /search, GET /healthz, /metrics, /docs); Ctrl-C stops",

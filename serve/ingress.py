@@ -6,13 +6,15 @@ every interface and opens its admin socket (``level admin``) to every local user
 /tmp/haproxy-serve). ``haproxy_environment`` fixes both without touching Ray: HAProxy is started
 through a small wrapper that rewrites those lines of each config Ray renders before HAProxy reads it
 (loopback binds, mode 600), and every socket, config and state file goes into a fresh directory only
-this user can enter.
+this user can enter. The stats and metrics ports are free ones picked at start (Ray's fixed defaults
+would make a second service on the machine fail).
 """
 
 from __future__ import annotations
 
 import shlex
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -57,6 +59,10 @@ def haproxy_environment(haproxy: str | None = None) -> dict[str, str]:
     )
     wrapper.chmod(0o700)
     return {
+        # Free ports of their own, so that two services on one machine do not collide on Ray's fixed
+        # defaults (8404, 9101).
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(root / "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(root / "metrics.sock"),
@@ -64,3 +70,9 @@ def haproxy_environment(haproxy: str | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(root),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(root / "server-state"),
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -22,8 +22,11 @@ def test_the_wrapper_binds_loopback_and_keeps_the_admin_socket_private(tmp_path)
     env = haproxy_environment(haproxy="/bin/true")  # the real binary is only exec'd after the rewrite
     root = os.path.dirname(env["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
-    assert all(v.startswith(root) for k, v in env.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH")
-    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].startswith(root)
+    paths = {k: v for k, v in env.items() if not k.endswith("_PORT")}
+    assert len(paths) == 6 and all(v.startswith(root) for v in paths.values())
+    # Ports of its own: two services on one machine do not collide on Ray's fixed 8404 and 9101.
+    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
+    assert len(ports) == 2 and not ports & {8404, 9101}
     # Ray adds a 56-character node id; HAProxy takes socket paths up to 97 characters.
     assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 57 <= 97
 
