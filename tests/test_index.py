@@ -97,9 +97,8 @@ def test_small_shards_stay_exact_and_text_search_works(tmp_path):
     db, *_ = _db(tmp_path, rows_per_shard=500)
     summaries = index.build(db, settings=IndexSettings())
     assert {s["vector_index"] for s in summaries} == {"exact"}
-    searcher = Searcher(db)
-    hits = searcher.search_text("number 42", k=5)
-    assert "s0-d42#0" in hits["chunk_id"].to_pylist() or "s1-d42#0" in hits["chunk_id"].to_pylist()
+    (part,), _ = Searcher(db).group.search(None, [5], texts=["number 42"])  # BM25 alone
+    assert "s0-d42#0" in part.text["chunk_id"].to_pylist() or "s1-d42#0" in part.text["chunk_id"].to_pylist()
     # A second run finds nothing to build; dropping back to exact removes an ANN index.
     index.build(db, settings=IndexSettings(exact_below_rows=0))
     assert {index.read_indexes(t).vector_kind for t in store.open_shards(db).values()} == {"IVF_HNSW_SQ"}
@@ -112,7 +111,7 @@ def test_text_search_without_fts_index_is_a_clear_error(tmp_path):
 
     db, *_ = _db(tmp_path, rows_per_shard=300)
     with pytest.raises(NoTextIndexError, match="embedpipe index"):
-        Searcher(db).search_text("alpha", k=3)
+        Searcher(db).search("alpha", k=3, mode="hybrid", vector=np.full(DIM, DIM**-0.5, np.float32))
 
 
 def test_index_name_records_partitions_and_foreign_indexes_are_dropped(tmp_path):

@@ -91,13 +91,6 @@ class Searcher:
         """The global top-k for one query vector, merged across shards."""
         return self._one(self.group.search(vector, [k], [where], exact=exact), k=k)
 
-    def search_text(self, text: str, *, k: int = 10, where: str | None = None) -> pa.Table:
-        """The global BM25 top-k, merged across shards."""
-        (part,) = self.group.search(None, [k], [where], [text]).answers
-        if isinstance(part, Exception):
-            raise part
-        return part.text
-
     def search(
         self,
         text: str,
