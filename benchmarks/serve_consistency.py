@@ -37,7 +37,8 @@ def main() -> None:
     queries, _ = load_beir(args.beir_dir)
     texts = [queries[q] for q in sorted(queries)][: args.queries]
     searcher = Searcher(args.db)
-    rows = pa.concat_tables([t.to_arrow().select(["chunk_id", "vector"]) for t in searcher.shards.values()])
+    shards = searcher.group.snapshots()
+    rows = pa.concat_tables([s.table.to_arrow().select(["chunk_id", "vector"]) for s in shards])
     ids = np.array(rows["chunk_id"].to_pylist())
     matrix = rows["vector"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
     from pipelines.config import api_key_from_env
