@@ -132,7 +132,9 @@ class MemoryShard:
         return memory
 
     def _load(self, parts: list[tuple[str, Any]]) -> None:
-        tables = [table.to_arrow().select([*RESULT_COLUMNS, "vector"]) for _, table in parts]
+        # Only the columns it needs are read (a scan with a projection), not whole tables.
+        columns = [*RESULT_COLUMNS, "vector"]
+        tables = [table.search().select(columns).limit(None).to_arrow().select(columns) for _, table in parts]
         data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         vectors = data.column("vector").combine_chunks()
         dim = vectors.type.list_size
