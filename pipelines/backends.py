@@ -321,7 +321,6 @@ class OpenVINOBackend:
                 dynamic model to another input shape and ~20 ms for a new one, more than a short
                 query's pass takes (measured on a 2-core EPYC: 5.6 ms a query alternating lengths
                 16/32/48/64 dynamically, 1.8 ms on static models); the queries of a search service.
-                Several texts then run one at a time on these models.
         """
         no_openvino_telemetry()
         import openvino as ov
@@ -407,17 +406,6 @@ class OpenVINOBackend:
         return out  # type: ignore[return-value]
 
     def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if len(input_ids) > 1 and self._static:
-            # Each text alone on the fixed-length models: a text gets the vector it gets alone whatever
-            # it is batched with (a dynamic int8 model's vectors differed from them at cosine ~0.999
-            # here), and one at a time ran faster than dynamic batches of 16 (2.0 vs 2.7 ms a query).
-            lengths = attention_mask.sum(axis=1)
-            return np.concatenate(
-                [
-                    self._infer(input_ids[i : i + 1, :n], attention_mask[i : i + 1, :n])
-                    for i, n in enumerate(lengths)
-                ]
-            )
         request = self.request
         if len(input_ids) == 1 and self._static:
             fits = [n for n in self._static if n >= input_ids.shape[1]]
