@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -55,7 +54,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"cpu": _cpu(), "rows": rows}, indent=2))
+        from pipelines.autotune import cpu_signature
+
+        args.json.write_text(json.dumps({"cpu": cpu_signature(), "rows": rows}, indent=2))
 
 
 def _measure(args: argparse.Namespace, settings: dict) -> list[dict]:
@@ -103,20 +104,6 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 240) -> N
             pass
         time.sleep(1)
     raise SystemExit("embedpipe serve did not answer within 240 s")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(
-            line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")
-        )
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        wanted = [f for f in flags if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx_vnni"))]
-        return f"{name}, {os.cpu_count()} cores, {' '.join(sorted(wanted)) or 'no VNNI/BF16/AMX'}"
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

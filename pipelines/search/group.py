@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
@@ -159,8 +160,8 @@ class ShardGroup:
         found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         from_memory: list[Any] = [None] * n
-        # future -> (where its rows go, shard (-1: memory), queries, whether it answers several queries)
-        pending: dict[Future, tuple[list[Any], int, list[int], bool]] = {}
+        # future -> (who answers, the queries it answers, where each query's rows go)
+        pending: dict[Future, tuple[str, list[int], Callable[[int, Any], None]]] = {}
         searched = range(n) if vectors is not None else range(0)
         plain = [i for i in searched if not wheres[i]] if memory is not None else []
         if plain:
@@ -169,41 +170,33 @@ class ShardGroup:
                     from_memory[i] = hits
             else:
                 future = self.pool.submit(_memory, memory, vectors, ks, plain)
-                pending[future] = (from_memory, -1, plain, True)
+                pending[future] = ("memory", plain, from_memory.__setitem__)
         for s, (shard, snap) in enumerate(zip(self.shards, snaps, strict=True)):
             skip = set(plain) if s in held else set()
             for i in (i for i in searched if i not in skip):
                 future = self.pool.submit(shard.vector_query, snap, vectors[i], ks[i], wheres[i], exact)
-                pending[future] = (found[i], s, [i], False)
+                pending[future] = (shard.name, [i], lambda i, hits, s=s: found[i].__setitem__(s, hits))
             for i in (i for i in range(n) if texts[i] is not None):
                 future = self.pool.submit(shard.text_query, snap, texts[i], ks[i], wheres[i])
-                pending[future] = (found_text[i], s, [i], False)
+                pending[future] = (shard.name, [i], lambda i, hits, s=s: found_text[i].__setitem__(s, hits))
         remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
         done, late = wait(pending, timeout=remaining)
         for future in done:
-            into, s, rows, many = pending[future]
-            name = self.names[s] if s >= 0 else "memory"
+            name, rows, place = pending[future]
             try:
                 answer = future.result()
             except Exception as exc:  # noqa: BLE001 - a memory search; LanceDB's come back as values
                 logger.exception("%s: search failed", name)
                 answer = ShardError(f"{name}: {type(exc).__name__}")
-            values = answer if many and isinstance(answer, list) else [answer] * len(rows)
-            for i, hits in zip(rows, values, strict=True):
-                if many:
-                    into[i] = hits
-                else:
-                    into[s] = hits
+            for i, hits in zip(
+                rows, answer if isinstance(answer, list) else [answer] * len(rows), strict=True
+            ):
+                place(i, hits)
         for future in late:
-            into, s, rows, many = pending[future]
-            name = self.names[s] if s >= 0 else "memory"
+            name, rows, place = pending[future]
             logger.warning("%s: a query ran past its deadline of %.3g s", name, timeout_s)
             for i in rows:
-                error = QueryTimeout(f"{name}: no answer within {timeout_s:g} s")
-                if many:
-                    into[i] = error
-                else:
-                    into[s] = error
+                place(i, QueryTimeout(f"{name}: no answer within {timeout_s:g} s"))
         answers: list[Partial | Exception] = []
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
