@@ -43,7 +43,10 @@ ConfigOpt = Annotated[
     ),
 ]
 DbOpt = Annotated[
-    Path, typer.Option("--db", help="The db directory holding the shard tables.", envvar="EMBEDPIPE_DB")
+    str,
+    typer.Option(
+        "--db", help="The db holding the shard tables: a folder or s3:// gs:// az://.", envvar="EMBEDPIPE_DB"
+    ),
 ]
 AddressOpt = Annotated[
     str | None,
@@ -141,7 +144,12 @@ class Progress:
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Argument(help="A directory of documents, a .jsonl or a .parquet file.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A directory of documents, a .jsonl or a .parquet file; local or s3:// gs:// az://."
+        ),
+    ],
     db: DbOpt,
     config: ConfigOpt = None,
     shards: ShardsOpt = None,
@@ -168,7 +176,7 @@ def ingest(
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     Console().print(summary_table(result))
-    report_file = Path(result["db"]) / "_runs" / (result["run_id"] + ".json")
+    report_file = f"{result['db']}/_runs/{result['run_id']}.json"
     console.print(f"report: {report_file}", highlight=False, soft_wrap=True)  # paths unbroken
     console.print(f"log:    {result['log']}", highlight=False, soft_wrap=True)
     if result["docs"]["failed"]:
@@ -199,6 +207,7 @@ def query(
 
     The score is the cosine similarity in vector mode and the fused rank score in hybrid mode.
     """
+    from pipelines import store
     from pipelines.filters import TABLE_COLUMNS, compile_filter
     from pipelines.search import Searcher
 
@@ -206,7 +215,7 @@ def query(
         cfg = load_config(config, **{"serve.default_mode": mode})
         # The db's owner may filter on every column, in the grammar /search checks.
         where = compile_filter(where, columns=TABLE_COLUMNS) if where else None
-        searcher = Searcher(db, index=cfg.index, dtype=cfg.serve.query_dtype)
+        searcher = Searcher(store.location(db, cfg.storage), index=cfg.index, dtype=cfg.serve.query_dtype)
         if exact:
             if cfg.serve.default_mode != "vector":
                 raise ValueError("--exact applies to vector mode only.")
@@ -237,7 +246,7 @@ def query(
 def evaluate(
     beir_dir: Annotated[Path, typer.Argument(help="A BEIR collection: corpus.jsonl, queries.jsonl, qrels/.")],
     db: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--db", help="The db to score (ingested first if needed).", envvar="EMBEDPIPE_DB"),
     ] = None,
     endpoint: Annotated[
@@ -256,6 +265,7 @@ def evaluate(
 ) -> None:
     """Print nDCG@10, Recall@100, MRR@10 on BEIR_DIR for --db (ingested first if needed) or --endpoint."""
     from pipelines import evaluate as ev
+    from pipelines import store
 
     if (db is None) == (endpoint is None):
         raise _fail("give exactly one of --db and --endpoint", EXIT_USAGE)
@@ -272,6 +282,7 @@ def evaluate(
             from pipelines import ingest as pipeline
             from pipelines.search import Searcher
 
+            db = store.location(db, cfg.storage)
             if not ev.corpus_ingested(db, beir_dir):
                 result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
                 console.print(
@@ -323,10 +334,13 @@ def index_command(
     """Index every shard for its size: exact search when small, IVF_HNSW_SQ or IVF_PQ when large,
     and BM25 full-text indexes on title and text for hybrid search."""
     from pipelines import index as indexing
+    from pipelines import store
 
     try:
         cfg = load_config(config, **{"index.fts": fts})
-        summaries = indexing.build(db, settings=cfg.index, rebuild=rebuild)
+        summaries = indexing.build(
+            store.location(db, cfg.storage), settings=cfg.index, rebuild=rebuild, lock=cfg.storage
+        )
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if as_json:
@@ -363,8 +377,10 @@ def serve_command(
     try:
         cfg = load_config(config, **{"serve.host": host, "serve.port": port, "ray.address": address})
         key = api_key_from_env()
-        serve_cfg = ServeConfig(db=str(db), settings=cfg.serve, index=cfg.index, api_key=key)
-        store.read_manifest(db)  # a missing db fails before Ray starts
+        serve_cfg = ServeConfig(db=db, settings=cfg.serve, index=cfg.index, storage=cfg.storage, api_key=key)
+        loc = store.location(db, cfg.storage)
+        loc.check()
+        store.read_manifest(loc)  # a missing db or bucket fails before Ray starts
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
@@ -616,18 +632,15 @@ def plan_command(
         raise _fail("give exactly one of --db and --report", EXIT_USAGE)
     try:
         cfg = load_config(config)
-        path = report if report is not None else plan.latest_report(db)
-        run = json.loads(path.read_text())
-        run_db = Path(run.get("db") or (db or ""))
+        run = json.loads(report.read_text()) if report is not None else plan.latest_report(db)
         db_bytes = dim = None
-        if run_db.is_dir():
-            db_bytes = sum(
-                f.stat().st_size
-                for name in run.get("shards", {})
-                for f in (run_db / f"{name}.lance").rglob("*")
-                if f.is_file()
-            )
-            dim = store.read_manifest(run_db).dim if (run_db / store.MANIFEST).exists() else None
+        if run.get("db") and (db is not None or Path(run["db"]).is_dir()):
+            run_db = store.location(run["db"] if db is None else db, cfg.storage)
+            if store.is_db(run_db):
+                db_bytes = sum(
+                    obj["size"] for name in run.get("shards", {}) for obj in run_db.list(f"{name}.lance/")
+                )
+                dim = store.read_manifest(run_db).dim
         if hourly_usd is None and cfg.cost.hourly_usd:
             hourly_usd = cfg.cost.hourly_usd
         result = plan.plan(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -330,6 +330,51 @@ class ServeSettings(_Strict):
         return self
 
 
+class StorageConfig(_Strict):
+    """Object storage for a db or a source given as s3://, gs:// or az://. Credentials are never
+    set here: they come from the environment (AWS_ACCESS_KEY_ID..., an instance profile,
+    GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY...)."""
+
+    endpoint: str | None = Field(
+        None,
+        description="An S3-compatible endpoint URL (MinIO, moto, Ceph...); default: AWS_ENDPOINT_URL.",
+    )
+    region: str | None = Field(None, description="The bucket's region; default: AWS_REGION.")
+    allow_http: bool | None = Field(
+        None, description="Allow a plain-http endpoint; default: true when endpoint starts with http://."
+    )
+    options: dict[str, str] = Field(
+        {}, description="More LanceDB storage_options for gs:// or az:// (e.g. account_name); no secrets."
+    )
+    lock_lease_s: float = Field(
+        60.0, ge=2, le=3600, description="Lease of the db's writer lock; a run renews it every quarter."
+    )
+    lock_wait_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long a run waits for another that is writing the same db; 0: fail at once.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must start with http:// or https://, got {value!r}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        secret = [
+            k for k in value if any(w in k.lower() for w in ("secret", "password", "token", "key", "sas"))
+        ]
+        if secret:
+            raise ValueError(
+                f"{', '.join(sorted(secret))}: credentials go in the environment, never in a config file"
+            )
+        return value
+
+
 class CostConfig(_Strict):
     hourly_usd: float = Field(0.0, ge=0, description="Price of the cluster per hour, for the report.")
 
@@ -342,6 +387,7 @@ class Config(_Strict):
     ray: RayConfig = RayConfig()
     index: IndexSettings = IndexSettings()
     serve: ServeSettings = ServeSettings()
+    storage: StorageConfig = StorageConfig()
     cost: CostConfig = CostConfig()
 
 

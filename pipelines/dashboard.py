@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.store import RUNS_DIR, location
+
 logger = logging.getLogger(__name__)
 
-RUNS_DIR = "_runs"  # the same folder as store.RUNS_DIR; not imported, so that this module stays light
 # Run ids as ingest makes them (20250101T120000Z-a1b2c3); the first character may not be a dot,
 # so no id can name a parent folder or a hidden file.
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -80,13 +81,14 @@ def load_run(*, db: str | Path, run_id: str) -> dict[str, Any]:
     Returns:
         The report dict. Raises ValueError for a bad id, FileNotFoundError for an unknown run.
     """
-    path = Path(db) / RUNS_DIR / f"{check_run_id(run_id)}.json"
-    if not path.is_file():
+    name = f"{RUNS_DIR}/{check_run_id(run_id)}.json"
+    data = location(db).read_bytes(name)
+    if data is None:
         raise FileNotFoundError(f"No run {run_id!r} in {str(db)!r}.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(data)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"Run report {str(path)!r} is not valid JSON: {exc}") from exc
+        raise ValueError(f"Run report {name!r} of {str(db)!r} is not valid JSON: {exc}") from exc
 
 
 def list_runs(*, db: str | Path) -> list[dict[str, Any]]:
@@ -99,14 +101,15 @@ def list_runs(*, db: str | Path) -> list[dict[str, Any]]:
         Rows of :func:`run_summary`; files that are not readable reports are skipped (and logged).
     """
     rows = []
-    folder = Path(db) / RUNS_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if not RUN_ID.fullmatch(path.stem):
+    loc = location(db)
+    for obj in sorted(loc.list(RUNS_DIR + "/"), key=lambda o: o["path"]):
+        stem = obj["path"].rsplit("/", 1)[-1].removesuffix(".json")
+        if not obj["path"].endswith(".json") or not RUN_ID.fullmatch(stem):
             continue
         try:
-            rows.append(run_summary(json.loads(path.read_text())))
+            rows.append(run_summary(json.loads(loc.read_bytes(obj["path"]) or b"")))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
-            logger.warning("skipping unreadable run report %s: %s", path, exc)
+            logger.warning("skipping unreadable run report %s: %s", obj["path"], exc)
     return sorted(rows, key=lambda row: (row["started_at"] or 0, row["run_id"]), reverse=True)
 
 

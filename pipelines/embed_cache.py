@@ -17,11 +17,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import ray
 from lancedb.index import BTree
+
+from pipelines.store.location import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def keys(namespace: str, texts: list[str]) -> list[str]:
     ]
 
 
-def create(db: str | Path, dim: int) -> None:
-    conn = lancedb.connect(str(db))
+def create(db: str | Path | Location, dim: int) -> None:
+    conn = location(db).connect()
     table = conn.create_table(TABLE, schema=schema(dim), exist_ok=True)
     if table.schema.field("vector").type.list_size != dim:
         raise ValueError(f"{TABLE} in {db} holds vectors of another size; delete it to start over")
@@ -51,9 +52,9 @@ def create(db: str | Path, dim: int) -> None:
 class EmbeddingCache:
     """Look-ups and appends from an embedding actor."""
 
-    def __init__(self, db: str | Path, dim: int):
+    def __init__(self, db: str | Path | Location, dim: int):
         # Other actors append while this one reads: look for their new versions every few seconds.
-        conn = lancedb.connect(str(db), read_consistency_interval=timedelta(seconds=2))
+        conn = location(db).connect(read_consistency_interval=timedelta(seconds=2))
         self.table = conn.open_table(TABLE)
         self.schema = schema(dim)
 
@@ -96,8 +97,8 @@ class CacheWriter:
     when ``flush_rows`` rows or ``flush_s`` seconds have gathered, so that a killed run still leaves
     all but its last few seconds of embeddings for the rerun."""
 
-    def __init__(self, db: str, dim: int, flush_rows: int = 16_384, flush_s: float = 5.0):
-        self.table = lancedb.connect(str(db)).open_table(TABLE)
+    def __init__(self, db: str | Location, dim: int, flush_rows: int = 16_384, flush_s: float = 5.0):
+        self.table = location(db).connect().open_table(TABLE)
         self.schema = schema(dim)
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.keys: list[str] = []
@@ -135,15 +136,16 @@ class CacheWriter:
             self.keys, self.vectors = [], []
 
 
-def compact(db: str | Path) -> int:
+def compact(db: str | Path | Location) -> int:
     """Merge the many small appends of a run into few files and index the keys.
 
     Returns:
         Rows in the cache.
     """
-    if not (Path(db) / f"{TABLE}.lance").exists():
+    try:
+        table = location(db).connect().open_table(TABLE)
+    except ValueError:  # LanceDB: "Table '_embed_cache' was not found"
         return 0
-    table = lancedb.connect(str(db)).open_table(TABLE)
     rows = table.count_rows()
     if rows == 0:
         return 0

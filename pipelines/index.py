@@ -7,6 +7,7 @@ the single source of truth (there is no second file to drift from them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any
 from lancedb.index import FTS, HnswSq, IvfPq
 
 from pipelines import store
-from pipelines.config import IndexSettings
+from pipelines.config import IndexSettings, StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +176,32 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
     }
 
 
-def build(db: str | Path, *, settings: IndexSettings, rebuild: bool = False) -> list[dict[str, Any]]:
-    """Index every shard of ``db`` (see ``index_shard``); returns one summary per shard."""
-    manifest = store.read_manifest(db)
-    summaries = []
-    for name, table in store.open_shards(db).items():
-        logger.info("indexing %s", name)
-        summaries.append(index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild))
+def build(
+    db: str | Path | store.Location,
+    *,
+    settings: IndexSettings,
+    rebuild: bool = False,
+    lock: StorageConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Index every shard of ``db`` (see ``index_shard``); returns one summary per shard.
+
+    Args:
+        db: the db.
+        settings: the config's index section.
+        rebuild: rebuild indexes that already fit.
+        lock: take the db's writer lock with these lease and wait settings first (an index build is
+            a commit on every shard); None when the caller holds it (ingest's index after_ingest).
+    """
+    loc = store.location(db)
+    with contextlib.ExitStack() as stack:
+        if lock is not None:
+            loc.check()
+            stack.enter_context(
+                store.writer_lock(loc, run_id="index", lease_s=lock.lock_lease_s, wait_s=lock.lock_wait_s)
+            )
+        manifest = store.read_manifest(loc)
+        summaries = []
+        for name, table in store.open_shards(loc).items():
+            logger.info("indexing %s", name)
+            summaries.append(index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild))
     return summaries

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -82,10 +84,16 @@ def quiet_ray_data(*, verbose: bool) -> None:
 
 
 @contextlib.contextmanager
-def run_log(path: Path) -> Iterator[Path]:
+def run_log(db: store.Location, run_id: str) -> Iterator[str]:
     """Everything logged in this process while the run lasts (INFO and up: embedpipe, Ray, Ray Data,
-    the libraries) goes to ``path``, next to the run report, whatever the console shows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    the libraries) goes to ``_runs/<run_id>.log`` in the db, next to the run report, whatever the
+    console shows. In an object store the log is written locally and uploaded when the run ends."""
+    name = f"{store.RUNS_DIR}/{run_id}.log"
+    if db.local:
+        path = db.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="embedpipe-log-")) / f"{run_id}.log"
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -97,21 +105,20 @@ def run_log(path: Path) -> Iterator[Path]:
     try:
         with contextlib.suppress(Exception):  # a cluster's driver has no local session dir
             logger.info("Ray session logs: %s", ray._private.worker._global_node.get_session_dir_path())
-        yield path
+        yield db.join(name).uri
     finally:
         ray_data.removeHandler(handler)
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+        if not db.local:
+            with contextlib.suppress(Exception):  # the run's outcome matters more than its log
+                db.write_bytes(name, path.read_bytes())
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def _db_uri(db: str | Path) -> str:
-    text = str(db)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
@@ -148,7 +155,7 @@ def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, 
         if source is None:
             raise ValueError(f"No int8 model in {target}; quantize with a source first")
         root.mkdir(parents=True, exist_ok=True)
-        with store.db_lock(root, "quantize"):  # two runs on one machine quantize once
+        with store.machine_lock(root, "quantize"):  # two runs on one machine quantize once
             if not (target / "meta.json").exists():
                 texts = calibration_texts(source, cfg, cfg.embedding.calibration_chunks)
                 if len(texts) < MIN_CALIBRATION:
@@ -301,8 +308,31 @@ def build(
         The run report (see report.build_report).
     """
     run_id, started = new_run_id(), time.time()
-    db = _db_uri(db)
-    source = str(Path(source).expanduser().resolve())
+    db = store.location(db, cfg.storage)
+    db.check()  # an unreachable bucket is one clear error before anything is written
+    source = sources.resolve(source, cfg.storage)
+    with store.writer_lock(
+        db, run_id=run_id, lease_s=cfg.storage.lock_lease_s, wait_s=cfg.storage.lock_wait_s
+    ) as lock:
+        store.clean_staging(db, keep=run_id)  # what killed runs staged; only the lock's holder stages
+        return _build(
+            run_id=run_id, started=started, source=source, db=db, cfg=cfg, lock=lock,
+            report_path=report_path, prune=prune, progress=progress,
+        )  # fmt: skip
+
+
+def _build(
+    *,
+    run_id: str,
+    started: float,
+    source: str,
+    db: store.Location,
+    cfg: Config,
+    lock: store.WriterLock,
+    report_path: Path | None,
+    prune: bool,
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     model = cfg.embedding.model
     counts: dict[str, Any] = {"started_at": started, "chunks": 0, "tokens": 0, "ingested": 0, "unchanged": 0}
     failed: list[list[str]] = []
@@ -323,8 +353,7 @@ def build(
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         # After ray.init: lancedb warns when its runtime is forked, and Ray forks while starting.
         manifest = _open_db(db, cfg)
-        log_path = stack.enter_context(run_log(Path(db) / store.RUNS_DIR / f"{run_id}.log"))
-        stack.enter_context(store.run_lock(db, run_id))  # and clears what killed runs left staged
+        log_path = stack.enter_context(run_log(db, run_id))
         staging = store.Staging(db, run_id, manifest)
         staging.create()
         stack.callback(staging.discard)  # staged rows of a failed run are never committed
@@ -366,7 +395,10 @@ def build(
         chunk_cpus = {"num_cpus": cfg.chunking.num_cpus} if cfg.chunking.num_cpus else {}
         ds = (
             sources.read_source(
-                source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
+                source,
+                docs_per_block=cfg.read.docs_per_block,
+                max_doc_mb=cfg.read.max_doc_mb,
+                storage=cfg.storage,
             )
             .map_batches(
                 store.mark_unchanged,
@@ -441,7 +473,7 @@ def build(
                 progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
         stages = report.stage_times(ds.get_stats_summary())
         finishing = time.time()
-        dropped, counts["chunks"] = _commit(staging, failed, attempts)
+        dropped, counts["chunks"] = _commit(staging, failed, attempts, lock=lock)
         counts["ingested"] -= dropped
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
@@ -478,7 +510,7 @@ def _finish(
     run_id: str,
     started: float,
     source: str,
-    db: str,
+    db: store.Location,
     cfg: Config,
     counts: dict[str, Any],
     embedded: EmbedTotals,
@@ -487,7 +519,7 @@ def _finish(
     timeline: list[dict[str, Any]],
     backend: dict[str, Any],
     manifest: store.Manifest,
-    log_path: Path,
+    log_path: str,
     report_path: Path | None,
     pruned: list[str] | None,
     indexes: dict[str, Any] | None,
@@ -498,7 +530,7 @@ def _finish(
     result = report.build_report(
         run_id=run_id,
         source=source,
-        db=db,
+        db=db.uri,
         model=manifest.model,
         wall_s=wall_s,
         counts=counts,
@@ -526,15 +558,14 @@ def _finish(
         result["docs"]["pruned"] = len(pruned)
     if indexes is not None:
         result["indexes"] = indexes
-    result["log"] = str(log_path)
-    paths = [Path(db) / store.RUNS_DIR / f"{run_id}.json"]
+    result["log"] = log_path
+    db.write_bytes(f"{store.RUNS_DIR}/{run_id}.json", report.dumps(result).encode())
     if report_path is not None:
-        paths.append(Path(report_path))
-    report.write_report(result, *paths)
+        report.write_report(result, Path(report_path))
     return result
 
 
-def _open_db(db: str, cfg: Config) -> store.Manifest:
+def _open_db(db: store.Location, cfg: Config) -> store.Manifest:
     """The db's manifest; a new db is created for the configured model and shard count."""
     model = cfg.embedding.model
     return store.init_db(
@@ -545,7 +576,7 @@ def _open_db(db: str, cfg: Config) -> store.Manifest:
 def _unchanged_run(
     *,
     source: str,
-    db: str,
+    db: store.Location,
     cfg: Config,
     run_id: str,
     started: float,
@@ -566,10 +597,12 @@ def _unchanged_run(
     timeline: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(report.ResourceSampler())
-        log_path = stack.enter_context(run_log(Path(db) / store.RUNS_DIR / f"{run_id}.log"))
-        stack.enter_context(store.run_lock(db, run_id))
+        log_path = stack.enter_context(run_log(db, run_id))
         for docs in sources.iter_docs(
-            source, docs_per_batch=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb
+            source,
+            docs_per_batch=cfg.read.docs_per_block,
+            max_doc_mb=cfg.read.max_doc_mb,
+            storage=cfg.storage,
         ):
             checked = store.mark_unchanged(docs, db=db, shards=manifest.shards)
             rows = checked.select(["doc_id", "source", "error", "status"]).to_pylist()
@@ -668,10 +701,13 @@ class EmbedTotals:
         return totals
 
 
-def _commit(staging: store.Staging, failed: list[list[str]], attempts: set[str]) -> tuple[int, int]:
+def _commit(
+    staging: store.Staging, failed: list[list[str]], attempts: set[str], *, lock: store.WriterLock
+) -> tuple[int, int]:
     """Commit every shard; a doc_id seen more than once in the source fails (all its copies).
 
     Rows staged by write attempts not in ``attempts`` (a task Ray ran again) are dropped first.
+    Before each shard's commit the run checks that it still holds the db's writer lock.
 
     Returns:
         How many staged documents were failed here instead of ingested, and how many rows were
@@ -694,5 +730,6 @@ def _commit(staging: store.Staging, failed: list[list[str]], attempts: set[str])
             ids = [d for d in copies if copies[d] == 1]
             for start in range(0, len(ids), 1000):
                 replaced.extend(store.stored_hashes(table, ids[start : start + 1000]))
+        lock.check()
         committed += staging.commit(shard, replaced=replaced)
     return dropped, committed

@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipelines.store import RUNS_DIR, Location, location
+
 logger = logging.getLogger(__name__)
 
-RUNS_DIR = "_runs"  # the same folder as store.RUNS_DIR; not imported, so that this module stays light
 # Measured for this project's uncached Python ingress: about 10 QPS per router on a 2-core machine.
 DEFAULT_QPS_PER_REPLICA = 10.0
 # For the storage estimate without a measured db size; both measured on SciFact (all-MiniLM-L6-v2):
@@ -245,38 +246,41 @@ def format_plan(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def latest_report(db: Path) -> Path:
-    """The newest run report of a db directory that embedded documents (a run whose documents were
-    all unchanged measured no throughput).
+def latest_report(db: str | Path | Location) -> dict[str, Any]:
+    """The newest run report of a db that embedded documents (a run whose documents were all
+    unchanged measured no throughput).
 
     Args:
-        db: the db directory; reports live in ``db/_runs/<run_id>.json``.
+        db: the db (a folder or a URI); reports live in ``_runs/<run_id>.json``.
 
     Returns:
-        The path of the report with the latest ``started_at`` (a report without one counts by its
-        file's mtime). Files that are not JSON objects are skipped.
+        The report with the latest ``started_at`` (a report without one counts by its file's
+        mtime). Files that are not JSON objects are skipped.
 
     Raises:
         FileNotFoundError: when the db holds no readable run report.
     """
-    folder = Path(db) / RUNS_DIR
+    loc = location(db)
     newest: tuple[float, str] | None = None
-    found: Path | None = None
-    for path in folder.glob("*.json") if folder.is_dir() else []:
+    found: dict[str, Any] | None = None
+    for obj in loc.list(RUNS_DIR + "/"):
+        if not obj["path"].endswith(".json"):
+            continue
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(loc.read_bytes(obj["path"]) or b"")
             started = data.get("started_at")
-            when = float(started) if isinstance(started, int | float) else path.stat().st_mtime
+            when = float(started) if isinstance(started, int | float) else obj["last_modified"].timestamp()
             if not (data.get("docs") or {}).get("ingested"):
                 continue
         except (OSError, ValueError, AttributeError) as exc:
-            logger.warning("skipping unreadable run report %s: %s", path, exc)
+            logger.warning("skipping unreadable run report %s: %s", obj["path"], exc)
             continue
-        if newest is None or (when, path.name) > newest:
-            newest, found = (when, path.name), path
+        if newest is None or (when, obj["path"]) > newest:
+            newest, found = (when, obj["path"]), data
     if found is None:
         raise FileNotFoundError(
-            f"No report of a run that ingested documents in {str(folder)!r}: ingest into {str(db)!r} first."
+            f"No report of a run that ingested documents in {loc.uri}/{RUNS_DIR}: "
+            f"ingest into {loc.uri!r} first."
         )
     return found
 

@@ -157,8 +157,12 @@ def build_report(
     }
 
 
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, ensure_ascii=False)
+
+
 def write_report(report: dict[str, Any], *paths: Path) -> None:
-    text = json.dumps(report, indent=2, ensure_ascii=False)
+    text = dumps(report)
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray.data
 from ray.data.datasource import FileBasedDatasource
+
+from pipelines.store.location import Location, is_uri, location
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +140,23 @@ class JsonlDatasource(FileBasedDatasource):
     _FILE_EXTENSIONS = ["jsonl", "ndjson", "json"]
 
     def __init__(
-        self, paths: str | list[str], *, docs_per_block: int = 1000, max_doc_mb: float = 64, **kwargs: Any
+        self,
+        paths: str | list[str],
+        *,
+        docs_per_block: int = 1000,
+        max_doc_mb: float = 64,
+        scheme: str = "",
+        **kwargs: Any,
     ):
         super().__init__(paths, **kwargs)
         self._docs_per_block = docs_per_block
         self._max_doc_mb = max_doc_mb
+        self._scheme = scheme  # "s3://" when reading an object store, whose paths come without it
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from _jsonl_blocks(f, path, docs_per_block=self._docs_per_block, max_doc_mb=self._max_doc_mb)
+        yield from _jsonl_blocks(
+            f, self._scheme + path, docs_per_block=self._docs_per_block, max_doc_mb=self._max_doc_mb
+        )
 
 
 def _jsonl_blocks(f: Any, path: str, *, docs_per_block: int, max_doc_mb: float) -> Iterator[pa.Table]:
@@ -245,8 +257,11 @@ def _unreadable(path: str, max_doc_mb: float) -> str | None:
     return None
 
 
-def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float) -> pa.Table:
-    """Read and parse a batch of ``{path, error}`` rows (see list_files) into document rows."""
+def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float, filesystem: Any = None) -> pa.Table:
+    """Read and parse a batch of ``{path, error}`` rows (see list_files) into document rows.
+
+    With a ``pyarrow.fs`` ``filesystem`` the paths are URIs (``s3://bucket/key``) read through it.
+    """
     rows = []
     for path, error in zip(batch.column("path").to_pylist(), batch.column("error").to_pylist(), strict=True):
         doc_id = _relative(path, root)
@@ -256,8 +271,13 @@ def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float) -> pa.Table:
                 continue
             data = b""
             if Path(path).suffix.lower() in FILE_SUFFIXES:
-                with open(path, "rb") as f:  # at most one byte past the limit, whatever the file's size
-                    data = f.read(int(max_doc_mb * 1e6) + 1)
+                limit = int(max_doc_mb * 1e6) + 1  # at most one byte past the limit, whatever the size
+                if filesystem is not None:
+                    with filesystem.open_input_stream(path.split("://", 1)[1]) as f:
+                        data = f.read(limit)
+                else:
+                    with open(path, "rb") as f:
+                        data = f.read(limit)
             rows.append(_parse_file(path, doc_id, data, max_doc_mb=max_doc_mb))
         except Exception as exc:  # one bad file must never end the run
             rows.append(_doc(doc_id, source=path, error=f"{type(exc).__name__}: {exc}"))
@@ -275,7 +295,7 @@ def _parse_file(path: str, doc_id: str, data: bytes, *, max_doc_mb: float) -> di
         supported = ", ".join(sorted(FILE_SUFFIXES))
         return _doc(doc_id, source=path, error=f"unsupported extension {suffix!r} ({supported})")
     if len(data) > max_doc_mb * 1e6:
-        size = _mb(os.path.getsize(path))
+        size = _mb(os.path.getsize(path)) if os.path.exists(path) else f"over {_mb(max_doc_mb * 1e6)}"
         return _doc(doc_id, source=path, error=f"file is {size}, over max_doc_mb={max_doc_mb}")
     if not data.strip():
         return _doc(doc_id, source=path, error="empty file")
@@ -339,19 +359,30 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
 # --- dispatch ------------------------------------------------------------------------------------
 
 
+def resolve(source: str | Path, storage: Any = None) -> str:
+    """The source as the run records it: an absolute local path, or a normalized URI."""
+    if is_uri(str(source)):
+        return location(source, storage).uri
+    return str(Path(source).expanduser().resolve())
+
+
 def read_source(
-    source: str | Path, *, docs_per_block: int = 1000, max_doc_mb: float = 64
+    source: str | Path, *, docs_per_block: int = 1000, max_doc_mb: float = 64, storage: Any = None
 ) -> ray.data.Dataset:
     """Open a source as a Ray Dataset of document rows (DOC_SCHEMA), streamed, never collected.
 
     Args:
-        source: a directory of files, a ``.jsonl`` file, or a ``.parquet`` file/directory.
+        source: a directory of files, a ``.jsonl`` file, or a ``.parquet`` file/directory; local, or
+            an object-store URI (``s3://bucket/docs/``, ``s3://bucket/corpus.jsonl``).
         docs_per_block: rows per block for JSONL.
         max_doc_mb: larger files are failed rather than parsed.
+        storage: the config's ``storage:`` section, for a URI.
 
     Returns:
         A lazy Dataset.
     """
+    if is_uri(str(source)):
+        return _read_remote(location(source, storage), docs_per_block=docs_per_block, max_doc_mb=max_doc_mb)
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise SourceError(f"Source {str(source)!r} does not exist.")
@@ -384,11 +415,16 @@ def read_source(
 
 
 def iter_docs(
-    source: str | Path, *, docs_per_batch: int = 1000, max_doc_mb: float = 64
+    source: str | Path, *, docs_per_batch: int = 1000, max_doc_mb: float = 64, storage: Any = None
 ) -> Iterator[pa.Table]:
     """The documents of ``source`` (DOC_SCHEMA rows, failed ones included), read in this process,
     one batch at a time: the same rows ``read_source`` gives, without Ray (see ingest's quick check).
     """
+    if is_uri(str(source)):
+        yield from _iter_remote(
+            location(source, storage), docs_per_batch=docs_per_batch, max_doc_mb=max_doc_mb
+        )
+        return
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise SourceError(f"Source {str(source)!r} does not exist.")
@@ -424,13 +460,20 @@ def iter_docs(
         raise SourceError(f"Unsupported source {str(source)!r}.")
 
 
-def count_docs(source: str | Path, *, max_scan_gb: float = 8.0) -> int | None:
+def count_docs(source: str | Path, *, max_scan_gb: float = 8.0, storage: Any = None) -> int | None:
     """About how many documents ``source`` holds, for a progress display; None when counting
     would cost too much or the source cannot be counted (a Parquet footer that fails to read).
 
     Files of a folder are counted by name, lines of a JSONL file by scanning its bytes (~1 s per
-    GB; skipped above ``max_scan_gb``), rows of Parquet files from their footers.
+    GB; skipped above ``max_scan_gb``), rows of Parquet files from their footers. In an object
+    store only files are counted (a JSONL object is not read twice).
     """
+    if is_uri(str(source)):
+        try:
+            kind, items = _remote_listing(location(source, storage), max_doc_mb=float("inf"))
+        except (SourceError, OSError):
+            return None
+        return len(items) if kind == "files" else None
     path = Path(source).expanduser()
     try:
         if path.is_file() and path.suffix.lower() in {".jsonl", ".ndjson"}:
@@ -496,6 +539,100 @@ def _all_parquet(path: Path) -> bool:
     files = _visible_files(path)
     first = next(files, None)
     return first is not None and all(p.suffix.lower() == ".parquet" for p in (first, *files))
+
+
+# --- object storage (s3://, gs://, az://) ---------------------------------------------------------
+
+
+def _remote_listing(loc: Location, *, max_doc_mb: float) -> tuple[str, list[dict[str, Any]]]:
+    """What an object-store source is: ("jsonl" | "parquet" | "files", items). Items are
+    ``{path, error}`` rows (path a URI), listed with sizes so that too-large files fail unread."""
+    fs, base = loc.filesystem()
+    scheme = loc.uri.split("://", 1)[0] + "://"
+    try:
+        info = fs.get_file_info(base)
+    except OSError as exc:
+        raise SourceError(f"Cannot read source {loc.uri}: {str(exc).splitlines()[0][:300]}") from exc
+    if info.type == pafs.FileType.File:
+        suffix = Path(base).suffix.lower()
+        if suffix in {".jsonl", ".ndjson"}:
+            return "jsonl", [{"path": loc.uri, "error": None}]
+        if suffix == ".parquet":
+            return "parquet", [{"path": loc.uri, "error": None}]
+        infos = [info]
+    elif info.type == pafs.FileType.Directory:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        except OSError as exc:
+            raise SourceError(f"Cannot list source {loc.uri}: {str(exc).splitlines()[0][:300]}") from exc
+    else:
+        raise SourceError(f"Source {loc.uri} does not exist (no object and no prefix of that name).")
+    items: list[dict[str, Any]] = []
+    for file in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        rel = file.path[len(base) :].lstrip("/") if file.path.startswith(base) else file.base_name
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden, as in a local folder
+        error = None
+        if file.size is not None and file.size > max_doc_mb * 1e6:
+            error = f"file is {_mb(file.size)}, over max_doc_mb={max_doc_mb}"
+        items.append({"path": scheme + file.path, "error": error})
+    if info.type == pafs.FileType.File:
+        return "files", items
+    if not items:
+        raise SourceError(f"Source {loc.uri} has no files.")
+    if all(Path(i["path"]).suffix.lower() == ".parquet" for i in items):
+        return "parquet", items
+    return "files", items
+
+
+def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ray.data.Dataset:
+    kind, items = _remote_listing(loc, max_doc_mb=max_doc_mb)
+    fs, base = loc.filesystem()
+    scheme = loc.uri.split("://", 1)[0] + "://"
+    if kind == "jsonl":
+        return ray.data.read_datasource(
+            JsonlDatasource(
+                base, docs_per_block=docs_per_block, max_doc_mb=max_doc_mb, scheme=scheme, filesystem=fs
+            )
+        )
+    if kind == "parquet":
+        paths = [i["path"].split("://", 1)[1] for i in items]
+        return ray.data.read_parquet(paths, filesystem=fs).map_batches(
+            parquet_to_docs, batch_format="pyarrow", fn_kwargs={"source": loc.uri, "max_doc_mb": max_doc_mb}
+        )
+    root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
+    return ray.data.from_items(items).map_batches(
+        files_to_docs,
+        batch_format="pyarrow",
+        batch_size=16,
+        fn_kwargs={"root": root, "max_doc_mb": max_doc_mb, "filesystem": fs},
+    )
+
+
+def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> Iterator[pa.Table]:
+    kind, items = _remote_listing(loc, max_doc_mb=max_doc_mb)
+    fs, base = loc.filesystem()
+    if kind == "jsonl":
+        with fs.open_input_stream(base) as f:
+            yield from _jsonl_blocks(f, loc.uri, docs_per_block=docs_per_batch, max_doc_mb=max_doc_mb)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for item in items:
+            with fs.open_input_file(item["path"].split("://", 1)[1]) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=docs_per_batch):
+                    yield parquet_to_docs(
+                        pa.Table.from_batches([batch]), source=loc.uri, max_doc_mb=max_doc_mb
+                    )
+    else:
+        root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
+        for start in range(0, len(items), 16):
+            yield files_to_docs(
+                pa.Table.from_pylist(items[start : start + 16]),
+                root=root,
+                max_doc_mb=max_doc_mb,
+                filesystem=fs,
+            )
 
 
 def write_pydoc_topics(out_dir: str | Path) -> int:

@@ -6,14 +6,13 @@ Start it with ``embedpipe serve --db DIR`` or the Ray way: ``serve run serve.app
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from pipelines import store
-from pipelines.config import IndexSettings, ServeSettings, api_key_from_env
+from pipelines.config import IndexSettings, ServeSettings, StorageConfig, api_key_from_env
 from serve.group import ShardGroupSearcher
 from serve.router import Router
 
@@ -27,8 +26,9 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    db: str = Field(..., description="The db directory written by embedpipe ingest.")
+    db: str = Field(..., description="The db written by embedpipe ingest: a folder or s3:// gs:// az://.")
     settings: ServeSettings = ServeSettings()
+    storage: StorageConfig = StorageConfig()
     index: IndexSettings = IndexSettings()
     api_key: str | None = Field(
         None,
@@ -58,7 +58,7 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
     if cfg.device == "cuda" and not cfg.settings.router_gpus:
         raise ValueError("device 'cuda' for queries needs a reserved GPU: set serve.router_gpus (e.g. 1).")
 
-    db = cfg.db if "://" in cfg.db else str(Path(cfg.db).expanduser().resolve())  # replicas run elsewhere
+    db = store.location(cfg.db, cfg.storage)  # replicas on other nodes open it the same way
     manifest = store.read_manifest(db)
     settings = cfg.settings
     names = [store.shard_name(i) for i in range(manifest.shards)]

@@ -10,6 +10,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The object-storage tests talk to a local moto server only, never to a cloud account: fake keys for
+# this process and every Ray worker it starts (before any starts), and no instance-metadata lookups.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)  # fmt: skip
+for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_name, None)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SCIFACT = SHARED / "scifact"
@@ -63,3 +71,77 @@ def mini_beir(tmp_path_factory, scifact) -> Path:
             if json.loads(line)["_id"] in queries:
                 out.write(line)
     return root
+
+
+class S3:
+    """A bucket on the local S3 server: its endpoint, name, and the config that reaches it."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        self.endpoint, self.bucket = endpoint, bucket
+        self.storage = {"endpoint": endpoint, "region": "us-east-1"}  # the config's storage: section
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client().upload_file(str(path), self.bucket, key)
+
+    def put_tree(self, prefix: str, folder: Path) -> None:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.put_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def start_moto(*, env: dict[str, str] | None = None):
+    """A moto S3 server on a free 127.0.0.1 port, as a subprocess: (process, endpoint)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            requests.get(endpoint + "/moto-api/", timeout=1)
+            return proc, endpoint
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the moto S3 server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One local S3 endpoint (moto) for the session; each test takes a bucket of its own (``s3``)."""
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server) -> S3:
+    """A fresh, empty bucket on the session's local S3 server."""
+    import secrets
+
+    place = S3(s3_server, f"test-{secrets.token_hex(4)}")
+    place.client().create_bucket(Bucket=place.bucket)
+    return place

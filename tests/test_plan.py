@@ -242,18 +242,18 @@ def test_latest_report_is_the_newest_by_started_at_then_by_mtime(tmp_path):
     runs = tmp_path / "_runs"
     runs.mkdir()
     # Named so that name order and start order disagree.
-    (runs / "20250109T000000Z-aaaaaa.json").write_text(json.dumps(_report(started_at=100.0)))
-    (runs / "20250101T000000Z-bbbbbb.json").write_text(json.dumps(_report(started_at=200.0)))
+    (runs / "20250109T000000Z-aaaaaa.json").write_text(json.dumps(_report(started_at=100.0, run_id="a")))
+    (runs / "20250101T000000Z-bbbbbb.json").write_text(json.dumps(_report(started_at=200.0, run_id="b")))
     (runs / "20250110T000000Z-cccccc.json").write_text("{not json")
     (runs / "20250110T000000Z-cccccc.json.tmp").write_text(json.dumps(_report(started_at=900.0)))
-    assert latest_report(tmp_path) == runs / "20250101T000000Z-bbbbbb.json"
+    assert latest_report(tmp_path)["run_id"] == "b"
 
     undated = runs / "20250102T000000Z-dddddd.json"
-    undated.write_text(json.dumps({k: v for k, v in _report().items() if k != "started_at"}))
+    undated.write_text(json.dumps({k: v for k, v in _report(run_id="d").items() if k != "started_at"}))
     os.utime(undated, (150.0, 150.0))
-    assert latest_report(tmp_path) == runs / "20250101T000000Z-bbbbbb.json"
+    assert latest_report(tmp_path)["run_id"] == "b"
     os.utime(undated, (300.0, 300.0))
-    assert latest_report(tmp_path) == undated
+    assert latest_report(tmp_path)["run_id"] == "d"
 
     # A later run whose documents were all unchanged measured nothing: it is passed over.
     (runs / "20250111T000000Z-eeeeee.json").write_text(
@@ -261,7 +261,7 @@ def test_latest_report_is_the_newest_by_started_at_then_by_mtime(tmp_path):
             {**_report(started_at=999.0), "docs": {"seen": 5, "ingested": 0, "unchanged": 5, "failed": 0}}
         )
     )
-    assert latest_report(tmp_path) == undated
+    assert latest_report(tmp_path)["run_id"] == "d"
 
 
 def test_latest_report_without_reports_says_so(tmp_path):

@@ -44,7 +44,8 @@ def _rows(db) -> list[tuple[str, str]]:
 
 def _staged_data(db) -> bool:
     """Whether some write task has staged rows already (the run is past its first blocks)."""
-    return any((Path(db) / store.STAGING_DIR).glob("*/shard_*.lance/data/*.lance"))
+    staged = store.location(db).list(store.STAGING_DIR + "/")
+    return any("/data/" in o["path"] and o["path"].endswith(".lance") for o in staged)
 
 
 def _cached_files(db) -> set[Path]:
@@ -109,37 +110,37 @@ def test_a_retried_write_task_is_committed_once(tmp_path):
     used = store.write_chunks(batch, staging=staging, model="m")
     assert lost["attempt"][0].as_py() != used["attempt"][0].as_py()
     failed: list[list[str]] = []
-    dropped, committed = ingest._commit(staging, failed, {used["attempt"][0].as_py()})
+    with store.writer_lock(store.location(tmp_path), run_id="run") as lock:
+        dropped, committed = ingest._commit(staging, failed, {used["attempt"][0].as_py()}, lock=lock)
     assert (dropped, committed, failed) == (0, 10, [])
     assert sorted(r[0] for r in _rows(tmp_path)) == sorted(f"doc{i}#0" for i in range(10))
 
 
-def test_stale_staging_goes_live_staging_stays(tmp_path):
-    db = tmp_path / "db"
-    parent = db / store.STAGING_DIR
-    (parent / "no-lock-file").mkdir(parents=True)  # left by a run from before the locks
+def test_writer_lock_is_one_at_a_time_and_a_killed_holders_staging_goes(tmp_path):
+    db = store.location(tmp_path / "db")
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from pipelines import store\n"
-         "with store.run_lock(sys.argv[1], 'other-process'):\n"
-         "    (store.Path(sys.argv[1]) / '_staging' / 'other-process').mkdir()\n"
+         "db = store.location(sys.argv[1])\n"
+         "with store.writer_lock(db, run_id='other-process'):\n"
+         "    db.write_bytes('_staging/other-process/shard_000.lance/x', b'staged')\n"
          "    print('ready', flush=True); time.sleep(120)",
-         str(db)],
+         db.uri],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "ready"
-        with store.run_lock(db, "this-run"):
-            (parent / "this-run").mkdir()
-            assert store.clean_stale_staging(db) == []  # all three held or already gone
-            assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == ["other-process", "this-run"]
-            holder.send_signal(signal.SIGKILL)
-            holder.wait(30)
-            assert store.clean_stale_staging(db) == ["other-process"]  # its lock died with it
-            (parent / "this-run").rmdir()
+        with pytest.raises(store.LockTimeout, match="other-process"):
+            store.writer_lock(db, run_id="this-run", wait_s=0).__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        started = time.monotonic()
+        with store.writer_lock(db, run_id="this-run"):  # its holder is gone: no lease to wait out
+            assert time.monotonic() - started < 5
+            assert store.clean_staging(db, keep="this-run") == ["other-process"]
     finally:
         holder.kill()
-    assert not parent.exists()  # the last run out removes the empty _staging
+    assert not (db.path / store.STAGING_DIR).exists()
 
 
 # --- on the session's Ray ------------------------------------------------------------------------

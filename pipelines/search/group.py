@@ -13,7 +13,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 
@@ -77,7 +76,7 @@ class ShardGroup:
         exact_rows: int = 200_000,
         threads: int | None = None,
     ):
-        conn = lancedb.connect(str(db))
+        conn = store.location(db).connect()
         names = shards if shards is not None else list(store.open_shards(db))
         if not names:
             raise ValueError(f"{db}: a shard group needs at least one shard")

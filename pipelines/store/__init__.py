@@ -1,4 +1,5 @@
-"""The LanceDB layout: a db directory holds N shard tables and a manifest; serve/ reads it too.
+"""The LanceDB layout: a db (a folder or an s3:// gs:// az:// prefix) holds N shard tables and a
+manifest; serve/ reads it too. ``location`` says where a db lives, ``lock`` who may write it.
 
 Writes go in two steps so that readers never see part of a run: pipeline tasks append Arrow batches
 to per-run staging tables, and the driver then moves each staging table into its shard with one
@@ -13,10 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import secrets
-import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
+
+from pipelines.store.location import Location, LocationError, location  # noqa: F401  (re-exported)
+from pipelines.store.lock import LockLost, LockTimeout, WriterLock, writer_lock  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
-def record_failures(db: str | Path, *, run_id: str, failed: list[list[str]], at: float) -> int:
+def record_failures(db: str | Path | Location, *, run_id: str, failed: list[list[str]], at: float) -> int:
     """Append a run's failed documents (``[doc_id, source, reason]``) to the db's ``_errors`` table."""
     if not failed:
         return 0
@@ -100,71 +100,33 @@ def record_failures(db: str | Path, *, run_id: str, failed: list[list[str]], at:
         [{"run_id": run_id, "doc_id": d, "source": s, "reason": r, "time": when} for d, s, r in failed],
         schema=ERRORS_SCHEMA,
     )
-    lancedb.connect(str(db)).create_table(ERRORS_TABLE, schema=ERRORS_SCHEMA, exist_ok=True).add(rows)
+    location(db).connect().create_table(ERRORS_TABLE, schema=ERRORS_SCHEMA, exist_ok=True).add(rows)
     return rows.num_rows
 
 
-@contextlib.contextmanager
-def run_lock(db: str | Path, run_id: str) -> Iterator[None]:
-    """Hold ``_staging/<run_id>.lock`` while a run lives, and remove the staging that dead runs left.
+def clean_staging(db: str | Path | Location, *, keep: str | None = None) -> list[str]:
+    """Remove the staging folders of runs other than ``keep``; returns their run ids.
 
-    The kernel drops a lock when its process ends, SIGKILL included, so a staging folder whose lock
-    nobody holds belongs to a run that can no longer commit it. The lock is taken before the run's
-    staging folder exists and dropped after it is gone, so a live run's folder is never taken for a
-    stale one. (On NFS the lock needs a working lock manager, as flock does there.)
+    Call it holding the writer lock (lock.writer_lock): only the holder stages, so any other run's
+    staging belongs to a run that died before its commit and can never commit it.
     """
-    parent = Path(db) / STAGING_DIR
-    path = parent / f"{run_id}.lock"
-    for _ in range(5):
-        parent.mkdir(parents=True, exist_ok=True)
-        try:
-            f = path.open("w")
-            break
-        except FileNotFoundError:  # another run removed the empty parent just now
-            continue
-    else:
-        raise StoreError(f"Cannot create {str(path)!r}.")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
-        f.flush()
-        for stale in clean_stale_staging(db):
-            logger.warning("removed the staging of run %s, which stopped before its commit", stale)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        f.close()
-        with contextlib.suppress(OSError):
-            parent.rmdir()  # only when empty: other runs may be staging beside this one
+    loc = location(db)
+    removed = [run for run in loc.folders(STAGING_DIR) if run != keep]
+    for run in removed:
+        loc.delete_tree(f"{STAGING_DIR}/{run}")
+        logger.warning("removed the staging of run %s, which stopped before its commit", run)
+    return removed
 
 
 @contextlib.contextmanager
-def db_lock(db: str | Path, name: str) -> Iterator[None]:
-    """Wait for and hold the db-wide lock ``name`` (e.g. so that two runs quantize a model once)."""
-    path = Path(db) / f".{name}.lock"
+def machine_lock(folder: str | Path, name: str) -> Iterator[None]:
+    """Wait for and hold the lock ``name`` in a folder of this machine (e.g. so that two runs on one
+    machine quantize a model into its cache once)."""
+    path = Path(folder) / f".{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
-
-
-def clean_stale_staging(db: str | Path) -> list[str]:
-    """Remove the staging folders of runs that died before their commit; returns their run ids."""
-    parent = Path(db) / STAGING_DIR
-    removed: list[str] = []
-    if not parent.is_dir():
-        return removed
-    for folder in sorted(p for p in parent.iterdir() if p.is_dir()):
-        lock = parent / f"{folder.name}.lock"
-        with lock.open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live run holds it
-            shutil.rmtree(folder, ignore_errors=True)
-            lock.unlink(missing_ok=True)
-        removed.append(folder.name)
-    return removed
 
 
 @dataclass(frozen=True)
@@ -181,77 +143,73 @@ class Manifest:
         return json.dumps({"layout": _LAYOUT_VERSION, **self.__dict__}, indent=2)
 
 
-def _local(db: str | Path) -> Path:
-    # A URI given as a CLI path arrives as ".../s3:/bucket/db": never create that on the local disk.
-    if "://" in str(db) or any(p.lower() in ("s3:", "gs:", "gcs:", "az:", "abfs:") for p in Path(db).parts):
-        raise StoreError(
-            f"{str(db)!r}: object-storage URIs are not supported for the db yet (its manifest, reports and "
-            "staging locks are plain files). Use a path every node sees, e.g. a shared NFS/EFS mount."
-        )
-    return Path(db)
-
-
-def read_manifest(db: str | Path) -> Manifest:
-    path = _local(db) / MANIFEST
-    if not path.exists():
-        raise StoreError(f"{str(db)!r} is not an embedpipe db (no {MANIFEST}); run ingest first.")
-    data = json.loads(path.read_text())
-    vectors = data.get("vectors")
+def read_manifest(db: str | Path | Location) -> Manifest:
+    loc = location(db)
+    data = loc.read_json(MANIFEST)
+    if data is None:
+        raise StoreError(f"{loc.uri!r} is not an embedpipe db (no {MANIFEST}); run ingest first.")
     return Manifest(
-        shards=int(data["shards"]), model=str(data["model"]), dim=int(data["dim"]), vectors=vectors
+        shards=int(data["shards"]),
+        model=str(data["model"]),
+        dim=int(data["dim"]),
+        vectors=data.get("vectors"),
     )
 
 
-def record_vectors(db: str | Path, dtype: str) -> Manifest:
+def record_vectors(db: str | Path | Location, dtype: str) -> Manifest:
     """Note in the manifest the format of the vectors a run added: the first run's, or "mixed"."""
-    root = _local(db)
-    manifest = read_manifest(root)
+    loc = location(db)
+    manifest = read_manifest(loc)
     recorded = dtype if manifest.vectors in (None, dtype) else "mixed"
     if recorded != manifest.vectors:
         manifest = dataclasses.replace(manifest, vectors=recorded)
-        tmp = root / (MANIFEST + ".tmp")
-        tmp.write_text(manifest.to_json())
-        tmp.replace(root / MANIFEST)  # readers see the old manifest or the new one, never half
+        loc.write_bytes(MANIFEST, manifest.to_json().encode())  # readers see the old one or the new one
     return manifest
 
 
-def is_db(db: str | Path) -> bool:
+def is_db(db: str | Path | Location) -> bool:
     """Whether ``db`` holds an embedpipe db (its manifest)."""
-    return (_local(db) / MANIFEST).exists()
+    return location(db).exists(MANIFEST)
 
 
-def init_db(db: str | Path, manifest: Manifest) -> Manifest:
-    """Create the db (manifest and empty shard tables), or check that an existing one matches."""
-    root = _local(db)
-    if (root / MANIFEST).exists():
-        existing = read_manifest(root)
+def init_db(db: str | Path | Location, manifest: Manifest) -> Manifest:
+    """Create the db (empty shard tables, then the manifest), or check that an existing one matches.
+
+    Raises:
+        LocationError: an object store that cannot be reached (nothing is written then).
+        StoreError: an existing db with another model or shard count.
+    """
+    loc = location(db)
+    loc.check()
+    if loc.exists(MANIFEST):
+        existing = read_manifest(loc)
         if existing.shards != manifest.shards:
             raise StoreError(
-                f"{str(db)!r} has {existing.shards} shards, but {manifest.shards} were asked for. "
+                f"{loc.uri!r} has {existing.shards} shards, but {manifest.shards} were asked for. "
                 f"Use --shards {existing.shards} or a new --db."
             )
         if (existing.model, existing.dim) != (manifest.model, manifest.dim):
             raise StoreError(
-                f"{str(db)!r} holds {existing.model!r} vectors (dim {existing.dim}); it cannot take "
+                f"{loc.uri!r} holds {existing.model!r} vectors (dim {existing.dim}); it cannot take "
                 f"{manifest.model!r} (dim {manifest.dim}). Use a new --db."
             )
         return existing
-    root.mkdir(parents=True, exist_ok=True)
-    conn = lancedb.connect(str(root))
+    conn = loc.connect()
     for i in range(manifest.shards):
         conn.create_table(shard_name(i), schema=table_schema(manifest.dim), exist_ok=True)
-    (root / MANIFEST).write_text(manifest.to_json())
+    loc.write_bytes(MANIFEST, manifest.to_json().encode())  # last: a db is one once its tables exist
     return manifest
 
 
-def open_shards(db: str | Path) -> dict[str, Any]:
+def open_shards(db: str | Path | Location) -> dict[str, Any]:
     """The shard tables of a db, by name, opened at their latest versions."""
-    manifest = read_manifest(db)
-    conn = lancedb.connect(str(db))
+    loc = location(db)
+    manifest = read_manifest(loc)
+    conn = loc.connect()
     return {shard_name(i): conn.open_table(shard_name(i)) for i in range(manifest.shards)}
 
 
-def shard_rows(db: str | Path) -> dict[str, int]:
+def shard_rows(db: str | Path | Location) -> dict[str, int]:
     return {name: table.count_rows() for name, table in open_shards(db).items()}
 
 
@@ -273,9 +231,9 @@ def stored_hashes(table: Any, doc_ids: list[str]) -> dict[str, str]:
     return dict(zip(found["doc_id"].to_pylist(), found["content_hash"].to_pylist(), strict=True))
 
 
-def has_source(db: str | Path, source: str) -> bool:
+def has_source(db: str | Path | Location, source: str) -> bool:
     """Whether any shard holds rows read from ``source`` (used by eval to skip a re-ingest)."""
-    if not (Path(db) / MANIFEST).exists():
+    if not is_db(db):
         return False
     quoted = source.replace("'", "''")
     return any(t.count_rows(f"source = '{quoted}'") > 0 for t in open_shards(db).values())
@@ -284,12 +242,12 @@ def has_source(db: str | Path, source: str) -> bool:
 class Staging:
     """Per-run staging tables, one per shard, that pipeline tasks append to from any node."""
 
-    def __init__(self, db: str | Path, run_id: str, manifest: Manifest):
-        self.db, self.run_id, self.manifest = str(db), run_id, manifest
-        self.path = Path(db) / STAGING_DIR / run_id
+    def __init__(self, db: str | Path | Location, run_id: str, manifest: Manifest):
+        self.db, self.run_id, self.manifest = location(db), run_id, manifest
+        self.path = self.db.join(STAGING_DIR, run_id)
 
     def create(self) -> None:
-        conn = lancedb.connect(str(self.path))
+        conn = self.path.connect()
         for i in range(self.manifest.shards):
             conn.create_table(shard_name(i), schema=_staging_schema(self.manifest.dim), exist_ok=True)
 
@@ -299,7 +257,7 @@ class Staging:
         Returns:
             Rows written per shard.
         """
-        conn = lancedb.connect(str(self.path))
+        conn = self.path.connect()
         schema = _staging_schema(self.manifest.dim)
         written: dict[str, int] = {}
         shards = rows.column("shard")
@@ -315,7 +273,7 @@ class Staging:
         Returns:
             How many attempts were dropped.
         """
-        table = lancedb.connect(str(self.path)).open_table(shard_name(shard))
+        table = self.path.connect().open_table(shard_name(shard))
         staged = table.search().select(["attempt"]).limit(None).to_arrow().column("attempt")
         orphans = sorted(set(pc.unique(staged).to_pylist()) - keep)
         if orphans:
@@ -325,13 +283,13 @@ class Staging:
 
     def staged_doc_ids(self, shard: int) -> list[str]:
         """Ids of the documents staged for a shard, once per staged copy."""
-        table = lancedb.connect(str(self.path)).open_table(shard_name(shard))
+        table = self.path.connect().open_table(shard_name(shard))
         reader = table.search().where("chunk_index = 0").select(["doc_id"]).limit(None).to_batches(8192)
         return [doc_id for batch in reader for doc_id in batch.column("doc_id").to_pylist()]
 
     def drop_docs(self, shard: int, doc_ids: list[str]) -> None:
         if doc_ids:
-            table = lancedb.connect(str(self.path)).open_table(shard_name(shard))
+            table = self.path.connect().open_table(shard_name(shard))
             table.delete(f"doc_id IN ({_sql_list(doc_ids)})")
 
     def commit(self, shard: int, *, replaced: list[str]) -> int:
@@ -345,13 +303,13 @@ class Staging:
             Rows committed.
         """
         name = shard_name(shard)
-        source = lancedb.connect(str(self.path)).open_table(name)
+        source = self.path.connect().open_table(name)
         rows = source.count_rows()
         if rows == 0:
             return 0
         columns = table_schema(self.manifest.dim).names
         reader = source.search().select(columns).limit(None).to_batches(batch_size=4096)
-        table = lancedb.connect(self.db).open_table(name)
+        table = self.db.connect().open_table(name)
         if replaced:
             # New chunks in and old ones (surplus chunks of a shrunk document too) out, at once.
             (
@@ -369,13 +327,13 @@ class Staging:
         return rows
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)  # run_lock removes the emptied parent
+        self.db.delete_tree(f"{STAGING_DIR}/{self.run_id}")
 
 
 # --- Ray Data stages that touch the store --------------------------------------------------------
 
 
-def mark_unchanged(batch: pa.Table, *, db: str, shards: int) -> pa.Table:
+def mark_unchanged(batch: pa.Table, *, db: str | Location, shards: int) -> pa.Table:
     """Add a ``status`` column: "unchanged" for documents stored with the same content_hash."""
     docs = batch.to_pylist()
     status = ["ok"] * len(docs)
@@ -383,7 +341,7 @@ def mark_unchanged(batch: pa.Table, *, db: str, shards: int) -> pa.Table:
     for i, doc in enumerate(docs):
         if not doc["error"]:
             by_shard.setdefault(shard_of(doc["doc_id"], shards), []).append(i)
-    conn = lancedb.connect(db)
+    conn = location(db).connect()
     for shard, rows in by_shard.items():
         table = conn.open_table(shard_name(shard))
         if table.count_rows() == 0:
@@ -451,7 +409,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: b
     return pa.Table.from_pylist([summary], schema=WRITE_SUMMARY)
 
 
-def prune(db: str | Path, *, source: str, keep: set[str]) -> list[str]:
+def prune(db: str | Path | Location, *, source: str, keep: set[str]) -> list[str]:
     """Delete the documents read from ``source`` that are not in ``keep`` (they left the source).
 
     A document's chunks all live in one shard and go in one delete, so no reader sees part of one.

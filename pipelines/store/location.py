@@ -1,0 +1,308 @@
+"""Where a db lives: a local folder or an object-store prefix (s3://, gs://, az://), one code path.
+
+LanceDB opens the tables with the location's ``storage_options``. The small files beside them (the
+manifest, run reports and logs, the writer lock) go through obstore, the Python binding of the Rust
+``object_store`` crate that LanceDB itself builds on: it speaks to a local folder and to every object
+store with one API, and it has the conditional put (``If-None-Match: *``) that the writer lock needs and
+that ``pyarrow.fs`` lacks. Sources are read with ``pyarrow.fs`` (see ``filesystem``) because Ray Data's
+readers take one.
+
+Credentials never appear here: they come from the environment (``AWS_ACCESS_KEY_ID``... or an instance
+profile, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_ACCOUNT_KEY``...), which LanceDB, obstore
+and pyarrow each read. What may appear (endpoint, region, allow_http) comes from the ``storage:``
+config section or from ``AWS_ENDPOINT_URL`` / ``AWS_REGION``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
+
+
+class LocationError(ValueError):
+    """A db location that cannot be used: a bad URI, a missing bucket, refused credentials, no endpoint."""
+
+
+def is_uri(text: str | os.PathLike[str]) -> bool:
+    """Whether ``text`` names an object-store location (``s3://...``), not a local path."""
+    return urlsplit(str(text)).scheme.lower() in SCHEMES
+
+
+@dataclass(frozen=True)
+class Location:
+    """A local folder or an object-store prefix, with the options to open it; picklable, so Ray
+    tasks and Serve replicas on other nodes open the same place the same way.
+
+    Attributes:
+        uri: an absolute local path, or ``scheme://bucket/prefix`` (no trailing slash).
+        options: LanceDB ``storage_options`` (endpoint, region, allow_http...), never credentials.
+    """
+
+    uri: str
+    options: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def local(self) -> bool:
+        return not is_uri(self.uri)
+
+    @property
+    def path(self) -> Path:
+        """The local folder (local locations only)."""
+        if not self.local:
+            raise LocationError(f"{self.uri} is not a local path")
+        return Path(self.uri)
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def join(self, *parts: str) -> Location:
+        return Location("/".join([self.uri.rstrip("/"), *(p.strip("/") for p in parts)]), self.options)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def connect(self, **kwargs: Any) -> Any:
+        """A LanceDB connection to this location."""
+        import lancedb
+
+        if self.local:
+            return lancedb.connect(self.uri, **kwargs)
+        return lancedb.connect(self.uri, storage_options=self.storage_options, **kwargs)
+
+    # --- small files (manifest, reports, logs, lock objects) ---
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file ``name`` under this location; None if there is none."""
+        import obstore
+
+        try:
+            return bytes(obstore.get(_store(self), name).bytes())
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, name: str) -> Any:
+        data = self.read_bytes(name)
+        return None if data is None else json.loads(data)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole: readers see the old file or the new one, never part of one."""
+        import obstore
+
+        obstore.put(_store(self), name, data)  # local: a temporary file renamed into place
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if no such file exists (a conditional put); whether this call made it."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        try:
+            obstore.put(_store(self), name, data, mode="create")
+        except AlreadyExistsError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Files under ``prefix`` (recursively), each ``{path, size, last_modified}``, path relative
+        to this location."""
+        import obstore
+
+        return [obj for batch in obstore.list(_store(self), prefix or None) for obj in batch]
+
+    def folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders directly under ``prefix``."""
+        import obstore
+
+        listed = obstore.list_with_delimiter(_store(self), prefix or None)
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"])
+
+    def exists(self, name: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(_store(self), name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, name: str) -> None:
+        import obstore
+
+        with contextlib.suppress(FileNotFoundError):
+            obstore.delete(_store(self), name)
+
+    def delete_tree(self, prefix: str) -> int:
+        """Delete every file under ``prefix``; how many there were."""
+        import obstore
+
+        paths = [obj["path"] for obj in self.list(prefix.rstrip("/") + "/")]
+        for start in range(0, len(paths), 1000):
+            obstore.delete(_store(self), paths[start : start + 1000])
+        if self.local:  # object stores have no empty folders; a local disk keeps them
+            _remove_empty_dirs(self.path / prefix)
+            for parent in (self.path / prefix).parents:  # and the folders it emptied, up to the db
+                if parent == self.path or not parent.is_relative_to(self.path):
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        return len(paths)
+
+    def check(self) -> None:
+        """Reach the location once (list its prefix), or raise LocationError with the reason in one line:
+        a bucket that does not exist, refused credentials, an endpoint that does not answer."""
+        if self.local:
+            return
+        try:
+            import obstore
+
+            next(iter(obstore.list(_store(self, quick=True), None, chunk_size=1)), None)
+        except Exception as exc:  # obstore raises GenericError etc.; the message names the cause
+            raise LocationError(f"Cannot reach {self.uri}: {_reason(exc)}") from exc
+
+    def filesystem(self) -> tuple[Any, str]:
+        """A ``pyarrow.fs`` filesystem and the path in it (for Ray Data's readers)."""
+        import pyarrow.fs as pafs
+
+        if self.local:
+            return pafs.LocalFileSystem(), self.uri
+        parts = urlsplit(self.uri)
+        scheme, path = SCHEMES[parts.scheme.lower()], parts.netloc + parts.path
+        opts = self.storage_options
+        if scheme == "s3":
+            endpoint = opts.get("endpoint")
+            kwargs: dict[str, Any] = {"region": opts.get("region")} if opts.get("region") else {}
+            if endpoint:
+                ep = urlsplit(endpoint)
+                kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+            return pafs.S3FileSystem(**kwargs), path
+        fs, found = pafs.FileSystem.from_uri(self.uri)
+        return fs, found
+
+
+def location(db: str | os.PathLike[str] | Location, storage: Any = None) -> Location:
+    """The Location of a db (or a source) given as a path, a URI or a Location.
+
+    Args:
+        db: a local path, ``s3://bucket/prefix`` (gs://, az://), or a Location (returned as it is).
+        storage: the config's ``storage:`` section (endpoint, region, allow_http, options); None: the
+            environment only (AWS_ENDPOINT_URL, AWS_REGION).
+    """
+    if isinstance(db, Location):
+        return db
+    text = str(db)
+    if not is_uri(text):
+        # A URI typed where a path was expected arrives as ".../s3:/bucket/db": refuse to create that.
+        if any(p.lower().rstrip(":") in SCHEMES for p in Path(text).parts if p.endswith(":")):
+            raise LocationError(f"{text!r} looks like a mangled URI; write it as s3://bucket/prefix.")
+        return Location(str(Path(text).expanduser().resolve()))
+    parts = urlsplit(text)
+    scheme = SCHEMES[parts.scheme.lower()]
+    if not parts.netloc:
+        raise LocationError(f"{text!r} names no bucket; write it as {scheme}://bucket/prefix.")
+    if parts.query or parts.fragment:
+        raise LocationError(
+            f"{text!r}: put endpoint and region in the config's storage: section, not the URI."
+        )
+    uri = f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}"
+    return Location(uri, tuple(sorted(_options(scheme, storage).items())))
+
+
+def _options(scheme: str, storage: Any) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    endpoint = getattr(storage, "endpoint", None)
+    if scheme == "s3":
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = (
+            getattr(storage, "region", None)
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
+        if endpoint:
+            opts["endpoint"] = endpoint
+        if region:
+            opts["region"] = region
+        allow_http = getattr(storage, "allow_http", None)
+        if allow_http is None:
+            allow_http = bool(endpoint and endpoint.startswith("http://"))
+        if allow_http:
+            opts["allow_http"] = "true"
+    elif endpoint:
+        opts["endpoint"] = endpoint
+    opts.update(getattr(storage, "options", None) or {})
+    return opts
+
+
+_CLIENT_KEYS = {"allow_http", "timeout", "connect_timeout", "allow_invalid_certificates", "proxy_url"}
+
+
+def _store(loc: Location, quick: bool = False) -> Any:
+    # Stores read credentials from the environment when made: one per environment, so that a
+    # process whose credentials change (rotated keys, tests) does not keep the old ones.
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
+    return _cached_store(loc, quick, env)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_store(loc: Location, quick: bool, env: tuple[tuple[str, str], ...]) -> Any:
+    from obstore.store import LocalStore, from_url
+
+    if loc.local:
+        return LocalStore(loc.uri, mkdir=True)
+    opts = loc.storage_options
+    client: dict[str, Any] = {k: opts[k] for k in _CLIENT_KEYS & opts.keys()}
+    if "allow_http" in client:
+        client["allow_http"] = str(client["allow_http"]).lower() == "true"
+    config = {k: v for k, v in opts.items() if k not in _CLIENT_KEYS}
+    retry: dict[str, Any] | None = None
+    if quick:  # the first contact: an endpoint that does not answer is an error in seconds, not minutes
+        client.setdefault("connect_timeout", "3s")
+        client.setdefault("timeout", "15s")
+        retry = {
+            "max_retries": 2,
+            "retry_timeout": timedelta(seconds=8),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=200),
+                "max_backoff": timedelta(seconds=2),
+                "base": 2,
+            },
+        }
+    return from_url(loc.uri, config=config or None, client_options=client or None, retry_config=retry)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for code, said in (
+        ("NoSuchBucket", "the bucket does not exist"),
+        ("InvalidAccessKeyId", "the access key is not known (check AWS_ACCESS_KEY_ID)"),
+        ("SignatureDoesNotMatch", "the credentials were refused (check AWS_SECRET_ACCESS_KEY)"),
+        ("AccessDenied", "access denied (check the credentials and the bucket policy)"),
+        ("403 Forbidden", "access denied (check the credentials and the bucket policy)"),
+        ("error sending request", "the endpoint does not answer"),
+        ("Connection refused", "the endpoint does not answer"),
+        ("dns error", "the endpoint's host name does not resolve"),
+        ("credential", "no usable credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"),
+    ):
+        if code.lower() in text.lower():
+            return said
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for folder in sorted(
+        (p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+    ):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()

@@ -1,0 +1,174 @@
+"""The db's writer lock: one run writes a db at a time, on a local disk or an object store alike.
+
+Object stores have no flock and no atomic rename, but they have a conditional put: "create this key
+unless it exists" (S3's ``If-None-Match: *``; GCS and Azure have the same). The lock is a sequence of
+lease objects ``_lock/writer/<n>.json``: the holder of the highest n holds the lock while its lease
+is fresh, and renews it from a thread. A run that finds the highest lease released or expired takes
+the lock by creating lease n+1, and since only one create of a key can succeed, only one contender
+gets it. The highest lease is never deleted (a holder removes only older ones), so n only grows.
+
+A lease whose holder ran on this machine (same boot id) in a process that is gone is stale at once:
+a killed run on one machine does not make the next run wait out its lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pipelines.store.location import Location
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "_lock/writer/"
+
+
+class LockTimeout(RuntimeError):
+    """Another run held the db's writer lock for longer than this run would wait."""
+
+
+class LockLost(RuntimeError):
+    """This run's lease ran out and another run took the lock: this run must not commit."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WriterLock:
+    """Hold the writer lock of ``db`` (a context manager; see the module doc)."""
+
+    def __init__(self, db: Location, *, run_id: str, lease_s: float = 60.0, wait_s: float = 3600.0):
+        self.db, self.run_id, self.lease_s, self.wait_s = db, run_id, lease_s, wait_s
+        self.number: int | None = None
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self, *, released: bool = False) -> bytes:
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "token": self.token,
+                "host": socket.gethostname(),
+                "boot_id": _boot_id(),
+                "pid": os.getpid(),
+                "expires": time.time() + self.lease_s,
+                "released": released,
+            }
+        ).encode()
+
+    def _leases(self) -> list[int]:
+        numbers = []
+        for obj in self.db.list(PREFIX):
+            name = obj["path"].rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                numbers.append(int(name[:-5]))
+        return sorted(numbers)
+
+    def holder(self) -> tuple[int, dict[str, Any] | None]:
+        """The highest lease number and its content (None when it is free: none, released, expired, or
+        held by a dead process on this machine)."""
+        leases = self._leases()
+        if not leases:
+            return 0, None
+        top = leases[-1]
+        data = self.db.read_json(f"{PREFIX}{top:012d}.json")
+        if not data or data.get("released") or float(data.get("expires", 0)) < time.time():
+            return top, None
+        if data.get("boot_id") == _boot_id() and not _alive(int(data.get("pid", 0))):
+            return top, None
+        return top, data
+
+    def acquire(self) -> None:
+        deadline, told = time.monotonic() + self.wait_s, False
+        while True:
+            top, holder = self.holder()
+            if holder is None:
+                if self.db.create(f"{PREFIX}{top + 1:012d}.json", self._body()):
+                    self.number = top + 1
+                    break
+                continue  # another run created it first: look again
+            if time.monotonic() > deadline:
+                raise LockTimeout(
+                    f"{self.db.uri} is being written by run {holder.get('run_id')} (pid {holder.get('pid')} "
+                    f"on {holder.get('host')}); waited {self.wait_s:.0f} s (storage.lock_wait_s)."
+                )
+            if not told:
+                logger.warning(
+                    "waiting for run %s (pid %s on %s), which is writing %s",
+                    holder.get("run_id"), holder.get("pid"), holder.get("host"), self.db.uri,
+                )  # fmt: skip
+                told = True
+            time.sleep(min(1.0, max(self.lease_s / 10, 0.05)))
+        for old in self._leases():  # the leases before ours are history; ours and later stay
+            if old < self.number:
+                self.db.delete(f"{PREFIX}{old:012d}.json")
+        self._thread = threading.Thread(target=self._renew, name="embedpipe-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                if self._leases()[-1] != self.number:
+                    self._lost.set()
+                    return
+                self.db.write_bytes(f"{PREFIX}{self.number:012d}.json", self._body())
+            except Exception as exc:  # a blip; the next renewal may get through before the lease ends
+                logger.warning("could not renew the db's writer lease: %s", exc)
+
+    def check(self) -> None:
+        """Raise LockLost if another run took the lock (call before each commit)."""
+        if self._lost.is_set() or (self.number is not None and self._leases()[-1] != self.number):
+            self._lost.set()
+            raise LockLost(
+                f"run {self.run_id} lost the writer lock of {self.db.uri} (its lease of {self.lease_s:.0f} s "
+                "ran out); nothing more is committed. Run it again."
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.number is not None and not self._lost.is_set():
+            with contextlib.suppress(Exception):
+                self.db.write_bytes(f"{PREFIX}{self.number:012d}.json", self._body(released=True))
+        self.number = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def writer_lock(
+    db: Location, *, run_id: str, lease_s: float = 60.0, wait_s: float = 3600.0
+) -> Iterator[WriterLock]:
+    with WriterLock(db, run_id=run_id, lease_s=lease_s, wait_s=wait_s) as lock:
+        yield lock

@@ -1,0 +1,272 @@
+"""A db and sources on object storage: a real S3 endpoint on 127.0.0.1 (moto's server), the real
+LanceDB and Ray. A db in a bucket must hold what the same run writes to a local folder."""
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from pipelines import index, ingest, store
+from pipelines.cli import app
+from pipelines.config import ServeSettings, load_config
+from pipelines.search import Searcher
+from tests.conftest import scifact_docs, start_moto
+
+SETTINGS = {"ray": {"progress_bars": False}, "read": {"docs_per_block": 10}}
+
+
+def _config(s3, **extra):
+    return load_config(
+        None, shards=3, **{"storage.endpoint": s3.endpoint, "storage.region": "us-east-1"}, **extra
+    )
+
+
+def _write_corpus(tmp_path, docs):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return corpus
+
+
+def _rows(db) -> dict[str, tuple[str, list[float]]]:
+    """chunk_id -> (content_hash, vector) over every shard; fails on a chunk stored twice."""
+    rows: dict[str, tuple[str, list[float]]] = {}
+    for table in store.open_shards(db).values():
+        for row in table.to_arrow().select(["chunk_id", "content_hash", "vector"]).to_pylist():
+            assert row["chunk_id"] not in rows, f"{row['chunk_id']} stored twice"
+            rows[row["chunk_id"]] = (row["content_hash"], row["vector"])
+    return rows
+
+
+def test_the_endpoint_honours_conditional_writes_and_lancedb_works_in_it(s3):
+    import botocore
+
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="k", Body=b"1", IfNoneMatch="*")
+    with pytest.raises(botocore.exceptions.ClientError, match="PreconditionFailed"):
+        client.put_object(Bucket=s3.bucket, Key="k", Body=b"2", IfNoneMatch="*")
+
+    loc = store.location(s3.uri("db"), load_config(None, **{"storage.endpoint": s3.endpoint}).storage)
+    assert loc.create("a.json", b"1") and not loc.create("a.json", b"2")
+    assert loc.read_bytes("a.json") == b"1" and loc.read_bytes("missing") is None
+    import pyarrow as pa
+
+    table = loc.connect().create_table("t", schema=pa.schema([("a", pa.int64())]))
+    table.add(pa.table({"a": [1, 2]}))
+    table.add(pa.table({"a": [3]}))
+    assert loc.connect().open_table("t").count_rows() == 3
+    assert any(k.startswith("db/t.lance/_versions/") for k in s3.keys("db/"))
+    assert loc.delete_tree("t.lance") > 0 and s3.keys("db/t.lance") == []
+
+
+def test_one_writer_at_a_time_and_stale_leases_are_taken_over(s3):
+    db = store.location(s3.uri("db"), load_config(None, **{"storage.endpoint": s3.endpoint}).storage)
+    # Eight contenders at once: the conditional put lets exactly one create the next lease.
+    won, refused = [], []
+    barrier = threading.Barrier(8)
+
+    def contend(i: int) -> None:
+        lock = store.WriterLock(db, run_id=f"run{i}", lease_s=30, wait_s=0)
+        barrier.wait()
+        try:
+            lock.acquire()
+            won.append(lock)
+        except store.LockTimeout as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(won) == 1 and len(refused) == 7, (won, refused)
+    assert all(won[0].run_id in message for message in refused)
+    won[0].release()
+
+    # A lease held on another machine: waited for while fresh, taken over once it has expired.
+    other = {"run_id": "elsewhere", "host": "node-b", "boot_id": "other", "pid": 1, "released": False}
+    n = int(s3.keys("db/_lock/writer/")[-1].rsplit("/", 1)[-1][:-5])
+    db.write_bytes(
+        f"_lock/writer/{n + 1:012d}.json", json.dumps({**other, "expires": time.time() + 60}).encode()
+    )
+    with pytest.raises(store.LockTimeout, match="elsewhere.*node-b"):
+        store.WriterLock(db, run_id="mine", wait_s=0.5).acquire()
+    db.write_bytes(
+        f"_lock/writer/{n + 1:012d}.json", json.dumps({**other, "expires": time.time() - 1}).encode()
+    )
+    with store.writer_lock(db, run_id="mine", wait_s=0) as lock:
+        assert lock.number == n + 2
+        lock.check()
+        # Another run took the lock (this one's lease ran out): this run must not commit.
+        db.create(
+            f"_lock/writer/{n + 3:012d}.json", json.dumps({**other, "expires": time.time() + 60}).encode()
+        )
+        with pytest.raises(store.LockLost):
+            lock.check()
+
+
+def test_ingest_into_a_bucket_equals_ingest_to_disk(ray_local, s3, tmp_path, scifact):
+    docs = scifact_docs(60)
+    corpus = _write_corpus(tmp_path, docs)
+    s3.put_file("sources/corpus.jsonl", corpus)
+    cfg = _config(s3, **{"ray.progress_bars": False, "read.docs_per_block": 10})
+
+    local = ingest.build(source=corpus, db=tmp_path / "db", cfg=cfg)
+    remote = ingest.build(source=s3.uri("sources/corpus.jsonl"), db=s3.uri("db"), cfg=cfg)
+    assert remote["docs"] == local["docs"] == {"seen": 60, "ingested": 60, "unchanged": 0, "failed": 0}
+    mine, theirs = _rows(tmp_path / "db"), _rows(store.location(s3.uri("db"), cfg.storage))
+    assert mine.keys() == theirs.keys()
+    for chunk_id, (content_hash, vector) in mine.items():
+        assert theirs[chunk_id][0] == content_hash
+        assert np.allclose(theirs[chunk_id][1], vector, atol=1e-6)
+
+    # Every part of the db is in the bucket: manifest, report, log, the tables; no staging left.
+    keys = s3.keys("db/")
+    assert "db/embedpipe.json" in keys
+    assert f"db/_runs/{remote['run_id']}.json" in keys and f"db/_runs/{remote['run_id']}.log" in keys
+    assert any(k.startswith("db/_embed_cache.lance/") for k in keys)
+    assert not [k for k in keys if k.startswith("db/_staging/")]
+    assert remote["log"] == s3.uri("db", "_runs", f"{remote['run_id']}.log")
+
+    again = ingest.build(source=s3.uri("sources/corpus.jsonl"), db=s3.uri("db"), cfg=cfg)
+    assert again["docs"]["unchanged"] == 60 and again["embeddings"]["computed"] == 0
+    assert _rows(store.location(s3.uri("db"), cfg.storage)).keys() == mine.keys()
+
+
+def test_a_folder_of_files_in_a_bucket_is_read_with_its_failures(ray_local, s3, tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# Alpha\n\nThe first document is about alpha particles.")
+    (folder / "sub" / "b.txt").write_text("The second document is about beta decay.")
+    (folder / "empty.txt").write_text("")
+    (folder / "c.xyz").write_text("an unsupported kind of file")
+    (folder / "big.txt").write_text("x" * 3000)
+    s3.put_tree("docs", folder)
+    cfg = _config(s3, **{"ray.progress_bars": False, "read.max_doc_mb": 0.002})
+    result = ingest.build(source=s3.uri("docs") + "/", db=s3.uri("db"), cfg=cfg)
+    assert result["docs"]["ingested"] == 2 and result["docs"]["failed"] == 3
+    reasons = {f["doc_id"]: f["reason"] for f in result["failures"]}
+    assert reasons.keys() == {"empty.txt", "c.xyz", "big.txt"}, reasons
+    assert "over max_doc_mb" in reasons["big.txt"] and "unsupported" in reasons["c.xyz"]
+    rows = _rows(store.location(s3.uri("db"), cfg.storage))
+    assert {chunk_id.split("#")[0] for chunk_id in rows} == {"a.md", "sub/b.txt"}
+
+
+def test_bad_buckets_are_one_clear_error_and_nothing_is_written(s3, tmp_path, monkeypatch):
+    corpus = _write_corpus(tmp_path, scifact_docs(3))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    cases = [
+        ({"AWS_ENDPOINT_URL": s3.endpoint}, "s3://no-such-bucket-here/db", "the bucket does not exist"),
+        (
+            {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}"},
+            s3.uri("db"),
+            "the endpoint does not answer",
+        ),
+    ]
+    for env, db, said in cases:
+        started = time.monotonic()
+        result = runner.invoke(app, ["ingest", str(corpus), "--db", db], env=env)
+        assert result.exit_code != 0
+        message = " ".join(result.output.split())  # one message, wrapped at the terminal's width
+        assert result.output.count("error:") == 1 and said in message, result.output
+        assert message.startswith("error: Cannot reach") and "Traceback" not in result.output
+        assert time.monotonic() - started < 60
+    assert s3.keys() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]  # no local "s3:" folder
+
+
+def test_refused_credentials_are_one_clear_error(tmp_path, monkeypatch):
+    import boto3
+
+    # A second server that checks signatures: its first three calls make a user and its key.
+    proc, endpoint = start_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="embedpipe")
+        key = iam.create_access_key(UserName="embedpipe")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="embedpipe", PolicyName="all", PolicyDocument=json.dumps(policy))
+        good = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="locked")
+        corpus = _write_corpus(tmp_path, scifact_docs(3))
+        runner = CliRunner()
+        for env, said in (
+            ({**good, "AWS_SECRET_ACCESS_KEY": "wrong"}, "credentials were refused"),
+            ({**good, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY"}, "access key is not known"),
+        ):
+            result = runner.invoke(
+                app,
+                ["ingest", str(corpus), "--db", "s3://locked/db"],
+                env={**env, "AWS_ENDPOINT_URL": endpoint},
+            )
+            message = " ".join(result.output.split())
+            assert result.exit_code != 0 and result.output.count("error:") == 1 and said in message, (
+                result.output
+            )
+        listed = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
+        ).list_objects_v2(Bucket="locked")
+        assert listed.get("KeyCount", 0) == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_and_index_from_a_bucket_answer_as_from_disk(ray_local, s3, tmp_path):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    docs = scifact_docs(40)
+    corpus = _write_corpus(tmp_path, docs)
+    cfg = _config(s3, **{"ray.progress_bars": False})
+    for db in (tmp_path / "db", s3.uri("db")):
+        ingest.build(source=corpus, db=db, cfg=cfg)
+        index.build(store.location(db, cfg.storage), settings=cfg.index, lock=cfg.storage)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServeSettings(shard_cpus=0, router_cpus=0, refresh_s=0)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for name, db in (("disk", str(tmp_path / "db")), ("bucket", s3.uri("db"))):
+            serve.run(
+                build_app(
+                    ServeConfig(db=db, settings=settings, storage=cfg.storage, device="cpu", dtype="fp32")
+                ),
+                name=name,
+                route_prefix=f"/{name}",
+            )
+        local = Searcher(tmp_path / "db", device="cpu", dtype="fp32")
+        for doc in docs[:6]:
+            for mode in ("vector", "hybrid"):
+                answers = [
+                    requests.post(
+                        f"http://127.0.0.1:{port}/{name}/search",
+                        json={"query": doc["title"], "k": 5, "mode": mode},
+                        timeout=60,
+                    ).json()["results"]
+                    for name in ("disk", "bucket")
+                ]
+                assert [h["chunk_id"] for h in answers[0]] == [h["chunk_id"] for h in answers[1]]
+                assert answers[1][0]["doc_id"] == doc["_id"]
+                expected = local.search(doc["title"], k=5, mode=mode)["chunk_id"].to_pylist()
+                assert [h["chunk_id"] for h in answers[1]] == expected
+    finally:
+        serve.shutdown()
