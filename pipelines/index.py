@@ -193,9 +193,10 @@ def build(
             a commit on every shard); None when the caller holds it (ingest's index after_ingest).
     """
     loc = store.location(db)
+    loc.check()
+    store.read_manifest(loc)  # a path that holds no db fails here, before the lock writes anything
     with contextlib.ExitStack() as stack:
         if lock is not None:
-            loc.check()
             stack.enter_context(
                 store.writer_lock(loc, run_id="index", lease_s=lock.lock_lease_s, wait_s=lock.lock_wait_s)
             )

@@ -311,6 +311,7 @@ def build(
     db = store.location(db, cfg.storage)
     db.check()  # an unreachable bucket is one clear error before anything is written
     source = sources.resolve(source, cfg.storage)
+    sources.check_exists(source, cfg.storage)
     with store.writer_lock(
         db, run_id=run_id, lease_s=cfg.storage.lock_lease_s, wait_s=cfg.storage.lock_wait_s
     ) as lock:

@@ -366,6 +366,20 @@ def resolve(source: str | Path, storage: Any = None) -> str:
     return str(Path(source).expanduser().resolve())
 
 
+def check_exists(source: str, storage: Any = None) -> None:
+    """Raise SourceError when ``source`` (as ``resolve`` gives it) names nothing, before a run writes."""
+    if is_uri(source):
+        fs, path = location(source, storage).filesystem()
+        try:
+            missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+        except OSError as exc:
+            raise SourceError(f"Cannot read source {source}: {str(exc).splitlines()[0][:300]}") from exc
+    else:
+        missing = not Path(source).exists()
+    if missing:
+        raise SourceError(f"Source {source!r} does not exist.")
+
+
 def read_source(
     source: str | Path, *, docs_per_block: int = 1000, max_doc_mb: float = 64, storage: Any = None
 ) -> ray.data.Dataset:

@@ -86,3 +86,11 @@ def test_nodes_get_pinned_python_torch_and_ray(config):
     assert re.search(rf'"ray\[[a-z,]+\]=={re.escape(ray.__version__)}"', setup)
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert all("embedpipe-venv/bin" in c for c in commands)  # the pinned Ray starts the node
+
+
+def test_every_node_reaches_the_bucket_through_an_instance_profile_not_keys(config):
+    for name, group in config["available_node_types"].items():
+        assert "Arn" in group["node_config"].get("IamInstanceProfile", {}), name
+    text = CLUSTER_YAML.read_text()
+    assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+    assert "~/.aws" not in str(config["file_mounts"])  # no credentials copied to the nodes

@@ -148,3 +148,131 @@ def test_a_uri_mangled_by_a_path_is_refused_not_created_locally(tmp_path):
     with pytest.raises(LocationError, match="mangled URI"):
         init_db(str(tmp_path / "s3:" / "bucket" / "db"), Manifest(shards=1, model="m", dim=4))
     assert list(tmp_path.iterdir()) == []
+
+
+SHARE_NOTHING = textwrap.dedent(
+    """
+    import json, os, signal, socket, subprocess, sys, time
+    from pathlib import Path
+
+    import ray
+    import requests
+    from ray.cluster_utils import Cluster
+
+    endpoint, bucket, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    source, db_uri = f"s3://{bucket}/sources/corpus.jsonl", f"s3://{bucket}/db"
+
+    def own_dirs(name):  # a node's HOME and temp dir, which no other node sees
+        home = root / name
+        (home / "tmp").mkdir(parents=True)
+        return {"HOME": str(home), "TMPDIR": str(home / "tmp"), "XDG_CACHE_HOME": str(home / ".cache")}
+
+    slot = {"search_slot": 1}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "env_vars": own_dirs("head")})
+    names = {cluster.head_node.node_id: "head"}
+    for i in range(2):
+        node = cluster.add_node(
+            num_cpus=1, resources={"embed_node": 1, **slot}, env_vars=own_dirs(f"node{i}"))
+        names[node.node_id] = f"node{i}"
+    cluster.wait_for_nodes()
+
+    # The config names the endpoint; the storage options in the tasks' arguments carry it to the nodes.
+    config = root / "cluster.yaml"
+    config.write_text(json.dumps({
+        "shards": 4, "storage": {"endpoint": endpoint, "lock_lease_s": 10},
+        "read": {"docs_per_block": 5}, "chunking": {"docs_per_batch": 5},
+        "embedding": {"batch_size": 16, "min_actors": 2, "max_actors": 2, "cpu_threads": 1,
+                      "resources": {"embed_node": 1}},
+        "ray": {"progress_bars": False},
+    }))
+    driver_env = {**os.environ, **own_dirs("driver"), "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1"}
+    command = [str(Path(sys.executable).parent / "embedpipe"), "ingest", source, "--db", db_uri,
+               "--config", str(config)]
+    os.chdir(root / "driver")
+
+    # 1. A driver killed mid-run on the cluster, then the same command again.
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    def staged():
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix="db/_staging/")
+        return [o["Key"] for o in listed.get("Contents", [])]
+    killed = subprocess.Popen(command, env=driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while killed.poll() is None and time.time() < deadline and not any("/data/" in k for k in staged()):
+        time.sleep(0.2)
+    was_running = killed.poll() is None
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    rerun = subprocess.run(command, env=driver_env, capture_output=True, text=True, timeout=900)
+
+    ray.init(address=cluster.address, logging_level="WARNING")
+    from ray.util.state import list_tasks
+    from pipelines import store
+    from pipelines.config import ServeSettings, load_config
+    from pipelines.search import Searcher
+
+    cfg = load_config(config)
+    db = store.location(db_uri, cfg.storage)
+    rows = [r for t in store.open_shards(db).values() for r in t.to_arrow().select(["chunk_id"]).to_pylist()]
+    writes = [t for t in list_tasks(detail=True, limit=10000) if t.name == "MapBatches(write_chunks)"]
+
+    # 2. Serve from the bucket: one shard group per worker node; the same top-k as a local search.
+    from ray import serve
+    from serve.app import ServeConfig, build_app
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(shard_cpus=0, router_cpus=0, refresh_s=0, shard_resources=slot, shard_groups=2)
+    serve.run(build_app(ServeConfig(db=db_uri, settings=settings, storage=cfg.storage, device="cpu",
+                                    dtype="fp32")), name="embedpipe", route_prefix="/")
+    searcher = Searcher(db, device="cpu", dtype="fp32")
+    same = []
+    for line in list(open(root / "corpus.jsonl"))[:8]:
+        doc = json.loads(line)
+        body = {"query": doc["title"], "k": 5}
+        r = requests.post(f"http://127.0.0.1:{port}/search", json=body, timeout=120)
+        same.append([h["chunk_id"] for h in r.json()["results"]]
+                    == searcher.search(doc["title"], k=5)["chunk_id"].to_pylist())
+    # Nothing of the db on any node's disk: no manifest, table, report or lock in a node's dirs.
+    local = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name == "embedpipe.json"
+                   or p.suffix == ".lance" or p.parent.name in ("_runs", "_lock"))
+    print("RESULT " + json.dumps({
+        "was_running": was_running, "rerun_code": rerun.returncode, "rerun_err": rerun.stderr[-3000:],
+        "rows": len(rows), "distinct": len({r["chunk_id"] for r in rows}),
+        "write_nodes": sorted({names.get(t.node_id, "?") for t in writes}),
+        "staged_left": staged(), "same_as_local": same, "local_db_files": local,
+    }))
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_nodes_that_share_nothing_ingest_and_serve_from_a_bucket(tmp_path, s3, scifact):
+    import json
+    import subprocess
+    import sys
+
+    docs = scifact_docs(40)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    s3.put_file("sources/corpus.jsonl", corpus)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARE_NOTHING, s3.endpoint, s3.bucket, str(tmp_path)],
+        capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-5000:]
+    result = json.loads(line.removeprefix("RESULT "))
+    print("\nwrite tasks ran on:", result["write_nodes"], "| rows:", result["rows"])
+    assert result["was_running"], "the first driver finished before it was killed"
+    assert result["rerun_code"] == 0, result["rerun_err"]
+    assert "removed the staging of run" in result["rerun_err"]
+    assert result["rows"] == result["distinct"] > 40  # every chunk once
+    assert len(result["write_nodes"]) >= 2, result["write_nodes"]
+    assert result["staged_left"] == []
+    assert len(result["same_as_local"]) == 8 and all(result["same_as_local"])
+    assert result["local_db_files"] == []

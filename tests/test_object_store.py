@@ -270,3 +270,124 @@ def test_serve_and_index_from_a_bucket_answer_as_from_disk(ray_local, s3, tmp_pa
                 assert [h["chunk_id"] for h in answers[1]] == expected
     finally:
         serve.shutdown()
+
+
+# --- whole runs as a user starts them: the CLI, in processes of their own ---------------------------
+
+
+def _cli_setup(s3, tmp_path, n_docs: int):
+    """A corpus in the bucket, a config that reaches the bucket, and the CLI's command and env."""
+    import os
+    import sys
+    from pathlib import Path
+
+    corpus = _write_corpus(tmp_path, scifact_docs(n_docs))
+    s3.put_file("sources/corpus.jsonl", corpus)
+    config = tmp_path / "s3.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "shards": 3,
+                "storage": {"endpoint": s3.endpoint, "region": "us-east-1", "lock_lease_s": 10},
+                "read": {"docs_per_block": 5},
+                "chunking": {"docs_per_batch": 5},
+                "embedding": {"batch_size": 16},
+                "ray": {"progress_bars": False, "num_cpus": 2},
+            }
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [str(Path(sys.executable).parent / "embedpipe"), "ingest", s3.uri("sources/corpus.jsonl"),
+               "--db", s3.uri("db"), "--config", str(config)]  # fmt: skip
+    return corpus, config, command, env
+
+
+def _expected_chunks(corpus, cfg) -> set[str]:
+    import pyarrow as pa
+
+    from pipelines import chunking, sources
+
+    docs = pa.Table.from_pylist(
+        [sources.record_to_doc(json.loads(line), source="", where="") for line in corpus.open()],
+        schema=sources.DOC_SCHEMA,
+    )
+    return set(chunking.chunk_docs(docs, model=cfg.embedding.model)["chunk_id"].to_pylist())
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_bucket_commit_once(s3, tmp_path):
+    import subprocess
+
+    corpus, config, command, env = _cli_setup(s3, tmp_path, 40)
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    waited = [out for out in outputs if "waiting for run" in out]
+    assert len(waited) == 1, outputs  # the other run waited for the first's lock, then found its work done
+
+    cfg = load_config(config)
+    db = store.location(s3.uri("db"), cfg.storage)
+    reports = [json.loads(db.read_bytes(o["path"])) for o in db.list("_runs/") if o["path"].endswith(".json")]
+    assert sorted(r["docs"]["ingested"] for r in reports) == [0, 40]
+    assert sorted(r["docs"]["unchanged"] for r in reports) == [0, 40]
+    rows = _rows(db)
+    assert set(rows) == _expected_chunks(corpus, cfg)
+    writers = {
+        r["run_id"]
+        for t in store.open_shards(db).values()
+        for r in t.to_arrow().select(["run_id"]).to_pylist()
+    }
+    assert len(writers) == 1  # exactly one run's rows
+    assert not s3.keys("db/_staging/")
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_on_a_bucket_then_rerun_gives_the_same_rows(s3, tmp_path):
+    import signal
+    import subprocess
+
+    corpus, config, command, env = _cli_setup(s3, tmp_path, 60)
+    cfg = load_config(config)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while driver.poll() is None and time.time() < deadline:
+            if any("/data/" in k for k in s3.keys("db/_staging/")):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+    stale = {k.split("/")[2] for k in s3.keys("db/_staging/")}
+    assert len(stale) == 1
+    db = store.location(s3.uri("db"), cfg.storage)
+    assert sum(store.shard_rows(db).values()) == 0  # nothing committed: every shard at its last commit
+
+    started = time.monotonic()
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"removed the staging of run {stale.pop()}" in rerun.stderr + rerun.stdout
+    assert "waiting for run" not in rerun.stderr + rerun.stdout  # a dead holder's lease is not waited out
+    print(f"\nrerun after the kill: {time.monotonic() - started:.1f} s")
+    assert set(_rows(db)) == _expected_chunks(corpus, cfg)  # and no chunk twice (_rows checks)
+    assert not s3.keys("db/_staging/")
+
+
+def test_reading_a_db_that_is_not_there_creates_nothing(tmp_path, s3):
+    missing = tmp_path / "typo-db"
+    for db in (missing, s3.uri("typo-db")):
+        with pytest.raises(store.StoreError, match="not an embedpipe db"):
+            store.read_manifest(
+                store.location(db, load_config(None, **{"storage.endpoint": s3.endpoint}).storage)
+            )
+    assert not store.is_db(missing) and store.location(missing).list() == []
+    runner = CliRunner()
+    for command in (["index", "--db", str(missing)], ["query", "x", "--db", str(missing)]):
+        assert runner.invoke(app, command).exit_code != 0
+    assert not missing.exists() and s3.keys() == []

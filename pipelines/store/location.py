@@ -85,6 +85,8 @@ class Location:
         """The file ``name`` under this location; None if there is none."""
         import obstore
 
+        if self._absent():
+            return None
         try:
             return bytes(obstore.get(_store(self), name).bytes())
         except FileNotFoundError:
@@ -98,7 +100,7 @@ class Location:
         """Write ``name`` whole: readers see the old file or the new one, never part of one."""
         import obstore
 
-        obstore.put(_store(self), name, data)  # local: a temporary file renamed into place
+        obstore.put(_store(self, write=True), name, data)  # local: a temporary file renamed into place
 
     def create(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if no such file exists (a conditional put); whether this call made it."""
@@ -106,7 +108,7 @@ class Location:
         from obstore.exceptions import AlreadyExistsError
 
         try:
-            obstore.put(_store(self), name, data, mode="create")
+            obstore.put(_store(self, write=True), name, data, mode="create")
         except AlreadyExistsError:
             return False
         return True
@@ -116,18 +118,24 @@ class Location:
         to this location."""
         import obstore
 
+        if self._absent():
+            return []
         return [obj for batch in obstore.list(_store(self), prefix or None) for obj in batch]
 
     def folders(self, prefix: str = "") -> list[str]:
         """The names of the folders directly under ``prefix``."""
         import obstore
 
+        if self._absent():
+            return []
         listed = obstore.list_with_delimiter(_store(self), prefix or None)
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"])
 
     def exists(self, name: str) -> bool:
         import obstore
 
+        if self._absent():
+            return False
         try:
             obstore.head(_store(self), name)
         except FileNotFoundError:
@@ -155,6 +163,10 @@ class Location:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
         return len(paths)
+
+    def _absent(self) -> bool:
+        # A local db that does not exist yet reads as empty, and reading it never creates it.
+        return self.local and not self.path.is_dir()
 
     def check(self) -> None:
         """Reach the location once (list its prefix), or raise LocationError with the reason in one line:
@@ -244,7 +256,9 @@ def _options(scheme: str, storage: Any) -> dict[str, str]:
 _CLIENT_KEYS = {"allow_http", "timeout", "connect_timeout", "allow_invalid_certificates", "proxy_url"}
 
 
-def _store(loc: Location, quick: bool = False) -> Any:
+def _store(loc: Location, quick: bool = False, write: bool = False) -> Any:
+    if write and loc.local:
+        loc.path.mkdir(parents=True, exist_ok=True)
     # Stores read credentials from the environment when made: one per environment, so that a
     # process whose credentials change (rotated keys, tests) does not keep the old ones.
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "AZURE_"))))
@@ -256,7 +270,7 @@ def _cached_store(loc: Location, quick: bool, env: tuple[tuple[str, str], ...]) 
     from obstore.store import LocalStore, from_url
 
     if loc.local:
-        return LocalStore(loc.uri, mkdir=True)
+        return LocalStore(loc.uri)
     opts = loc.storage_options
     client: dict[str, Any] = {k: opts[k] for k in _CLIENT_KEYS & opts.keys()}
     if "allow_http" in client:
