@@ -509,7 +509,8 @@ def report_command(
 @app.command("quantize")
 def quantize_command(
     source: Annotated[
-        Path, typer.Argument(help="The corpus to calibrate on (a sample of its chunks is used).")
+        str,
+        typer.Argument(help="The corpus to calibrate on (a sample of its chunks is used); local or s3://."),
     ],
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Quantize again even if one is cached.")] = False,
@@ -519,16 +520,18 @@ def quantize_command(
     It is cached (embedding.model_cache, $EMBEDPIPE_CACHE or ~/.cache/embedpipe) for every later run.
     Ingest does this by itself on first use; run it ahead to keep the first ingest's time clean.
     """
-    from pipelines import backends
+    from pipelines import backends, sources
     from pipelines import ingest as pipeline
 
     try:
         cfg = load_config(config, **{"ray.progress_bars": False})
+        source = sources.resolve(source, cfg.storage)
+        sources.check_exists(source, cfg.storage)
         target = backends.int8_dir(backends.cache_root(cfg.embedding.model_cache), cfg.embedding.model)
         if force and target.exists():
             shutil.rmtree(target)
         with pipeline.ray_session(cfg.ray):
-            path, meta = pipeline.int8_model(str(source.resolve()), cfg)
+            path, meta = pipeline.int8_model(source, cfg)
         if path is None:
             raise ValueError(meta["reason"])
     except _user_errors() as exc:

@@ -123,7 +123,9 @@ def new_run_id() -> str:
 
 def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
     """Up to ``n`` chunk texts from the start of the source, as the model will read them."""
-    ds = sources.read_source(source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb)
+    ds = sources.read_source(
+        source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb, storage=cfg.storage
+    )
     docs = [t for t in ray.get(ds.limit(n).to_arrow_refs()) if t.num_rows]
     if not docs:
         return []
@@ -340,7 +342,7 @@ def _build(
     timeline: list[dict[str, Any]] = []
     embedded = EmbedTotals(started)
     seen_ids: set[str] = set()
-    total_docs = sources.count_docs(source) if progress else None
+    total_docs = sources.count_docs(source, storage=cfg.storage) if progress else None
     if cfg.read.quick_check_s and store.is_db(db):
         quick = _unchanged_run(
             source=source, db=db, cfg=cfg, run_id=run_id, started=started, report_path=report_path,

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 from ray import serve
 
+from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.search import Partial, ShardGroup
 
@@ -31,7 +32,7 @@ class ShardGroupSearcher:
 
     def __init__(
         self,
-        db: str,
+        db: str | store.Location,
         shards: list[str],
         refresh_s: float = 1.0,
         index: dict[str, Any] | None = None,

@@ -22,6 +22,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from pipelines import store
 from pipelines.config import IndexSettings, ServeSettings
 from pipelines.filters import FilterError, allowed_columns, compile_filter
 from pipelines.search import NoTextIndexError, QueryTimeout, ShardError, ShardGroup, combine, query_embedder
@@ -210,7 +211,7 @@ class Router:
         settings: dict[str, Any],
         api_key: str | None = None,
         dtype: str = "auto",
-        db: str | None = None,
+        db: str | store.Location | None = None,
         index: dict[str, Any] | None = None,
         vectors: str | None = None,
     ):

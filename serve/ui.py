@@ -19,6 +19,7 @@ from fastapi import HTTPException
 from fastapi.responses import HTMLResponse
 
 from pipelines import dashboard
+from pipelines.store import Location
 
 STATIC = Path(__file__).with_name("static")
 
@@ -90,13 +91,13 @@ def run_page(*, run_id: str, auth: bool) -> HTMLResponse:
     )
 
 
-def runs_data(*, db: str | None) -> dict[str, Any]:
+def runs_data(*, db: str | Location | None) -> dict[str, Any]:
     """GET /api/runs: every run's headline numbers, and the same as an HTML table for the page."""
     rows = dashboard.list_runs(db=db) if db else []
     return {"runs": rows, "html": dashboard.runs_table(rows)}
 
 
-def run_data(*, db: str | None, run_id: str) -> dict[str, Any]:
+def run_data(*, db: str | Location | None, run_id: str) -> dict[str, Any]:
     """GET /api/runs/{run_id}: the run report, and its dashboard as an HTML fragment for the page."""
     try:
         if not db:

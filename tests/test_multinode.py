@@ -196,7 +196,8 @@ SHARE_NOTHING = textwrap.dedent(
     def staged():
         listed = s3.list_objects_v2(Bucket=bucket, Prefix="db/_staging/")
         return [o["Key"] for o in listed.get("Contents", [])]
-    killed = subprocess.Popen(command, env=driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(command, env=driver_env, stdout=subprocess.DEVNULL,
+                              stderr=open(root / "killed.err", "w"))
     deadline = time.time() + 400
     while killed.poll() is None and time.time() < deadline and not any("/data/" in k for k in staged()):
         time.sleep(0.2)
@@ -238,7 +239,7 @@ SHARE_NOTHING = textwrap.dedent(
     local = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name == "embedpipe.json"
                    or p.suffix == ".lance" or p.parent.name in ("_runs", "_lock"))
     print("RESULT " + json.dumps({
-        "was_running": was_running, "rerun_code": rerun.returncode, "rerun_err": rerun.stderr[-3000:],
+        "was_running": was_running, "killed_err": (root / "killed.err").read_text()[-3000:], "rerun_code": rerun.returncode, "rerun_err": rerun.stderr[-3000:],
         "rows": len(rows), "distinct": len({r["chunk_id"] for r in rows}),
         "write_nodes": sorted({names.get(t.node_id, "?") for t in writes}),
         "staged_left": staged(), "same_as_local": same, "local_db_files": local,
@@ -268,7 +269,7 @@ def test_nodes_that_share_nothing_ingest_and_serve_from_a_bucket(tmp_path, s3, s
     assert line, out.stdout[-3000:] + out.stderr[-5000:]
     result = json.loads(line.removeprefix("RESULT "))
     print("\nwrite tasks ran on:", result["write_nodes"], "| rows:", result["rows"])
-    assert result["was_running"], "the first driver finished before it was killed"
+    assert result["was_running"], "the first driver finished before it was killed: " + result["killed_err"]
     assert result["rerun_code"] == 0, result["rerun_err"]
     assert "removed the staging of run" in result["rerun_err"]
     assert result["rows"] == result["distinct"] > 40  # every chunk once

@@ -52,16 +52,17 @@ class Searcher:
 
     def __init__(
         self,
-        db: str | Path,
+        db: str | Path | store.Location,
         *,
         device: str = "auto",
         dtype: str = "auto",
         index: IndexSettings | None = None,
         memory_rows: int = 0,
     ):
+        db = store.location(db)
         self.manifest = store.read_manifest(db)
         # One search process: the tables stay at the versions opened here.
-        self.group = ShardGroup(str(db), refresh_s=float("inf"), index=index, memory_rows=memory_rows)
+        self.group = ShardGroup(db, refresh_s=float("inf"), index=index, memory_rows=memory_rows)
         self._device, self._dtype = device, dtype
         self._embedder = None
 

@@ -67,7 +67,7 @@ class ShardGroup:
 
     def __init__(
         self,
-        db: str,
+        db: str | store.Location,
         shards: list[str] | None = None,
         *,
         refresh_s: float = 1.0,
