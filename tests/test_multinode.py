@@ -239,7 +239,8 @@ SHARE_NOTHING = textwrap.dedent(
     local = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name == "embedpipe.json"
                    or p.suffix == ".lance" or p.parent.name in ("_runs", "_lock"))
     print("RESULT " + json.dumps({
-        "was_running": was_running, "killed_err": (root / "killed.err").read_text()[-3000:], "rerun_code": rerun.returncode, "rerun_err": rerun.stderr[-3000:],
+        "was_running": was_running, "killed_err": (root / "killed.err").read_text()[-3000:],
+        "rerun_code": rerun.returncode, "rerun_err": rerun.stderr[-3000:],
         "rows": len(rows), "distinct": len({r["chunk_id"] for r in rows}),
         "write_nodes": sorted({names.get(t.node_id, "?") for t in writes}),
         "staged_left": staged(), "same_as_local": same, "local_db_files": local,

@@ -193,13 +193,14 @@ def test_refused_credentials_are_one_clear_error(tmp_path, monkeypatch):
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
         iam.put_user_policy(UserName="embedpipe", PolicyName="all", PolicyDocument=json.dumps(policy))
         good = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-        boto3.client(
+        owner = boto3.client(
             "s3",
             endpoint_url=endpoint,
             region_name="us-east-1",
             aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
-        ).create_bucket(Bucket="locked")
+        )
+        owner.create_bucket(Bucket="locked")
         corpus = _write_corpus(tmp_path, scifact_docs(3))
         runner = CliRunner()
         for env, said in (
@@ -215,14 +216,7 @@ def test_refused_credentials_are_one_clear_error(tmp_path, monkeypatch):
             assert result.exit_code != 0 and result.output.count("error:") == 1 and said in message, (
                 result.output
             )
-        listed = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
-        ).list_objects_v2(Bucket="locked")
-        assert listed.get("KeyCount", 0) == 0
+        assert owner.list_objects_v2(Bucket="locked").get("KeyCount", 0) == 0  # nothing half-written
     finally:
         proc.terminate()
         proc.wait(10)

@@ -8,7 +8,9 @@ the lock by creating lease n+1, and since only one create of a key can succeed, 
 gets it. The highest lease is never deleted (a holder removes only older ones), so n only grows.
 
 A lease whose holder ran on this machine (same boot id) in a process that is gone is stale at once:
-a killed run on one machine does not make the next run wait out its lease.
+a killed run on one machine does not make the next run wait out its lease. Expiry compares the
+holder's clock with a contender's, so machines writing one db need clocks within a small part of a
+lease of each other (NTP keeps them within milliseconds).
 """
 
 from __future__ import annotations
