@@ -48,7 +48,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto did not start")
 
 
+CONFIG: list[str] = []  # --config FILE for every command, when given
+
+
 def timed(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
+    args = [*args, *CONFIG]
     started = time.perf_counter()
     out = subprocess.run([EMBEDPIPE, *args], env=env, capture_output=True, text=True, check=False)
     took = time.perf_counter() - started
@@ -88,12 +92,17 @@ def main() -> None:
     parser.add_argument("beir", type=Path, help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-s3"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--config", type=Path, help="an embedpipe config for every run (e.g. embedding.dtype: fp32)"
+    )
     args = parser.parse_args()
 
     import boto3
 
     from pipelines.autotune import cpu_signature
 
+    if args.config:
+        CONFIG.extend(["--config", str(args.config.resolve())])
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     moto, endpoint = start_moto()
@@ -134,12 +143,14 @@ def main() -> None:
         scores = {}
         for name, db in (("local", local_db), ("s3", remote_db)):
             out = subprocess.run(
-                [EMBEDPIPE, "eval", str(args.beir), "--db", db, "--json"],
+                [EMBEDPIPE, "eval", str(args.beir), "--db", db, "--json", *CONFIG],
                 env=env, capture_output=True, text=True, check=True,
             )  # fmt: skip
             scores[name] = json.loads(out.stdout.strip().splitlines()[-1])["ndcg@10"]
         result = {
             "cpu": cpu_signature(),
+            "config": str(args.config) if args.config else None,
+            "dtype": last_report(local_db)["backend"]["dtype"],
             "docs": last_report(local_db)["docs"]["ingested"],
             "chunks": len(mine),
             "ingest_local_s": round(local_s, 1),

@@ -406,7 +406,8 @@ def read_source(
             JsonlDatasource(str(path), docs_per_block=docs_per_block, max_doc_mb=max_doc_mb)
         )
     if suffix == ".parquet" or (path.is_dir() and _all_parquet(path)):
-        return _read_parquet(path, max_doc_mb=max_doc_mb)
+        files = [path] if path.is_file() else sorted(_visible_files(path))
+        return _read_parquet([str(f) for f in files], source=str(path), max_doc_mb=max_doc_mb)
     if path.is_dir() or suffix in FILE_SUFFIXES:
         # Listed here rather than by read_binary_files, which skips what it cannot open and stops the
         # whole run at a file name that is not UTF-8; the files are read in the tasks.
@@ -515,29 +516,44 @@ def count_docs(source: str | Path, *, max_scan_gb: float = 8.0, storage: Any = N
         return None
 
 
-def _read_parquet(path: Path, *, max_doc_mb: float) -> ray.data.Dataset:
+def _read_parquet(
+    files: list[str], *, source: str, max_doc_mb: float, filesystem: Any = None
+) -> ray.data.Dataset:
     """Parquet files whose footer reads are streamed; any other file becomes a failed row, so one
-    truncated or mislabelled file does not stop the run."""
+    truncated or mislabelled file does not stop the run.
+
+    Args:
+        files: local paths, or URIs (``s3://bucket/key``) read through ``filesystem``.
+        source: what the rows record as their source (the file or folder the user named).
+        max_doc_mb: longer texts are failed.
+        filesystem: a ``pyarrow.fs`` filesystem for URIs; None for local paths.
+    """
     import pyarrow.parquet as pq
 
-    files = [path] if path.is_file() else sorted(_visible_files(path))
+    def in_fs(file: str) -> str:
+        return file.split("://", 1)[1] if filesystem is not None else file
+
     readable: list[str] = []
     failed: list[dict[str, Any]] = []
     for file in files:
         try:
-            pq.ParquetFile(file).metadata  # noqa: B018  (reads and checks the footer)
+            if filesystem is not None:
+                with filesystem.open_input_file(in_fs(file)) as f:
+                    pq.ParquetFile(f).metadata  # noqa: B018  (reads and checks the footer)
+            else:
+                pq.ParquetFile(file).metadata  # noqa: B018
         except Exception as exc:  # pyarrow raises several types for a broken file
             reason = f"unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}"
-            failed.append(_doc(str(file), source=str(file), error=reason))
+            failed.append(_doc(file, source=file, error=reason))
             continue
-        readable.append(str(file))
+        readable.append(file)
     parts = []
     if readable:
         parts.append(
-            ray.data.read_parquet(readable).map_batches(
+            ray.data.read_parquet([in_fs(f) for f in readable], filesystem=filesystem).map_batches(
                 parquet_to_docs,
                 batch_format="pyarrow",
-                fn_kwargs={"source": str(path), "max_doc_mb": max_doc_mb},
+                fn_kwargs={"source": source, "max_doc_mb": max_doc_mb},
             )
         )
     if failed:
@@ -610,10 +626,8 @@ def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ra
             )
         )
     if kind == "parquet":
-        paths = [i["path"].split("://", 1)[1] for i in items]
-        return ray.data.read_parquet(paths, filesystem=fs).map_batches(
-            parquet_to_docs, batch_format="pyarrow", fn_kwargs={"source": loc.uri, "max_doc_mb": max_doc_mb}
-        )
+        paths = [i["path"] for i in items]
+        return _read_parquet(paths, source=loc.uri, max_doc_mb=max_doc_mb, filesystem=fs)
     root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
     return ray.data.from_items(items).map_batches(
         files_to_docs,
@@ -633,11 +647,17 @@ def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> It
         import pyarrow.parquet as pq
 
         for item in items:
-            with fs.open_input_file(item["path"].split("://", 1)[1]) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=docs_per_batch):
-                    yield parquet_to_docs(
-                        pa.Table.from_batches([batch]), source=loc.uri, max_doc_mb=max_doc_mb
-                    )
+            try:
+                with fs.open_input_file(item["path"].split("://", 1)[1]) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=docs_per_batch):
+                        yield parquet_to_docs(
+                            pa.Table.from_batches([batch]), source=loc.uri, max_doc_mb=max_doc_mb
+                        )
+            except Exception as exc:  # as _read_parquet: a broken file is one failed row
+                reason = f"unreadable Parquet file: {type(exc).__name__}: {str(exc)[:200]}"
+                yield pa.Table.from_pylist(
+                    [_doc(item["path"], source=item["path"], error=reason)], schema=DOC_SCHEMA
+                )
     else:
         root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
         for start in range(0, len(items), 16):

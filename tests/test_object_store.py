@@ -262,6 +262,21 @@ def test_serve_and_index_from_a_bucket_answer_as_from_disk(ray_local, s3, tmp_pa
                 assert answers[1][0]["doc_id"] == doc["_id"]
                 expected = local.search(doc["title"], k=5, mode=mode)["chunk_id"].to_pylist()
                 assert [h["chunk_id"] for h in answers[1]] == expected
+
+        # A new ingest into the bucket: the replicas follow the new table versions, no restart.
+        new = tmp_path / "new.jsonl"
+        new.write_text(
+            json.dumps({"_id": "new-doc", "title": "Axolotl limb regrowth", "text": "Axolotls regrow."})
+        )
+        ingest.build(source=new, db=s3.uri("db"), cfg=cfg)
+        query = {"query": "axolotl limb regrowth", "k": 1}
+        deadline, hits = time.time() + 30, []
+        while time.time() < deadline and not (hits and hits[0]["doc_id"] == "new-doc"):
+            hits = requests.post(f"http://127.0.0.1:{port}/bucket/search", json=query, timeout=60).json()[
+                "results"
+            ]
+            time.sleep(0.2)
+        assert hits[0]["doc_id"] == "new-doc"
     finally:
         serve.shutdown()
 
@@ -385,3 +400,23 @@ def test_reading_a_db_that_is_not_there_creates_nothing(tmp_path, s3):
     for command in (["index", "--db", str(missing)], ["query", "x", "--db", str(missing)]):
         assert runner.invoke(app, command).exit_code != 0
     assert not missing.exists() and s3.keys() == []
+
+
+def test_parquet_in_a_bucket_with_a_broken_file_fails_that_file_only(ray_local, s3, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    docs = [{k: d[k] for k in ("_id", "title", "text")} for d in scifact_docs(12)]
+    for i in range(2):
+        pq.write_table(pa.Table.from_pylist(docs[i * 6 : (i + 1) * 6]), folder / f"part-{i}.parquet")
+    (folder / "part-9.parquet").write_bytes(b"PAR1 not really parquet")
+    s3.put_tree("pq", folder)
+    cfg = _config(s3, **{"ray.progress_bars": False})
+    result = ingest.build(source=s3.uri("pq"), db=s3.uri("db"), cfg=cfg)
+    assert result["docs"]["ingested"] == 12 and result["docs"]["failed"] == 1
+    assert result["failures"][0]["doc_id"] == s3.uri("pq", "part-9.parquet")
+    assert "unreadable Parquet file" in result["failures"][0]["reason"]
+    again = ingest.build(source=s3.uri("pq"), db=s3.uri("db"), cfg=cfg)  # the quick check reads it too
+    assert again["docs"] == {"seen": 13, "ingested": 0, "unchanged": 12, "failed": 1}
