@@ -610,7 +610,7 @@ def bench_command(
 def plan_command(
     docs: Annotated[int, typer.Option("--docs", min=1, help="Documents to plan for.")],
     db: Annotated[
-        Path | None, typer.Option("--db", help="Plan from this db's latest run.", envvar="EMBEDPIPE_DB")
+        str | None, typer.Option("--db", help="Plan from this db's latest run.", envvar="EMBEDPIPE_DB")
     ] = None,
     report: Annotated[
         Path | None, typer.Option("--report", exists=True, dir_okay=False, help="Plan from this run report.")
@@ -635,7 +635,10 @@ def plan_command(
         raise _fail("give exactly one of --db and --report", EXIT_USAGE)
     try:
         cfg = load_config(config)
-        run = json.loads(report.read_text()) if report is not None else plan.latest_report(db)
+        if report is not None:
+            run = json.loads(report.read_text())
+        else:
+            run = plan.latest_report(store.location(db, cfg.storage))
         db_bytes = dim = None
         if run.get("db") and (db is not None or Path(run["db"]).is_dir()):
             run_db = store.location(run["db"] if db is None else db, cfg.storage)

@@ -134,6 +134,18 @@ def test_ingest_into_a_bucket_equals_ingest_to_disk(ray_local, s3, tmp_path, sci
     assert again["docs"]["unchanged"] == 60 and again["embeddings"]["computed"] == 0
     assert _rows(store.location(s3.uri("db"), cfg.storage)).keys() == mine.keys()
 
+    # The CLI's other commands take the bucket too (the endpoint from the environment here).
+    env = {"AWS_ENDPOINT_URL": s3.endpoint}
+    runner = CliRunner()
+    found = runner.invoke(
+        app, ["query", docs[0]["title"], "--db", s3.uri("db"), "-k", "3", "--json"], env=env
+    )
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["results"][0]["doc_id"] == docs[0]["_id"]
+    planned = runner.invoke(app, ["plan", "--docs", "100000", "--db", s3.uri("db"), "--json"], env=env)
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.output)["basis"]["bytes_per_chunk_source"].startswith("measured: db size")
+
 
 def test_a_folder_of_files_in_a_bucket_is_read_with_its_failures(ray_local, s3, tmp_path):
     folder = tmp_path / "docs"
