@@ -215,7 +215,9 @@ def query(
         cfg = load_config(config, **{"serve.default_mode": mode})
         # The db's owner may filter on every column, in the grammar /search checks.
         where = compile_filter(where, columns=TABLE_COLUMNS) if where else None
-        searcher = Searcher(store.location(db, cfg.storage), index=cfg.index, dtype=cfg.serve.query_dtype)
+        loc = store.location(db, cfg.storage)
+        loc.check()
+        searcher = Searcher(loc, index=cfg.index, dtype=cfg.serve.query_dtype)
         if exact:
             if cfg.serve.default_mode != "vector":
                 raise ValueError("--exact applies to vector mode only.")
@@ -283,6 +285,7 @@ def evaluate(
             from pipelines.search import Searcher
 
             db = store.location(db, cfg.storage)
+            db.check()
             if not ev.corpus_ingested(db, beir_dir):
                 result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
                 console.print(
@@ -638,9 +641,11 @@ def plan_command(
         if report is not None:
             run = json.loads(report.read_text())
         else:
-            run = plan.latest_report(store.location(db, cfg.storage))
+            loc = store.location(db, cfg.storage)
+            loc.check()
+            run = plan.latest_report(loc)
         db_bytes = dim = None
-        if run.get("db") and (db is not None or Path(run["db"]).is_dir()):
+        if run.get("db") and (db is not None or store.is_uri(run["db"]) or Path(run["db"]).is_dir()):
             run_db = store.location(run["db"] if db is None else db, cfg.storage)
             if store.is_db(run_db):
                 db_bytes = sum(

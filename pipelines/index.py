@@ -196,13 +196,16 @@ def build(
     loc.check()
     store.read_manifest(loc)  # a path that holds no db fails here, before the lock writes anything
     with contextlib.ExitStack() as stack:
+        held = None
         if lock is not None:
-            stack.enter_context(
+            held = stack.enter_context(
                 store.writer_lock(loc, run_id="index", lease_s=lock.lock_lease_s, wait_s=lock.lock_wait_s)
             )
         manifest = store.read_manifest(loc)
         summaries = []
         for name, table in store.open_shards(loc).items():
+            if held is not None:
+                held.check()
             logger.info("indexing %s", name)
             summaries.append(index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild))
     return summaries

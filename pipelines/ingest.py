@@ -346,7 +346,7 @@ def _build(
     if cfg.read.quick_check_s and store.is_db(db):
         quick = _unchanged_run(
             source=source, db=db, cfg=cfg, run_id=run_id, started=started, report_path=report_path,
-            prune=prune, progress=progress, total_docs=total_docs,
+            prune=prune, progress=progress, total_docs=total_docs, lock=lock,
         )  # fmt: skip
         if quick is not None:
             return quick
@@ -478,7 +478,9 @@ def _build(
         finishing = time.time()
         dropped, counts["chunks"] = _commit(staging, failed, attempts, lock=lock)
         counts["ingested"] -= dropped
+        lock.check()
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
+        lock.check()
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
         committed = time.time()
         cache_writes = None
@@ -487,6 +489,7 @@ def _build(
             if cache_writes["written"]:
                 embed_cache.compact(db)
         if embedded.totals["computed"]:
+            lock.check()
             manifest = store.record_vectors(db, dtype)
         logger.info(
             "after the last batch: commit %.2f s, embedding cache %.2f s",
@@ -497,6 +500,7 @@ def _build(
     if cfg.index.after_ingest:
         from pipelines import index
 
+        lock.check()
         indexes = index.build(db, settings=cfg.index)
     counts["failed"] = failed
     return _finish(
@@ -587,6 +591,7 @@ def _unchanged_run(
     prune: bool,
     progress: Callable[[dict[str, Any]], None] | None,
     total_docs: int | None,
+    lock: store.WriterLock,
 ) -> dict[str, Any] | None:
     """The quick check: the run's report if every document of ``source`` is stored unchanged (or
     fails to read, for the reason the full run would give), found in this process without Ray or
@@ -629,12 +634,15 @@ def _unchanged_run(
             if progress is not None:
                 progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
         logger.info("quick check: all %d documents unchanged or failed; no Ray, no model", len(seen))
+        lock.check()
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
+        lock.check()
         pruned = store.prune(db, source=source, keep=seen) if prune else None
     indexes = None
     if cfg.index.after_ingest:
         from pipelines import index
 
+        lock.check()
         indexes = index.build(db, settings=cfg.index)
     counts["failed"] = failed
     return _finish(

@@ -361,7 +361,7 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
 
 def resolve(source: str | Path, storage: Any = None) -> str:
     """The source as the run records it: an absolute local path, or a normalized URI."""
-    if is_uri(str(source)):
+    if "://" in str(source):  # an object store's URI (another scheme is refused, file:// is a path)
         return location(source, storage).uri
     return str(Path(source).expanduser().resolve())
 

@@ -432,3 +432,46 @@ def test_parquet_in_a_bucket_with_a_broken_file_fails_that_file_only(ray_local, 
     assert "unreadable Parquet file" in result["failures"][0]["reason"]
     again = ingest.build(source=s3.uri("pq"), db=s3.uri("db"), cfg=cfg)  # the quick check reads it too
     assert again["docs"] == {"seen": 13, "ingested": 0, "unchanged": 12, "failed": 1}
+
+
+def test_lease_edge_cases_containers_and_stalled_contenders(tmp_path, monkeypatch):
+    from pipelines.store import lock as lock_module
+
+    db = store.location(tmp_path / "db")
+    here = lock_module._machine()
+    dead = {"run_id": "gone", "pid": 2**22 + 12345, "released": False, "expires": time.time() + 60}
+    # Same host and boot but another pid namespace (a container beside us): its pid means nothing
+    # here, so the lease is waited for, not taken.
+    db.write_bytes("_lock/writer/000000000001.json", json.dumps({**dead, **here, "pid_ns": "other"}).encode())
+    with pytest.raises(store.LockTimeout, match="gone"):
+        store.WriterLock(db, run_id="mine", wait_s=0).acquire()
+    # The same machine and namespace, and the process is gone: taken at once.
+    db.write_bytes("_lock/writer/000000000001.json", json.dumps({**dead, **here}).encode())
+    with store.writer_lock(db, run_id="first", wait_s=0) as first:
+        assert first.number == 2
+    with store.writer_lock(db, run_id="second", wait_s=0) as second:
+        assert second.number == 3
+        assert not db.create("_lock/writer/000000000002.json", b"{}")  # the lease before the top stays
+        # A contender that looked long ago (top was 0) creates lease 1, which is no longer the top:
+        # it must not take the lock, and it removes what it made.
+        stale = store.WriterLock(db, run_id="stalled", wait_s=0)
+        views = iter([(0, None)])
+        real = stale.holder
+        monkeypatch.setattr(stale, "holder", lambda: next(views, None) or real())
+        with pytest.raises(store.LockTimeout, match="second"):
+            stale.acquire()
+        assert not db.exists("_lock/writer/000000000001.json")
+        second.check()  # the holder still holds
+
+
+def test_a_run_that_will_not_wait_for_the_lock_says_who_holds_it(tmp_path):
+    corpus = _write_corpus(tmp_path, scifact_docs(3))
+    config = tmp_path / "nowait.yaml"
+    config.write_text("storage:\n  lock_wait_s: 0\n")
+    db = store.location(tmp_path / "db")
+    with store.writer_lock(db, run_id="holder-run"):
+        result = CliRunner().invoke(app, ["ingest", str(corpus), "--db", db.uri, "--config", str(config)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and result.output.count("error:") == 1, result.output
+    assert "is being written by run holder-run" in message and "Traceback" not in result.output
+    assert not (db.path / "embedpipe.json").exists()

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
 
-from pipelines.store.location import Location, LocationError, location  # noqa: F401  (re-exported)
+from pipelines.store.location import Location, LocationError, is_uri, location  # noqa: F401  (re-exported)
 from pipelines.store.lock import LockLost, LockTimeout, WriterLock, writer_lock  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)

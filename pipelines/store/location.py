@@ -19,13 +19,14 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
+SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az"}  # spelling -> the one used
 
 
 class LocationError(ValueError):
@@ -88,7 +89,8 @@ class Location:
         if self._absent():
             return None
         try:
-            return bytes(obstore.get(_store(self), name).bytes())
+            with _failing(self, "read"):
+                return bytes(obstore.get(_store(self), name).bytes())
         except FileNotFoundError:
             return None
 
@@ -100,7 +102,8 @@ class Location:
         """Write ``name`` whole: readers see the old file or the new one, never part of one."""
         import obstore
 
-        obstore.put(_store(self, write=True), name, data)  # local: a temporary file renamed into place
+        with _failing(self, "write to"):
+            obstore.put(_store(self, write=True), name, data)  # local: a temporary file renamed into place
 
     def create(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if no such file exists (a conditional put); whether this call made it."""
@@ -108,7 +111,8 @@ class Location:
         from obstore.exceptions import AlreadyExistsError
 
         try:
-            obstore.put(_store(self, write=True), name, data, mode="create")
+            with _failing(self, "write to"):
+                obstore.put(_store(self, write=True), name, data, mode="create")
         except AlreadyExistsError:
             return False
         return True
@@ -120,7 +124,8 @@ class Location:
 
         if self._absent():
             return []
-        return [obj for batch in obstore.list(_store(self), prefix or None) for obj in batch]
+        with _failing(self, "list"):
+            return [obj for batch in obstore.list(_store(self), prefix or None) for obj in batch]
 
     def folders(self, prefix: str = "") -> list[str]:
         """The names of the folders directly under ``prefix``."""
@@ -128,7 +133,8 @@ class Location:
 
         if self._absent():
             return []
-        listed = obstore.list_with_delimiter(_store(self), prefix or None)
+        with _failing(self, "list"):
+            listed = obstore.list_with_delimiter(_store(self), prefix or None)
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"])
 
     def exists(self, name: str) -> bool:
@@ -137,7 +143,8 @@ class Location:
         if self._absent():
             return False
         try:
-            obstore.head(_store(self), name)
+            with _failing(self, "read"):
+                obstore.head(_store(self), name)
         except FileNotFoundError:
             return False
         return True
@@ -145,7 +152,7 @@ class Location:
     def delete(self, name: str) -> None:
         import obstore
 
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), _failing(self, "delete in"):
             obstore.delete(_store(self), name)
 
     def delete_tree(self, prefix: str) -> int:
@@ -154,7 +161,8 @@ class Location:
 
         paths = [obj["path"] for obj in self.list(prefix.rstrip("/") + "/")]
         for start in range(0, len(paths), 1000):
-            obstore.delete(_store(self), paths[start : start + 1000])
+            with _failing(self, "delete in"):
+                obstore.delete(_store(self), paths[start : start + 1000])
         if self.local:  # object stores have no empty folders; a local disk keeps them
             _remove_empty_dirs(self.path / prefix)
             for parent in (self.path / prefix).parents:  # and the folders it emptied, up to the db
@@ -196,8 +204,12 @@ class Location:
                 ep = urlsplit(endpoint)
                 kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
             return pafs.S3FileSystem(**kwargs), path
-        fs, found = pafs.FileSystem.from_uri(self.uri)
-        return fs, found
+        if scheme == "az":  # az://container/path; the account from storage.options or the environment
+            account = opts.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+            if not account:
+                raise LocationError(f"{self.uri}: name the storage account (AZURE_STORAGE_ACCOUNT_NAME).")
+            return pafs.AzureFileSystem(account_name=account), path
+        return pafs.GcsFileSystem(), path
 
 
 def location(db: str | os.PathLike[str] | Location, storage: Any = None) -> Location:
@@ -211,6 +223,13 @@ def location(db: str | os.PathLike[str] | Location, storage: Any = None) -> Loca
     if isinstance(db, Location):
         return db
     text = str(db)
+    if text.lower().startswith("file://"):
+        text = text[len("file://") :]
+    scheme_typed = urlsplit(text).scheme.lower() if "://" in text else ""
+    if scheme_typed and scheme_typed not in SCHEMES:
+        raise LocationError(
+            f"{text!r}: unsupported scheme {scheme_typed!r}. Supported: s3://, gs://, az://, a path."
+        )
     if not is_uri(text):
         # A URI typed where a path was expected arrives as ".../s3:/bucket/db": refuse to create that.
         if any(p.lower().rstrip(":") in SCHEMES for p in Path(text).parts if p.endswith(":")):
@@ -224,7 +243,7 @@ def location(db: str | os.PathLike[str] | Location, storage: Any = None) -> Loca
         raise LocationError(
             f"{text!r}: put endpoint and region in the config's storage: section, not the URI."
         )
-    uri = f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}"
+    uri = f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"  # gcs:// -> gs://, s3a:// -> s3://
     return Location(uri, tuple(sorted(_options(scheme, storage).items())))
 
 
@@ -290,6 +309,20 @@ def _cached_store(loc: Location, quick: bool, env: tuple[tuple[str, str], ...]) 
             },
         }
     return from_url(loc.uri, config=config or None, client_options=client or None, retry_config=retry)
+
+
+@contextlib.contextmanager
+def _failing(loc: Location, what: str) -> Iterator[None]:
+    """Turn an object store's error (refused credentials, no such bucket, no answer) into one
+    LocationError line; a missing file stays FileNotFoundError for the caller to handle."""
+    from obstore.exceptions import AlreadyExistsError, BaseError
+
+    try:
+        yield
+    except (FileNotFoundError, AlreadyExistsError):
+        raise
+    except (BaseError, PermissionError, ConnectionError, TimeoutError) as exc:
+        raise LocationError(f"Cannot {what} {loc.uri}: {_reason(exc)}") from exc
 
 
 def _reason(exc: Exception) -> str:

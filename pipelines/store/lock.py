@@ -7,7 +7,8 @@ is fresh, and renews it from a thread. A run that finds the highest lease releas
 the lock by creating lease n+1, and since only one create of a key can succeed, only one contender
 gets it. The highest lease is never deleted (a holder removes only older ones), so n only grows.
 
-A lease whose holder ran on this machine (same boot id) in a process that is gone is stale at once:
+A lease whose holder ran on this machine (same host, boot id and pid namespace) in a process that is
+gone is stale at once:
 a killed run on one machine does not make the next run wait out its lease. Expiry compares the
 holder's clock with a contender's, so machines writing one db need clocks within a small part of a
 lease of each other (NTP keeps them within milliseconds).
@@ -26,27 +27,31 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines.store.location import Location
+from pipelines.store.location import Location, LocationError
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "_lock/writer/"
 
 
-class LockTimeout(RuntimeError):
+class LockTimeout(LocationError):
     """Another run held the db's writer lock for longer than this run would wait."""
 
 
-class LockLost(RuntimeError):
+class LockLost(LocationError):
     """This run's lease ran out and another run took the lock: this run must not commit."""
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return socket.gethostname()
+def _machine() -> dict[str, str]:
+    """What makes a pid mean one process: the kernel's boot, the host and the pid namespace (two
+    containers on one host share the boot id but not their pids)."""
+    found = {"host": socket.gethostname()}
+    for key, path in (("boot_id", "/proc/sys/kernel/random/boot_id"), ("pid_ns", "/proc/self/ns/pid")):
+        try:
+            found[key] = os.readlink(path) if key == "pid_ns" else open(path).read().strip()  # noqa: SIM115
+        except OSError:
+            found[key] = ""
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -69,19 +74,22 @@ class WriterLock:
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed = 0.0  # time.monotonic() of the last lease written
 
     def _body(self, *, released: bool = False) -> bytes:
         return json.dumps(
             {
                 "run_id": self.run_id,
                 "token": self.token,
-                "host": socket.gethostname(),
-                "boot_id": _boot_id(),
+                **_machine(),
                 "pid": os.getpid(),
                 "expires": time.time() + self.lease_s,
                 "released": released,
             }
         ).encode()
+
+    def _name(self, number: int) -> str:
+        return f"{PREFIX}{number:012d}.json"
 
     def _leases(self) -> list[int]:
         numbers = []
@@ -93,15 +101,17 @@ class WriterLock:
 
     def holder(self) -> tuple[int, dict[str, Any] | None]:
         """The highest lease number and its content (None when it is free: none, released, expired, or
-        held by a dead process on this machine)."""
+        held by a process that is gone on this machine)."""
         leases = self._leases()
         if not leases:
             return 0, None
         top = leases[-1]
-        data = self.db.read_json(f"{PREFIX}{top:012d}.json")
+        data = self.db.read_json(self._name(top))
         if not data or data.get("released") or float(data.get("expires", 0)) < time.time():
             return top, None
-        if data.get("boot_id") == _boot_id() and not _alive(int(data.get("pid", 0))):
+        here = _machine()
+        same = all(data.get(k) == here[k] and here[k] for k in ("host", "boot_id", "pid_ns"))
+        if same and not _alive(int(data.get("pid", 0))):
             return top, None
         return top, data
 
@@ -110,10 +120,15 @@ class WriterLock:
         while True:
             top, holder = self.holder()
             if holder is None:
-                if self.db.create(f"{PREFIX}{top + 1:012d}.json", self._body()):
-                    self.number = top + 1
+                if not self.db.create(self._name(top + 1), self._body()):
+                    continue  # another run created it first: look again
+                # A contender that stalled between its look and its create could have made a number
+                # that others passed meanwhile: only the highest lease holds.
+                if self._leases()[-1] == top + 1:
+                    self.number, self._renewed = top + 1, time.monotonic()
                     break
-                continue  # another run created it first: look again
+                self.db.delete(self._name(top + 1))
+                continue
             if time.monotonic() > deadline:
                 raise LockTimeout(
                     f"{self.db.uri} is being written by run {holder.get('run_id')} (pid {holder.get('pid')} "
@@ -126,38 +141,50 @@ class WriterLock:
                 )  # fmt: skip
                 told = True
             time.sleep(min(1.0, max(self.lease_s / 10, 0.05)))
-        for old in self._leases():  # the leases before ours are history; ours and later stay
-            if old < self.number:
-                self.db.delete(f"{PREFIX}{old:012d}.json")
+        # Older leases are history, but the one just before ours stays: a stalled contender's create
+        # of that number then fails instead of succeeding a second time.
+        with contextlib.suppress(Exception):
+            for old in self._leases():
+                if old < self.number - 1:
+                    self.db.delete(self._name(old))
         self._thread = threading.Thread(target=self._renew, name="embedpipe-lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                if self._leases()[-1] != self.number:
+                if self._newest() != self.number:
                     self._lost.set()
                     return
-                self.db.write_bytes(f"{PREFIX}{self.number:012d}.json", self._body())
+                self.db.write_bytes(self._name(self.number), self._body())
+                self._renewed = time.monotonic()
             except Exception as exc:  # a blip; the next renewal may get through before the lease ends
                 logger.warning("could not renew the db's writer lease: %s", exc)
 
+    def _newest(self) -> int | None:
+        leases = self._leases()
+        return leases[-1] if leases else None
+
     def check(self) -> None:
-        """Raise LockLost if another run took the lock (call before each commit)."""
-        if self._lost.is_set() or (self.number is not None and self._leases()[-1] != self.number):
+        """Raise LockLost if another run took the lock or this run's lease may have run out (call
+        before every write to the db's tables or files)."""
+        if self.number is None:
+            return
+        expired = time.monotonic() - self._renewed > self.lease_s * 0.9
+        if self._lost.is_set() or expired or self._newest() != self.number:
             self._lost.set()
             raise LockLost(
                 f"run {self.run_id} lost the writer lock of {self.db.uri} (its lease of {self.lease_s:.0f} s "
-                "ran out); nothing more is committed. Run it again."
+                "ran out or could not be renewed); nothing more is written. Run it again."
             )
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.lease_s)
         if self.number is not None and not self._lost.is_set():
             with contextlib.suppress(Exception):
-                self.db.write_bytes(f"{PREFIX}{self.number:012d}.json", self._body(released=True))
+                self.db.write_bytes(self._name(self.number), self._body(released=True))
         self.number = None
 
     def __enter__(self) -> WriterLock:
