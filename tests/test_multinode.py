@@ -152,7 +152,7 @@ def test_a_uri_mangled_by_a_path_is_refused_not_created_locally(tmp_path):
 
 SHARE_NOTHING = textwrap.dedent(
     """
-    import json, os, signal, socket, subprocess, sys, time
+    import json, os, secrets, signal, socket, subprocess, sys, time
     from pathlib import Path
 
     import ray
@@ -161,6 +161,10 @@ SHARE_NOTHING = textwrap.dedent(
 
     endpoint, bucket, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     source, db_uri = f"s3://{bucket}/sources/corpus.jsonl", f"s3://{bucket}/db"
+    # Token authentication as cluster.yaml sets it up, with a token every process gets from the
+    # environment: a node's own HOME holds no ~/.ray/auth_token (and the suite's Ray left
+    # RAY_AUTH_MODE=token in the environment this script inherits).
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
     def own_dirs(name):  # a node's HOME and temp dir, which no other node sees
         home = root / name
