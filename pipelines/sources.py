@@ -15,7 +15,7 @@ import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -485,7 +485,7 @@ def count_docs(source: str | Path, *, max_scan_gb: float = 8.0, storage: Any = N
     """
     if is_uri(str(source)):
         try:
-            kind, items = _remote_listing(location(source, storage), max_doc_mb=float("inf"))
+            kind, items, *_ = _remote_listing(location(source, storage), max_doc_mb=float("inf"))
         except (SourceError, OSError):
             return None
         return len(items) if kind == "files" else None
@@ -574,10 +574,25 @@ def _all_parquet(path: Path) -> bool:
 # --- object storage (s3://, gs://, az://) ---------------------------------------------------------
 
 
-def _remote_listing(loc: Location, *, max_doc_mb: float) -> tuple[str, list[dict[str, Any]]]:
-    """What an object-store source is: ("jsonl" | "parquet" | "files", items). Items are
-    ``{path, error}`` rows (path a URI), listed with sizes so that too-large files fail unread."""
+class _Listing(NamedTuple):
+    kind: str  # "jsonl" | "parquet" | "files"
+    items: list[dict[str, Any]]  # {path (a URI), error}
+    fs: Any  # the pyarrow filesystem that reads them
+    base: str  # the source's path in fs
+    root: str  # what document ids of files are relative to
+
+
+def _remote_listing(loc: Location, *, max_doc_mb: float) -> _Listing:
+    """What an object-store source is, listed once with sizes so that too-large files fail unread."""
     fs, base = loc.filesystem()
+    kind, items = _remote_items(loc, fs, base, max_doc_mb=max_doc_mb)
+    one_file = len(items) == 1 and items[0]["path"] == loc.uri
+    return _Listing(kind, items, fs, base, loc.uri.rsplit("/", 1)[0] if one_file else loc.uri)
+
+
+def _remote_items(
+    loc: Location, fs: Any, base: str, *, max_doc_mb: float
+) -> tuple[str, list[dict[str, Any]]]:
     scheme = loc.uri.split("://", 1)[0] + "://"
     try:
         info = fs.get_file_info(base)
@@ -616,8 +631,7 @@ def _remote_listing(loc: Location, *, max_doc_mb: float) -> tuple[str, list[dict
 
 
 def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ray.data.Dataset:
-    kind, items = _remote_listing(loc, max_doc_mb=max_doc_mb)
-    fs, base = loc.filesystem()
+    kind, items, fs, base, root = _remote_listing(loc, max_doc_mb=max_doc_mb)
     scheme = loc.uri.split("://", 1)[0] + "://"
     if kind == "jsonl":
         return ray.data.read_datasource(
@@ -628,7 +642,6 @@ def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ra
     if kind == "parquet":
         paths = [i["path"] for i in items]
         return _read_parquet(paths, source=loc.uri, max_doc_mb=max_doc_mb, filesystem=fs)
-    root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
     return ray.data.from_items(items).map_batches(
         files_to_docs,
         batch_format="pyarrow",
@@ -638,8 +651,7 @@ def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ra
 
 
 def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> Iterator[pa.Table]:
-    kind, items = _remote_listing(loc, max_doc_mb=max_doc_mb)
-    fs, base = loc.filesystem()
+    kind, items, fs, base, root = _remote_listing(loc, max_doc_mb=max_doc_mb)
     if kind == "jsonl":
         with fs.open_input_stream(base) as f:
             yield from _jsonl_blocks(f, loc.uri, docs_per_block=docs_per_batch, max_doc_mb=max_doc_mb)
@@ -659,7 +671,6 @@ def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> It
                     [_doc(item["path"], source=item["path"], error=reason)], schema=DOC_SCHEMA
                 )
     else:
-        root = loc.uri if len(items) != 1 or items[0]["path"] != loc.uri else loc.uri.rsplit("/", 1)[0]
         for start in range(0, len(items), 16):
             yield files_to_docs(
                 pa.Table.from_pylist(items[start : start + 16]),
