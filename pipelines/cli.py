@@ -356,6 +356,175 @@ def index_command(
         )
 
 
+GenerationArg = Annotated[int, typer.Argument(help="A generation number (see `embedpipe generations`).")]
+
+
+class RebuildProgress:
+    """Progress of a reshard or reembed: a spinner line on a terminal, a line every 15 s elsewhere."""
+
+    def __init__(self, kind: str):
+        self.kind, self.started, self.printed = kind, time.time(), 0.0
+
+    def __call__(self, counts: dict) -> None:
+        elapsed = time.time() - self.started
+        if elapsed - self.printed >= Progress.EVERY_S:
+            self.printed = elapsed
+            console.print(
+                f"{self.kind}: {counts['chunks']:,} chunks built, {counts['committed']:,} committed, "
+                f"{elapsed:.0f} s",
+                highlight=False,
+            )
+
+
+def _rebuilt(result: dict) -> None:
+    passes = result["passes"]
+    check = result["check"]
+    embedded = result["embeddings"]
+    console.print(
+        f"generation {result['generation']} ({result['kind']} of {result['from_generation']}"
+        f"{', resumed' if result['resumed'] else ''}): {result['shards']} shards of {result['model']} "
+        f"(dim {result['dim']}), {check['docs']:,} documents, {check['chunks']:,} chunks, each once; "
+        f"{embedded.get('computed', 0):,} embeddings computed"
+        + (f", {embedded.get('cache_hits', 0):,} from the cache" if embedded.get("cache_hits") else "")
+        + f"; {result['wall_s']:.1f} s ({len(passes)} passes: "
+        + ", ".join(f"{p['docs']:,} docs" for p in passes)
+        + ")",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"promote it with: embedpipe promote --db {result['db']} {result['generation']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("reshard")
+def reshard_command(
+    ctx: typer.Context,
+    db: DbOpt,
+    shards: Annotated[int, typer.Option("--shards", help="The new shard count (1 or more).")],
+    config: ConfigOpt = None,
+    address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
+) -> None:
+    """Build a new generation of the db with --shards shard tables from its stored chunks and vectors
+    (no source read, no model run). It is not live until `embedpipe promote`."""
+    from pipelines import rebuild
+
+    try:
+        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
+        result = rebuild.reshard(db=db, shards=shards, cfg=cfg, progress=RebuildProgress("reshard"))
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
+
+
+@app.command("reembed")
+def reembed_command(
+    ctx: typer.Context,
+    db: DbOpt,
+    model: Annotated[
+        str, typer.Option("--model", help="A sentence-transformers model id or directory to embed with.")
+    ],
+    shards: Annotated[
+        int | None,
+        typer.Option("--shards", help="The new generation's shard count (default: the live one's)."),
+    ] = None,
+    config: ConfigOpt = None,
+    address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
+) -> None:
+    """Build a new generation of the db embedded with --model from its stored chunk texts (no source
+    read). Run it again after a crash to resume. It is not live until `embedpipe promote`."""
+    from pipelines import rebuild
+
+    try:
+        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
+        result = rebuild.reembed(
+            db=db, model=model, shards=shards, cfg=cfg, progress=RebuildProgress("reembed")
+        )
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
+
+
+@app.command("promote")
+def promote_command(
+    ctx: typer.Context,
+    generation: GenerationArg,
+    db: DbOpt,
+    config: ConfigOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Make GENERATION live, atomically: ingest writes it and a running `embedpipe serve` answers
+    from it from then on. Documents ingested since it was built are caught up first."""
+    from pipelines import rebuild
+
+    try:
+        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
+        result = rebuild.promote(db=db, generation=generation, cfg=cfg)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    if result["previous"] == generation:
+        console.print(f"generation {generation} is live already", highlight=False)
+        return
+    caught = result["caught_up"]
+    extra = (
+        f" after catching up {caught['docs']} changed and {caught['stale_docs']} removed documents"
+        if caught
+        else ""
+    )
+    console.print(f"generation {generation} is live (was {result['previous']}){extra}", highlight=False)
+
+
+@app.command("generations")
+def generations_command(
+    db: DbOpt,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the db's generations: model, rows, shards, when made, and which is live."""
+    from datetime import UTC, datetime
+
+    from pipelines import rebuild
+
+    try:
+        cfg = load_config(config)
+        listed = rebuild.generations(db, cfg)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(listed))
+        return
+    for g in listed:
+        created = (
+            datetime.fromtimestamp(g["created"], UTC).strftime("%Y-%m-%d %H:%M") if g["created"] else "-"
+        )
+        rows = f"{g['rows']:,}" if g["rows"] is not None else "-"
+        typer.echo(
+            f"{'*' if g['live'] else ' '} {g['generation']:>3}  {g['state']:<8}  {g['shards']:>4} shards  "
+            f"{rows:>11} rows  {g['vectors'] or '-':<5}  {g['model']} (dim {g['dim']})  "
+            f"{g['made_by']}, {created}"
+        )
+    typer.echo("(* live)")
+
+
+@app.command("drop")
+def drop_command(generation: GenerationArg, db: DbOpt, config: ConfigOpt = None) -> None:
+    """Delete GENERATION and its tables; the live one cannot be dropped."""
+    from pipelines import rebuild
+
+    try:
+        cfg = load_config(config)
+        dropped = rebuild.drop(db=db, generation=generation, cfg=cfg)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"dropped generation {generation} ({dropped.shards} shards of {dropped.model})", highlight=False
+    )
+
+
 @app.command("serve")
 def serve_command(
     db: DbOpt,

@@ -182,8 +182,10 @@ def build(
     settings: IndexSettings,
     rebuild: bool = False,
     lock: StorageConfig | None = None,
+    generation: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Index every shard of ``db`` (see ``index_shard``); returns one summary per shard.
+    """Index every shard of ``db``'s live generation or of ``generation`` (see ``index_shard``);
+    returns one summary per shard.
 
     Args:
         db: the db.
@@ -191,19 +193,20 @@ def build(
         rebuild: rebuild indexes that already fit.
         lock: take the db's writer lock with these lease and wait settings first (an index build is
             a commit on every shard); None when the caller holds it (ingest's index after_ingest).
+        generation: the generation to index (default: the live one).
     """
     loc = store.location(db)
     loc.check()
-    store.read_manifest(loc)  # a path that holds no db fails here, before the lock writes anything
+    store.read_manifest(loc, generation)  # no db (or generation) there fails before the lock is written
     with contextlib.ExitStack() as stack:
         held = None
         if lock is not None:
             held = stack.enter_context(
                 store.writer_lock(loc, run_id="index", lease_s=lock.lock_lease_s, wait_s=lock.lock_wait_s)
             )
-        manifest = store.read_manifest(loc)
+        manifest = store.read_manifest(loc, generation)
         summaries = []
-        for name, table in store.open_shards(loc).items():
+        for name, table in store.open_shards(loc, generation).items():
             if held is not None:
                 held.check()
             logger.info("indexing %s", name)

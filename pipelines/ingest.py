@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -121,8 +122,15 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
+# What a model is calibrated and measured on: a corpus to read, or a function that gives up to n texts
+# as the model reads them (reembed takes them from the stored chunks).
+Sample = str | Callable[[int], list[str]]
+
+
+def calibration_texts(source: Sample, cfg: Config, n: int) -> list[str]:
     """Up to ``n`` chunk texts from the start of the source, as the model will read them."""
+    if callable(source):
+        return source(n)[:n]
     ds = sources.read_source(
         source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb, storage=cfg.storage
     )
@@ -141,7 +149,7 @@ def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
 MIN_CALIBRATION = 64  # fewer chunks calibrate int8 poorly, and a corpus that small is embedded in seconds
 
 
-def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, Any]]:
+def int8_model(source: Sample | None, cfg: Config) -> tuple[Path | None, dict[str, Any]]:
     """The cached int8 model of the configured embedding model, quantized first if there is none.
 
     It is calibrated on the first source quantized with; ``embedpipe quantize --force`` redoes it.
@@ -166,8 +174,9 @@ def int8_model(source: str | None, cfg: Config) -> tuple[Path | None, dict[str, 
                         f"{len(texts)}; using the torch backend for this run"
                     }
                 logger.log(
-                    NOTICE, "quantizing %s to int8 on %d chunks of %s (once)", model, len(texts), source
-                )
+                    NOTICE, "quantizing %s to int8 on %d chunks of %s (once)", model, len(texts),
+                    "the stored chunks" if callable(source) else source,
+                )  # fmt: skip
                 backends.quantize(model, texts, target)
     return target, json.loads((target / "meta.json").read_text())
 
@@ -201,7 +210,7 @@ def embedding_dtype(cfg: Config, *, on_gpu: bool, stored: str | None = None) -> 
     return dtype
 
 
-def choose_backend(source: str | None, cfg: Config, *, device: str, stored: str | None) -> dict[str, Any]:
+def choose_backend(source: Sample | None, cfg: Config, *, device: str, stored: str | None) -> dict[str, Any]:
     """What the actors run: dtype, engine and device, the models' paths and how they were chosen.
 
     On a CPU this may quantize the model (int8, once per machine) and measure the candidates
@@ -244,7 +253,7 @@ def choose_backend(source: str | None, cfg: Config, *, device: str, stored: str 
 
 
 def cpu_engine(
-    source: str | None, cfg: Config, *, dtype: str, int8_path: str | None, free: bool
+    source: Sample | None, cfg: Config, *, dtype: str, int8_path: str | None, free: bool
 ) -> tuple[str, str, dict[str, Any] | None]:
     """The (dtype, engine) CPU actors run, and the measurement behind it (None if none was needed).
 
@@ -284,6 +293,114 @@ def _runs_on(dtype: str, device: str) -> bool:
     if dtype == "int8":
         return device == "cpu" and backends.openvino_available()
     return True
+
+
+@dataclasses.dataclass
+class EmbeddingSetup:
+    """What the embedding stage of a run needs, decided once by the driver (``setup_embedding``)."""
+
+    cfg: Config
+    pool: dict[str, Any]  # actor_options: pool sizes and what each actor reserves
+    device: str
+    backend: dict[str, Any]  # choose_backend's answer
+    int8_files: Any  # ObjectRefs of the model files actors load, or None
+    openvino_files: Any
+    cache_at: store.Location | None  # where the embedding cache table is (None: no cache)
+    cache_writer: Any
+
+    @property
+    def dtype(self) -> str:
+        return self.backend["dtype"]
+
+    def finish_cache(self, computed: int) -> dict[str, Any] | None:
+        """Wait for the cache writer's last append and compact the cache; its counts (None: no cache)."""
+        if self.cache_writer is None:
+            return None
+        writes = ray.get(self.cache_writer.finish.remote(computed))
+        if writes["written"]:
+            embed_cache.compact(self.cache_at)
+        return writes
+
+
+def setup_embedding(
+    source: Sample | None, cfg: Config, *, tables: store.Location, manifest: store.Manifest
+) -> EmbeddingSetup:
+    """Decide the actors' pool, device and backend (quantizing or measuring once per machine), put the
+    model files in Ray's object store and start the embedding cache's writer. Call inside a Ray session.
+
+    Args:
+        source: what to calibrate and measure on (a corpus, or a function giving texts).
+        cfg: the config; embedding.model is the model to run.
+        tables: the generation's tables, beside which its embedding cache lives.
+        manifest: the generation written (its dim, and the format of the vectors it holds).
+    """
+    pool = actor_options(
+        cluster_gpus=ray.cluster_resources().get("GPU", 0),
+        possible_gpus=autoscaler_gpus(),
+        device=cfg.embedding.device,
+        dtype=cfg.embedding.dtype,
+        gpus_per_actor=cfg.embedding.gpus_per_actor,
+        min_actors=cfg.embedding.min_actors,
+        max_actors=cfg.embedding.max_actors,
+    )
+    # The device follows from what the actors reserve: a GPU actor runs on its GPU (or fails
+    # saying why), a CPU actor never touches one.
+    device = "cuda" if pool["num_gpus"] else "cpu"
+    backend = choose_backend(source, cfg, device=device, stored=manifest.vectors)
+    dtype = backend["dtype"]
+    # Actors on any node load the models from Ray's object store.
+    int8_files = ray.put(backends.read_int8(backend["int8_model"])) if dtype == "int8" else None
+    openvino_files = None
+    if backend["engine"] == "openvino" and dtype != "int8":
+        openvino_files = ray.put(backends.read_int8(backend["openvino_model"]))
+    cache_writer = None
+    if cfg.embedding.cache:
+        embed_cache.create(tables, manifest.dim)
+        cache_writer = embed_cache.CacheWriter.remote(
+            tables,
+            manifest.dim,
+            flush_rows=cfg.embedding.cache_flush_rows,
+            flush_s=cfg.embedding.cache_flush_s,
+        )
+    return EmbeddingSetup(
+        cfg=cfg, pool=pool, device=device, backend=backend, int8_files=int8_files,
+        openvino_files=openvino_files, cache_at=tables if cfg.embedding.cache else None,
+        cache_writer=cache_writer,
+    )  # fmt: skip
+
+
+def embed_chunks(
+    ds: ray.data.Dataset, setup: EmbeddingSetup, cfg: Config, *, batch_size: int | None
+) -> ray.data.Dataset:
+    """``ds`` (chunk rows) through the embedding actors: adds ``vector`` and ``embed_stats``."""
+    pool = setup.pool
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model": cfg.embedding.model,
+            "dtype": setup.dtype,
+            "device": setup.device,
+            "cpu_threads": cfg.embedding.cpu_threads,
+            "int8_model": setup.int8_files,
+            "openvino_model": setup.openvino_files,
+            "openvino_streams": cfg.embedding.openvino_streams,
+            "preload": True,  # the model loads while the first batch is read and chunked
+            "batch_tokens": cfg.embedding.batch_tokens,
+            "min_batch_tokens": cfg.embedding.min_batch_tokens,
+            "max_batch_tokens": cfg.embedding.max_batch_tokens,
+            "adapt_batch": cfg.embedding.adapt_batch,
+            "cache_db": setup.cache_at,
+            "cache_writer": setup.cache_writer,
+        },
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
+        num_gpus=pool["num_gpus"] or None,
+        num_cpus=pool.get("num_cpus"),
+        # Ray Data restarts a dead actor and retries its batches by default
+        # (max_restarts=-1, max_task_retries=-1); embedding has no side effects to repeat.
+        **({"resources": cfg.embedding.resources} if cfg.embedding.resources else {}),
+    )
 
 
 def build(
@@ -356,38 +473,13 @@ def _build(
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         # After ray.init: lancedb warns when its runtime is forked, and Ray forks while starting.
         manifest = _open_db(db, cfg)
+        tables = store.tables_of(db, manifest)  # the live generation's
         log_path = stack.enter_context(run_log(db, run_id))
         staging = store.Staging(db, run_id, manifest)
         staging.create()
         stack.callback(staging.discard)  # staged rows of a failed run are never committed
-        pool = actor_options(
-            cluster_gpus=ray.cluster_resources().get("GPU", 0),
-            possible_gpus=autoscaler_gpus(),
-            device=cfg.embedding.device,
-            dtype=cfg.embedding.dtype,
-            gpus_per_actor=cfg.embedding.gpus_per_actor,
-            min_actors=cfg.embedding.min_actors,
-            max_actors=cfg.embedding.max_actors,
-        )
-        # The device follows from what the actors reserve: a GPU actor runs on its GPU (or fails
-        # saying why), a CPU actor never touches one.
-        device = "cuda" if pool["num_gpus"] else "cpu"
-        backend = choose_backend(source, cfg, device=device, stored=manifest.vectors)
-        dtype = backend["dtype"]
-        # Actors on any node load the models from Ray's object store.
-        int8_files = ray.put(backends.read_int8(backend["int8_model"])) if dtype == "int8" else None
-        openvino_files = None
-        if backend["engine"] == "openvino" and dtype != "int8":
-            openvino_files = ray.put(backends.read_int8(backend["openvino_model"]))
-        cache_writer = None
-        if cfg.embedding.cache:
-            embed_cache.create(db, manifest.dim)
-            cache_writer = embed_cache.CacheWriter.remote(
-                db,
-                manifest.dim,
-                flush_rows=cfg.embedding.cache_flush_rows,
-                flush_s=cfg.embedding.cache_flush_s,
-            )
+        embedding = setup_embedding(source, cfg, tables=tables, manifest=manifest)
+        pool, backend, dtype = embedding.pool, embedding.backend, embedding.dtype
         if cfg.ray.data_object_store_limit_mb:
             options = ray.data.DataContext.get_current().execution_options
             options.resource_limits = options.resource_limits.copy(
@@ -407,7 +499,7 @@ def _build(
                 store.mark_unchanged,
                 batch_format="pyarrow",
                 batch_size=cfg.chunking.docs_per_batch,
-                fn_kwargs={"db": db, "shards": manifest.shards},
+                fn_kwargs={"db": tables, "shards": manifest.shards},
                 **chunk_cpus,
             )
             .map_batches(
@@ -421,39 +513,12 @@ def _build(
                 },
                 **chunk_cpus,
             )
-            .map_batches(
-                Embedder,
-                fn_constructor_kwargs={
-                    "model": model,
-                    "dtype": dtype,
-                    "device": device,
-                    "cpu_threads": cfg.embedding.cpu_threads,
-                    "int8_model": int8_files,
-                    "openvino_model": openvino_files,
-                    "openvino_streams": cfg.embedding.openvino_streams,
-                    "preload": True,  # the model loads while the first batch is read and chunked
-                    "batch_tokens": cfg.embedding.batch_tokens,
-                    "min_batch_tokens": cfg.embedding.min_batch_tokens,
-                    "max_batch_tokens": cfg.embedding.max_batch_tokens,
-                    "adapt_batch": cfg.embedding.adapt_batch,
-                    "cache_db": db if cfg.embedding.cache else None,
-                    "cache_writer": cache_writer,
-                },
-                batch_format="pyarrow",
-                batch_size=cfg.embedding.batch_size,
-                compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
-                num_gpus=pool["num_gpus"] or None,
-                num_cpus=pool.get("num_cpus"),
-                # Ray Data restarts a dead actor and retries its batches by default
-                # (max_restarts=-1, max_task_retries=-1); embedding has no side effects to repeat.
-                **({"resources": cfg.embedding.resources} if cfg.embedding.resources else {}),
-            )
-            .map_batches(
-                store.write_chunks,
-                batch_format="pyarrow",
-                batch_size=None,
-                fn_kwargs={"staging": staging, "model": manifest.model, "report_ids": prune},
-            )
+        )
+        ds = embed_chunks(ds, embedding, cfg, batch_size=cfg.embedding.batch_size).map_batches(
+            store.write_chunks,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"staging": staging, "model": manifest.model, "report_ids": prune},
         )
         attempts: set[str] = set()  # write attempts whose results arrived; retried ones staged too
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -483,11 +548,7 @@ def _build(
         lock.check()
         pruned = store.prune(db, source=source, keep=seen_ids) if prune else []
         committed = time.time()
-        cache_writes = None
-        if cache_writer is not None:
-            cache_writes = ray.get(cache_writer.finish.remote(embedded.totals["computed"]))
-            if cache_writes["written"]:
-                embed_cache.compact(db)
+        cache_writes = embedding.finish_cache(embedded.totals["computed"])
         if embedded.totals["computed"]:
             lock.check()
             manifest = store.record_vectors(db, dtype)
@@ -612,7 +673,7 @@ def _unchanged_run(
             max_doc_mb=cfg.read.max_doc_mb,
             storage=cfg.storage,
         ):
-            checked = store.mark_unchanged(docs, db=db, shards=manifest.shards)
+            checked = store.mark_unchanged(docs, db=store.tables_of(db, manifest), shards=manifest.shards)
             rows = checked.select(["doc_id", "source", "error", "status"]).to_pylist()
             for row in rows:
                 if row["doc_id"] in seen:

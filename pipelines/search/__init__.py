@@ -48,6 +48,7 @@ class Searcher:
         dtype: precision of the query embedder (auto: see ``query_precision``; fp32, bf16, fp16, int8).
         index: index settings (ANN query parameters).
         memory_rows: exact shards up to this many rows are searched in memory (0: through LanceDB).
+        generation: the db generation to search (default: the live one).
     """
 
     def __init__(
@@ -58,11 +59,18 @@ class Searcher:
         dtype: str = "auto",
         index: IndexSettings | None = None,
         memory_rows: int = 0,
+        generation: int | None = None,
     ):
         db = store.location(db)
-        self.manifest = store.read_manifest(db)
+        self.manifest = store.read_manifest(db, generation)
         # One search process: the tables stay at the versions opened here.
-        self.group = ShardGroup(db, refresh_s=float("inf"), index=index, memory_rows=memory_rows)
+        self.group = ShardGroup(
+            db,
+            refresh_s=float("inf"),
+            index=index,
+            memory_rows=memory_rows,
+            generation=self.manifest.generation,
+        )
         self._device, self._dtype = device, dtype
         self._embedder = None
 

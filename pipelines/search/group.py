@@ -63,6 +63,7 @@ class ShardGroup:
             finds candidates that are then scored exactly (built in the background when the held
             shards change: the previous versions serve meanwhile).
         threads: the pool's threads (default: 2 per shard, at least 4, at most 32).
+        generation: the db generation whose shards these are (default: the live one when opened).
     """
 
     def __init__(
@@ -75,9 +76,12 @@ class ShardGroup:
         memory_rows: int = 0,
         exact_rows: int = 200_000,
         threads: int | None = None,
+        generation: int | None = None,
     ):
-        conn = store.location(db).connect()
-        names = shards if shards is not None else list(store.open_shards(db))
+        loc = store.location(db)
+        self.manifest = store.read_manifest(loc, generation)
+        conn = store.tables_of(loc, self.manifest).connect()
+        names = shards if shards is not None else [store.shard_name(i) for i in range(self.manifest.shards)]
         if not names:
             raise ValueError(f"{db}: a shard group needs at least one shard")
         self.shards = [

@@ -1,5 +1,6 @@
-"""The LanceDB layout: a db (a folder or an s3:// gs:// az:// prefix) holds N shard tables and a
-manifest; serve/ reads it too. ``location`` says where a db lives, ``lock`` who may write it.
+"""The LanceDB layout: a db (a folder or an s3:// gs:// az:// prefix) holds one or more generations of
+N shard tables, and a manifest that says which generation is live (``manifest``); serve/ reads it too.
+``location`` says where a db lives, ``lock`` who may write it.
 
 Writes go in two steps so that readers never see part of a run: pipeline tasks append Arrow batches
 to per-run staging tables, and the driver then moves each staging table into its shard with one
@@ -17,7 +18,6 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,28 @@ from lancedb.index import BTree
 
 from pipelines.store.location import Location, LocationError, is_uri, location  # noqa: F401  (re-exported)
 from pipelines.store.lock import LockLost, LockTimeout, WriterLock, writer_lock  # noqa: F401  (re-exported)
+from pipelines.store.manifest import (  # noqa: F401  (re-exported)
+    BUILDING,
+    MANIFEST,
+    READY,
+    Catalog,
+    Manifest,
+    StoreError,
+    drop,
+    new_generation,
+    promote,
+    read_catalog,
+    read_manifest,
+    tables_of,
+    update_generation,
+    write_catalog,
+)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "embedpipe.json"
 RUNS_DIR = "_runs"
 STAGING_DIR = "_staging"
 ERRORS_TABLE = "_errors"  # one row per failed document per run; not a shard, so never searched
-_LAYOUT_VERSION = 1
-
-
-class StoreError(ValueError):
-    """A db directory that does not exist, or that does not match what is asked of it."""
 
 
 def shard_name(index: int) -> str:
@@ -129,41 +139,12 @@ def machine_lock(folder: str | Path, name: str) -> Iterator[None]:
         yield
 
 
-@dataclass(frozen=True)
-class Manifest:
-    shards: int
-    model: str
-    dim: int
-    # The numeric format that computed the stored vectors (fp32, bf16, fp16, int8), set by the first
-    # run that embeds; "mixed" once a run was allowed to add another; None before any (or in a db
-    # made before it was recorded).
-    vectors: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps({"layout": _LAYOUT_VERSION, **self.__dict__}, indent=2)
-
-
-def read_manifest(db: str | Path | Location) -> Manifest:
-    loc = location(db)
-    data = loc.read_json(MANIFEST)
-    if data is None:
-        raise StoreError(f"{loc.uri!r} is not an embedpipe db (no {MANIFEST}); run ingest first.")
-    return Manifest(
-        shards=int(data["shards"]),
-        model=str(data["model"]),
-        dim=int(data["dim"]),
-        vectors=data.get("vectors"),
-    )
-
-
-def record_vectors(db: str | Path | Location, dtype: str) -> Manifest:
+def record_vectors(db: str | Path | Location, dtype: str, generation: int | None = None) -> Manifest:
     """Note in the manifest the format of the vectors a run added: the first run's, or "mixed"."""
-    loc = location(db)
-    manifest = read_manifest(loc)
+    manifest = read_manifest(db, generation)
     recorded = dtype if manifest.vectors in (None, dtype) else "mixed"
-    if recorded != manifest.vectors:
-        manifest = dataclasses.replace(manifest, vectors=recorded)
-        loc.write_bytes(MANIFEST, manifest.to_json().encode())  # readers see the old one or the new one
+    if recorded != manifest.vectors:  # readers see the old manifest or the new one
+        manifest = update_generation(db, manifest.generation, vectors=recorded)
     return manifest
 
 
@@ -173,11 +154,12 @@ def is_db(db: str | Path | Location) -> bool:
 
 
 def init_db(db: str | Path | Location, manifest: Manifest) -> Manifest:
-    """Create the db (empty shard tables, then the manifest), or check that an existing one matches.
+    """Create the db (generation 1: empty shard tables, then the manifest), or check that its live
+    generation matches.
 
     Raises:
         LocationError: an object store that cannot be reached (nothing is written then).
-        StoreError: an existing db with another model or shard count.
+        StoreError: an existing db whose live generation has another model or shard count.
     """
     loc = location(db)
     loc.check()
@@ -186,31 +168,38 @@ def init_db(db: str | Path | Location, manifest: Manifest) -> Manifest:
         if existing.shards != manifest.shards:
             raise StoreError(
                 f"{loc.uri!r} has {existing.shards} shards, but {manifest.shards} were asked for. "
-                f"Use --shards {existing.shards} or a new --db."
+                f"Use --shards {existing.shards}, or change it with `embedpipe reshard --db {loc.uri} "
+                f"--shards {manifest.shards}`."
             )
         if (existing.model, existing.dim) != (manifest.model, manifest.dim):
             raise StoreError(
                 f"{loc.uri!r} holds {existing.model!r} vectors (dim {existing.dim}); it cannot take "
-                f"{manifest.model!r} (dim {manifest.dim}). Use a new --db."
+                f"{manifest.model!r} (dim {manifest.dim}). Move it to the new model with `embedpipe "
+                f"reembed --db {loc.uri} --model {manifest.model}`, or use a new --db."
             )
         return existing
-    conn = loc.connect()
-    for i in range(manifest.shards):
-        conn.create_table(shard_name(i), schema=table_schema(manifest.dim), exist_ok=True)
-    loc.write_bytes(MANIFEST, manifest.to_json().encode())  # last: a db is one once its tables exist
+    manifest = dataclasses.replace(manifest, generation=1, path="", state=READY, created=time.time())
+    create_tables(loc, manifest)
+    write_catalog(loc, Catalog(live=1, generations={1: manifest}))  # last: a db is one once its tables exist
     return manifest
 
 
-def open_shards(db: str | Path | Location) -> dict[str, Any]:
-    """The shard tables of a db, by name, opened at their latest versions."""
-    loc = location(db)
-    manifest = read_manifest(loc)
-    conn = loc.connect()
+def create_tables(db: str | Path | Location, manifest: Manifest) -> None:
+    """The empty shard tables of a generation."""
+    conn = tables_of(db, manifest).connect()
+    for i in range(manifest.shards):
+        conn.create_table(shard_name(i), schema=table_schema(manifest.dim), exist_ok=True)
+
+
+def open_shards(db: str | Path | Location, generation: int | None = None) -> dict[str, Any]:
+    """The shard tables of a generation (default: the live one), by name, at their latest versions."""
+    manifest = read_manifest(db, generation)
+    conn = tables_of(db, manifest).connect()
     return {shard_name(i): conn.open_table(shard_name(i)) for i in range(manifest.shards)}
 
 
-def shard_rows(db: str | Path | Location) -> dict[str, int]:
-    return {name: table.count_rows() for name, table in open_shards(db).items()}
+def shard_rows(db: str | Path | Location, generation: int | None = None) -> dict[str, int]:
+    return {name: table.count_rows() for name, table in open_shards(db, generation).items()}
 
 
 def _sql_list(values: list[str]) -> str:
@@ -242,9 +231,14 @@ def has_source(db: str | Path | Location, source: str) -> bool:
 class Staging:
     """Per-run staging tables, one per shard, that pipeline tasks append to from any node."""
 
-    def __init__(self, db: str | Path | Location, run_id: str, manifest: Manifest):
+    def __init__(
+        self, db: str | Path | Location, run_id: str, manifest: Manifest, *, under: Location | None = None
+    ):
+        # ``under``: where to stage (default the db's root; a generation being built stages in its own
+        # folder, out of the way of ingest runs, which remove whatever other runs staged at the root).
         self.db, self.run_id, self.manifest = location(db), run_id, manifest
-        self.path = self.db.join(STAGING_DIR, run_id)
+        self.root = under or self.db
+        self.path = self.root.join(STAGING_DIR, run_id)
 
     def create(self) -> None:
         conn = self.path.connect()
@@ -309,7 +303,7 @@ class Staging:
             return 0
         columns = table_schema(self.manifest.dim).names
         reader = source.search().select(columns).limit(None).to_batches(batch_size=4096)
-        table = self.db.connect().open_table(name)
+        table = tables_of(self.db, self.manifest).connect().open_table(name)
         if replaced:
             # New chunks in and old ones (surplus chunks of a shrunk document too) out, at once.
             (
@@ -326,8 +320,27 @@ class Staging:
         logger.info("committed %d rows to %s (version %d)", rows, name, table.version)
         return rows
 
+    def commit_attempts(self, shard: int, attempts: list[str]) -> int:
+        """Add the rows staged by ``attempts`` to the shard in one commit: for a generation being built,
+        which no one searches yet and whose stale documents were deleted before.
+
+        Returns:
+            Rows committed.
+        """
+        if not attempts:
+            return 0
+        name = shard_name(shard)
+        staged = self.path.connect().open_table(name)
+        where = f"attempt IN ({_sql_list(attempts)})"
+        rows = staged.count_rows(where)
+        if rows:
+            columns = table_schema(self.manifest.dim).names
+            reader = staged.search().where(where).select(columns).limit(None).to_batches(batch_size=4096)
+            tables_of(self.db, self.manifest).connect().open_table(name).add(reader)
+        return rows
+
     def discard(self) -> None:
-        self.db.delete_tree(f"{STAGING_DIR}/{self.run_id}")
+        self.root.delete_tree(f"{STAGING_DIR}/{self.run_id}")
 
 
 # --- Ray Data stages that touch the store --------------------------------------------------------
