@@ -264,6 +264,15 @@ def evaluate(
     address: AddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     mode: ModeOpt = None,
+    generation: Annotated[
+        int | None,
+        typer.Option(
+            "--generation",
+            min=1,
+            help="Score this generation of --db (see `embedpipe generations`) instead of the live one; "
+            "nothing is ingested then.",
+        ),
+    ] = None,
 ) -> None:
     """Print nDCG@10, Recall@100, MRR@10 on BEIR_DIR for --db (ingested first if needed) or --endpoint."""
     from pipelines import evaluate as ev
@@ -271,6 +280,8 @@ def evaluate(
 
     if (db is None) == (endpoint is None):
         raise _fail("give exactly one of --db and --endpoint", EXIT_USAGE)
+    if generation is not None and db is None:
+        raise _fail("--generation scores a generation of --db", EXIT_USAGE)
     try:
         queries, qrels = ev.load_beir(beir_dir)
         cfg = load_config(config, shards=shards, **{"ray.address": address, "serve.default_mode": mode})
@@ -286,14 +297,19 @@ def evaluate(
 
             db = store.location(db, cfg.storage)
             db.check()
-            if not ev.corpus_ingested(db, beir_dir):
+            if generation is None and not ev.corpus_ingested(db, beir_dir):
                 result = pipeline.build(source=beir_dir / "corpus.jsonl", db=db, cfg=cfg)
                 console.print(
                     f"ingested {result['docs']['ingested']} docs into {result['chunks']['written']} chunks "
                     f"in {result['wall_s']:.0f} s",
                     highlight=False,
                 )
-            searcher = Searcher(db, index=cfg.index, dtype=cfg.serve.query_dtype)
+            searcher = Searcher(db, index=cfg.index, dtype=cfg.serve.query_dtype, generation=generation)
+            if generation is not None:
+                console.print(
+                    f"generation {generation}: {searcher.manifest.model}, {searcher.manifest.shards} shards",
+                    highlight=False,
+                )
             if searcher.manifest.vectors == "mixed":
                 console.print(
                     "note: this db mixes vectors of several numeric formats (embedding.allow_mixed_dtypes); "

@@ -290,6 +290,20 @@ class ServeSettings(_Strict):
     refresh_s: float = Field(
         1.0, ge=0, description="Shards look for new table versions this often (0: on every query)."
     )
+    generation_poll_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="The router reads the db's manifest this often to follow `embedpipe promote`: a newly "
+        "live generation is opened beside the old one, which answers until the new one is ready.",
+    )
+    other_generations: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="Generations other than the live one that a router keeps open for requests that "
+        "name one (the search page's generation picker); each holds its query model and shards.",
+    )
     memory_rows: int = Field(
         500_000,
         ge=0,

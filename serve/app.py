@@ -59,10 +59,9 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         raise ValueError("device 'cuda' for queries needs a reserved GPU: set serve.router_gpus (e.g. 1).")
 
     db = store.location(cfg.db, cfg.storage)  # replicas on other nodes open it the same way
-    manifest = store.read_manifest(db)
+    manifest = store.read_manifest(db)  # the live generation; the router follows later ones
     settings = cfg.settings
-    names = [store.shard_name(i) for i in range(manifest.shards)]
-    groups = shard_groups(settings.shard_groups, shards=len(names), nodes=_alive_nodes())
+    groups = shard_groups(settings.shard_groups, shards=manifest.shards, nodes=_alive_nodes())
     check_fit(settings, groups, _cluster_resources())
     handles = [
         ShardGroupSearcher.options(
@@ -72,7 +71,8 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
             health_check_period_s=settings.health_check_period_s,
         ).bind(
             db,
-            names[g::groups],
+            g,
+            groups,
             settings.refresh_s,
             cfg.index.model_dump(),
             settings.memory_rows,
@@ -87,13 +87,11 @@ def build_app(cfg: ServeConfig | dict[str, Any]) -> Application:
         health_check_period_s=settings.health_check_period_s,
     ).bind(
         handles,
-        model=manifest.model,
         settings=settings.model_dump(),
+        db=db,
         api_key=cfg.api_key if cfg.api_key is not None else api_key_from_env(),
         dtype=cfg.dtype if cfg.dtype != "auto" else settings.query_dtype,
-        db=db,
         index=cfg.index.model_dump(),
-        vectors=manifest.vectors,
     )
 
 

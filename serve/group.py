@@ -5,6 +5,7 @@ itself and no group deployment runs."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import numpy as np
@@ -20,30 +21,53 @@ from pipelines.search import Partial, ShardGroup
 class ShardGroupSearcher:
     """Searches its shards side by side and answers each query with its group's merged rows.
 
+    Group ``group`` of ``groups`` holds shards group, group + groups, ... of whichever db generation a
+    call names (the router passes the one it answers from): after ``embedpipe promote`` the group opens
+    the new generation's shards on its first call, and keeps the previous one open for calls still
+    naming it.
+
     Args:
-        db: the db directory.
-        shards: the shard tables of this group.
+        db: the db.
+        group: this group's number.
+        groups: how many groups the shards are dealt to.
         refresh_s: how often to look for newer table versions.
         index: index settings (ANN query parameters).
         memory_rows: the largest shard held in memory.
-        exact_rows: held rows scanned per query; more go through an in-memory IVF index.
         threads: search threads (default: 2 per shard).
+        exact_rows: held rows scanned per query; more go through an in-memory IVF index.
     """
+
+    KEEP = 3  # generations held open
 
     def __init__(
         self,
         db: str | store.Location,
-        shards: list[str],
+        group: int,
+        groups: int,
         refresh_s: float = 1.0,
         index: dict[str, Any] | None = None,
         memory_rows: int = 0,
         threads: int | None = None,
         exact_rows: int = 200_000,
     ):
-        self.group = ShardGroup(
-            db, shards, refresh_s=refresh_s, index=IndexSettings.model_validate(index or {}),
-            memory_rows=memory_rows, threads=threads, exact_rows=exact_rows,
-        )  # fmt: skip
+        self.db, self.group, self.groups = store.location(db), group, groups
+        self.options = {
+            "refresh_s": refresh_s, "index": IndexSettings.model_validate(index or {}),
+            "memory_rows": memory_rows, "threads": threads, "exact_rows": exact_rows,
+        }  # fmt: skip
+        self._held: dict[int, ShardGroup] = {}
+        self._lock = threading.Lock()
+        self._of(store.read_catalog(self.db).live)  # a db that cannot be read fails at start
+
+    def _of(self, generation: int) -> ShardGroup:
+        with self._lock:
+            if generation not in self._held:
+                manifest = store.read_manifest(self.db, generation)
+                names = [store.shard_name(i) for i in range(manifest.shards)][self.group :: self.groups]
+                self._held[generation] = ShardGroup(self.db, names, generation=generation, **self.options)
+                while len(self._held) > self.KEEP:
+                    self._held.pop(min(self._held)).close()
+            return self._held[generation]
 
     async def search(
         self,
@@ -52,21 +76,32 @@ class ShardGroupSearcher:
         wheres: list[str | None],
         texts: list[str | None],
         timeout_s: float | None = None,
+        generation: int | None = None,
     ) -> tuple[list[tuple[bytes, bytes | None] | Exception], tuple[int, ...]]:
         """Each query's rows (Arrow IPC bytes: Ray pickles an Arrow table in about a millisecond each
         way, its IPC bytes in microseconds) or its error, and the table versions searched."""
-        found = await asyncio.to_thread(self.group.search, vectors, ks, wheres, texts, timeout_s=timeout_s)
+        group = await self._group(generation)
+        found = await asyncio.to_thread(group.search, vectors, ks, wheres, texts, timeout_s=timeout_s)
         answers = [
             answer if isinstance(answer, Exception) else (encode(answer.vector), encode(answer.text))
             for answer in found.answers
         ]
         return answers, found.versions
 
-    async def versions(self) -> tuple[int, ...]:
-        return self.group.versions() if self.group.fresh else await asyncio.to_thread(self.group.versions)
+    async def versions(self, generation: int | None = None) -> tuple[int, ...]:
+        group = await self._group(generation)
+        return group.versions() if group.fresh else await asyncio.to_thread(group.versions)
 
-    async def stats(self) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.group.stats)
+    async def stats(self, generation: int | None = None) -> list[dict[str, Any]]:
+        group = await self._group(generation)
+        return await asyncio.to_thread(group.stats)
+
+    async def _group(self, generation: int | None) -> ShardGroup:
+        if generation is None:
+            generation = (await asyncio.to_thread(store.read_catalog, self.db)).live
+        if generation in self._held:
+            return self._held[generation]
+        return await asyncio.to_thread(self._of, generation)
 
 
 def encode(rows: pa.Table | None) -> bytes | None:

