@@ -373,6 +373,14 @@ def index_command(
 
 
 GenerationArg = Annotated[int, typer.Argument(help="A generation number (see `embedpipe generations`).")]
+CommitEveryOpt = Annotated[
+    float,
+    typer.Option(
+        "--commit-every-s",
+        min=0.0,
+        help="Commit what was built this often: what a crash keeps (resume builds the rest).",
+    ),
+]
 
 
 class RebuildProgress:
@@ -422,6 +430,7 @@ def reshard_command(
     shards: Annotated[int, typer.Option("--shards", help="The new shard count (1 or more).")],
     config: ConfigOpt = None,
     address: AddressOpt = None,
+    commit_every_s: CommitEveryOpt = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
 ) -> None:
     """Build a new generation of the db with --shards shard tables from its stored chunks and vectors
@@ -430,7 +439,9 @@ def reshard_command(
 
     try:
         cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
-        result = rebuild.reshard(db=db, shards=shards, cfg=cfg, progress=RebuildProgress("reshard"))
+        result = rebuild.reshard(
+            db=db, shards=shards, cfg=cfg, commit_every_s=commit_every_s, progress=RebuildProgress("reshard")
+        )
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
@@ -449,6 +460,7 @@ def reembed_command(
     ] = None,
     config: ConfigOpt = None,
     address: AddressOpt = None,
+    commit_every_s: CommitEveryOpt = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
 ) -> None:
     """Build a new generation of the db embedded with --model from its stored chunk texts (no source
@@ -458,8 +470,9 @@ def reembed_command(
     try:
         cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
         result = rebuild.reembed(
-            db=db, model=model, shards=shards, cfg=cfg, progress=RebuildProgress("reembed")
-        )
+            db=db, model=model, shards=shards, cfg=cfg, commit_every_s=commit_every_s,
+            progress=RebuildProgress("reembed"),
+        )  # fmt: skip
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)

@@ -634,10 +634,18 @@ def _finish(
 
 
 def _open_db(db: store.Location, cfg: Config) -> store.Manifest:
-    """The db's manifest; a new db is created for the configured model and shard count."""
+    """The live generation's manifest; a new db is created for the configured model and shard count.
+
+    An existing db keeps its shard count (``embedpipe reshard`` changes it) unless ``shards`` was set
+    explicitly (the config file or --shards), which must then match; its model must match the
+    configured one (``embedpipe reembed`` moves a db to another model).
+    """
     model = cfg.embedding.model
+    shards = cfg.shards
+    if "shards" not in cfg.model_fields_set and store.is_db(db):
+        shards = store.read_manifest(db).shards
     return store.init_db(
-        db, store.Manifest(shards=cfg.shards, model=models.model_id(model), dim=embedding_dim(model))
+        db, store.Manifest(shards=shards, model=models.model_id(model), dim=embedding_dim(model))
     )
 
 

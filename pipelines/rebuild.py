@@ -37,7 +37,6 @@ from pipelines.sources import DOC_SCHEMA
 
 logger = logging.getLogger(__name__)
 
-DOCS_PER_BLOCK = 256  # documents per block of work: a block's chunks are loaded, embedded and staged together
 _LOADED = [f for f in store.table_schema(1).names if f not in ("vector", "model", "run_id")]
 
 
@@ -98,8 +97,11 @@ def reembed(
     loc = store.location(db, cfg.storage)
     loc.check()
     live = store.read_manifest(loc)
-    if Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())  # the manifest must name it for other processes
+    path = Path(model).expanduser()
+    if path.exists():
+        model = str(path.resolve())  # the manifest must name it for other processes
+    elif model.startswith(("/", "./", "../", "~")):
+        raise RebuildError(f"cannot load the model {model!r}: no such folder. Nothing was changed.")
     name = models.model_id(model)
     if name == live.model:
         raise RebuildError(f"generation {live.generation} of {loc.uri!r} is embedded with {name!r} already.")
@@ -349,7 +351,9 @@ class _Builder:
         tables = store.tables_of(self.loc, self.target)
         staging = store.Staging(self.loc, f"{self.run_id}-{self.passes}", self.target, under=tables)
         staging.create()
-        blocks = [work.slice(i, DOCS_PER_BLOCK) for i in range(0, work.num_rows, DOCS_PER_BLOCK)]
+        # A block of documents (chunking.docs_per_batch) is loaded, embedded and staged together.
+        size = cfg.chunking.docs_per_batch
+        blocks = [work.slice(i, size) for i in range(0, work.num_rows, size)]
         # Every stage takes whole blocks (batch_size=None), so each staged write holds whole documents
         # and a commit of some writes never holds part of one.
         ds = ray.data.from_arrow(blocks).map_batches(

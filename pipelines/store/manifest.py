@@ -188,7 +188,7 @@ def drop(db: str | Path | Location, generation: int) -> Manifest:
         loc.delete_tree(manifest.path)
     else:  # generation 1: its tables sit at the root, beside the run reports and the error table
         conn = loc.connect()
-        names = set(conn.table_names())
+        names = set(conn.list_tables().tables)
         for i in range(manifest.shards):
             name = f"shard_{i:03d}"
             if name in names:
