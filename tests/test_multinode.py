@@ -85,6 +85,25 @@ SCRIPT = textwrap.dedent(
             pairs = [(h["chunk_id"], round(h["score"], 5)) for h in r.json()["results"]]
             pairs1 = [(h["chunk_id"], round(h["score"], 5)) for h in r1.json()["results"]]
             same.append(pairs == pairs1)
+    # A reshard to 3 shards, promoted while both layouts serve: each follows it (groups open the new
+    # generation's shards, one group idle: 3 shards, 2 groups) and answers as before (same vectors).
+    from pipelines import rebuild
+
+    rebuild.reshard(db=db, shards=3, cfg=cfg)
+    rebuild.promote(db=db, generation=2, cfg=cfg)
+    def both(body):
+        return [requests.post(f"http://127.0.0.1:{port}{p}/search", json=body, timeout=120).json()
+                for p in ("", "/one")]
+
+    deadline, generations = time.time() + 90, []
+    while time.time() < deadline and generations != [2, 2]:
+        generations = [a["generation"] for a in both({"query": "cancer", "k": 5})]
+        time.sleep(0.3)
+    after = []
+    for doc in [json.loads(line) for line in open(corpus)][:4]:
+        answers = both({"query": doc["title"], "k": 5, "mode": "vector"})
+        hits = [[h["doc_id"] for h in a["results"]] for a in answers]
+        after.append([[a["generation"] for a in answers], hits])
     replicas = [a for a in list_actors(detail=True, limit=1000)
                 if (a.class_name or "").startswith("ServeReplica:embedpipe:")]
     print("RESULT " + json.dumps({
@@ -98,6 +117,7 @@ SCRIPT = textwrap.dedent(
         "replicas": {a.class_name.split(":")[-1]: names.get(a.node_id) for a in replicas},
         "searches": found,
         "same_as_one_group": same,
+        "after_promote": after,
     }))
     serve.shutdown()
     ray.shutdown()
@@ -134,6 +154,13 @@ def test_four_node_cluster(tmp_path, scifact):
     for status, doc_id, hits in result["searches"]:
         assert status == 200 and hits[0] == doc_id
     assert len(result["same_as_one_group"]) == 16 and all(result["same_as_one_group"])
+
+    # After a reshard to 3 shards is promoted, both layouts answer from generation 2, alike, and as before.
+    assert len(result["after_promote"]) == 4
+    for (generations, (grouped, one)), (_, _, hits) in zip(
+        result["after_promote"], result["searches"], strict=False
+    ):
+        assert generations == [2, 2] and grouped == one == hits
 
 
 def _shard(doc_id: str) -> int:
