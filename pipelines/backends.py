@@ -10,8 +10,10 @@ in one pass, so the caller controls padding and memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -582,9 +584,18 @@ def export_openvino(
                     "attention_mask": enc["attention_mask"].astype(np.int64),
                 }
             )
-        converted = nncf.quantize(
-            converted, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches)
-        )
+        # NNCF draws its progress bars with rich on standard output, where they would mix with a
+        # command's own output (--json); the quantization is announced already, so they go to the log.
+        with contextlib.redirect_stdout(io.StringIO()) as bars:
+            converted = nncf.quantize(
+                converted,
+                nncf.Dataset(batches),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(batches),
+            )
+        for line in bars.getvalue().splitlines():
+            if line.strip():
+                logger.info("nncf: %s", line.strip())
         meta["calibration_texts"] = len(texts)
     meta.update(quantize_s=round(time.time() - started, 1), created_at=time.time())
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")

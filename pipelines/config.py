@@ -298,7 +298,7 @@ class ServeSettings(_Strict):
         "live generation is opened beside the old one, which answers until the new one is ready.",
     )
     other_generations: int = Field(
-        2,
+        1,
         ge=0,
         le=16,
         description="Generations other than the live one that a router keeps open for requests that "

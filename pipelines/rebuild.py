@@ -142,13 +142,19 @@ def promote(*, db: str, generation: int, cfg: Config) -> dict[str, Any]:
         caught_up = None
         work, stale = plan_sync(loc, live, target)
         if work.num_rows or stale.num_rows:
-            run_cfg = _cfg_for(cfg, target)
-            with store.writer_lock(store.tables_of(loc, target), run_id=run_id, **lease) as build_lock:
-                with ingest.ray_session(cfg.ray):
-                    builder = _Builder(loc, run_cfg, live=live, target=target, run_id=run_id)
-                    caught_up = builder.sync(locks=(lock, build_lock))
-                    builder.finish()
-                check_generation(loc, live, target)
+            tables = store.tables_of(loc, target)
+            with contextlib.ExitStack() as stack:
+                locks = [lock]
+                if tables != loc:  # a generation of its own folder: no build of it may run meanwhile
+                    locks.append(stack.enter_context(store.writer_lock(tables, run_id=run_id, **lease)))
+                stack.enter_context(ingest.ray_session(cfg.ray))
+                builder = _Builder(loc, cfg, live=live, target=target, run_id=run_id)
+                caught_up = builder.sync(locks=tuple(locks))
+                builder.finish()
+            check_generation(loc, live, target)
+            if builder.embedding is not None:
+                lock.check()
+                store.record_vectors(loc, builder.embedding.dtype, generation)
         lock.check()
         store.promote(loc, generation)
     logger.info("generation %d is live (was %d)", generation, live.generation)
@@ -312,12 +318,23 @@ class _Builder:
         commit_every_s: float = 30.0,
         progress: Callable[[dict[str, Any]], None] | None = None,
     ):
-        self.loc, self.cfg, self.live, self.target, self.run_id = loc, cfg, live, target, run_id
+        # The model that embeds is the target's, at the precision of the vectors it holds.
+        self.loc, self.cfg, self.live, self.target, self.run_id = (
+            loc,
+            _cfg_for(cfg, target),
+            live,
+            target,
+            run_id,
+        )
         self.commit_every_s, self.progress = commit_every_s, progress
-        self.copy = (target.model, target.dim) == (live.model, live.dim)  # vectors copied, no model
         self.embedding: ingest.EmbeddingSetup | None = None
         self.totals = ingest.EmbedTotals(time.time())
         self.passes = 0
+
+    @property
+    def copy(self) -> bool:
+        """Whether the live generation's vectors serve the target as they are (same model): copied."""
+        return (self.target.model, self.target.dim) == (self.live.model, self.live.dim)
 
     def sync(self, *, locks: tuple[store.WriterLock, ...]) -> dict[str, Any]:
         """One pass: delete the target's documents that the live generation no longer holds as they

@@ -352,6 +352,11 @@ class Router:
         """The live generation, or the one a request names (opened on first use)."""
         if generation is None or generation == self.live.generation:
             return self.live
+        if self.settings.other_generations == 0:
+            raise store.StoreError(
+                f"this service answers from the live generation ({self.live.generation}) only "
+                "(serve.other_generations: 0)"
+            )
         if generation in self._others:
             view = self._others.pop(generation)
             self._others[generation] = view  # most recent last

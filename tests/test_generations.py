@@ -108,6 +108,19 @@ def test_reshard_copies_every_chunk_once_without_the_model(small_db):
     with pytest.raises(store.StoreError, match="reshard"):
         ingest.build(source=corpus, db=db, cfg=_cfg(shards=4))  # set explicitly: it must match
 
+    # Back to generation 1 after an edit went into generation 2: promote copies it over first.
+    _, _, docs = small_db
+    edited = [dict(d) for d in docs]
+    edited[3]["text"] = "Sea urchins regrow spines within weeks."
+    ingest.build(source=_write(corpus, edited), db=db, cfg=_cfg())
+    back = rebuild.promote(db=str(db), generation=1, cfg=_cfg())
+    assert (back["live"], back["caught_up"]["docs"], back["caught_up"]["stale_docs"]) == (1, 1, 1)
+    one, two = _rows(db, 1), _rows(db, 2)
+    assert one[f"{edited[3]['_id']}#0"]["text"] == edited[3]["text"]
+    assert one[f"{edited[3]['_id']}#0"]["vector"] == two[f"{edited[3]['_id']}#0"]["vector"]
+    assert set(one) == set(two)
+    assert rebuild.promote(db=str(db), generation=2, cfg=_cfg())["caught_up"] is None  # nothing to catch up
+
     dropped = rebuild.drop(db=str(db), generation=1, cfg=_cfg())
     assert dropped.shards == 4
     assert [g["generation"] for g in rebuild.generations(str(db), _cfg())] == [2]
