@@ -4,7 +4,8 @@ the cache hit rate from the service's own /metrics.
 python benchmarks/load.py ../shared/datasets/scifact --url http://127.0.0.1:8000 --seconds 30
 
 Needs ``wrk`` (Debian: apt-get install wrk). Requests cycle through the collection's queries; set
-EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY if the service wants one.
+EMBEDPIPE_API_KEY_FILE or EMBEDPIPE_API_KEY if the service wants one. Each row also counts the answers by
+the db generation that gave them (``generations``: a promote during the run shows as two).
 
 ``--distinct``: no query is sent twice in the whole run (warm-ups included), as in a real query stream:
 the collection's queries, its corpus titles and each document's first sentence, deduplicated and

@@ -233,8 +233,16 @@ def _rebuild(
                 progress=progress,
             )
             passes = [builder.sync(locks=(build_lock,))]
+            indexes = None
+            # Indexed as the live one is (or as index.after_ingest asks), before it is ready: no
+            # generation goes live without the full-text index that hybrid queries need.
+            if cfg.index.after_ingest or _searched_by_index(loc, live):
+                from pipelines import index
+
+                build_lock.check()
+                indexes = index.build(loc, settings=cfg.index, generation=gen.generation)
             # Documents ingested meanwhile: caught up with the db locked, so none comes between this
-            # pass and the check.
+            # pass and the check (rows added after the indexes are searched unindexed until the next).
             with store.writer_lock(loc, run_id=run_id, **lease) as lock:
                 live = store.read_manifest(loc)
                 builder.live = live
@@ -244,12 +252,6 @@ def _rebuild(
                 lock.check()
                 vectors = builder.embedding.dtype if builder.embedding is not None else live.vectors
                 gen = store.update_generation(loc, gen.generation, state=store.READY, vectors=vectors)
-            indexes = None
-            if cfg.index.after_ingest:
-                from pipelines import index
-
-                build_lock.check()
-                indexes = index.build(loc, settings=cfg.index, generation=gen.generation)
     result = {
         "run_id": run_id,
         "kind": kind,
@@ -271,6 +273,12 @@ def _rebuild(
     }
     tables.write_bytes("build.json", report.dumps(result).encode())
     return result
+
+
+def _searched_by_index(loc: store.Location, manifest: store.Manifest) -> bool:
+    """Whether a generation has search indexes (vector or full text; the doc_id B-tree aside)."""
+    tables = store.open_shards(loc, manifest.generation).values()
+    return any(index.columns != ["doc_id"] for table in tables for index in table.list_indices())
 
 
 def _start_or_resume(

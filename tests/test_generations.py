@@ -20,7 +20,7 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
-from pipelines import ingest, rebuild, store
+from pipelines import index, ingest, rebuild, store
 from pipelines.cli import app
 from pipelines.config import ServeSettings, load_config
 from pipelines.search import Searcher
@@ -73,8 +73,10 @@ def test_a_db_made_before_generations_reads_as_generation_1(tmp_path):
 
 def test_reshard_copies_every_chunk_once_without_the_model(small_db):
     db, corpus, _ = small_db
+    index.build(db, settings=_cfg().index)  # BM25 on generation 1: the new one must get it too
     before = _rows(db, 1)
     report = rebuild.reshard(db=str(db), shards=7, cfg=_cfg())
+    assert report["indexes"] and all(s["fts"] for s in report["indexes"])
     assert report["generation"] == 2 and report["embeddings"]["computed"] == 0 and report["backend"] is None
     assert report["check"]["chunks"] == len(before) and report["check"]["duplicates"] == 0
     after = _rows(db, 2)
@@ -99,6 +101,7 @@ def test_reshard_copies_every_chunk_once_without_the_model(small_db):
         hits = new.search(query, k=10)
         assert hits["chunk_id"].to_pylist() == expected[query]["chunk_id"].to_pylist()
         assert np.allclose(hits["score"].to_numpy(), expected[query]["score"].to_numpy(), atol=1e-6)
+    assert new.search("vitamin D", k=5, mode="hybrid").num_rows == 5
 
     # Ingest follows the live generation's shard count when the config does not set one.
     again = ingest.build(source=corpus, db=db, cfg=_cfg())
