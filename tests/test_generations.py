@@ -50,7 +50,7 @@ def _rows(db, generation: int) -> dict[str, dict]:
 
 @pytest.fixture
 def small_db(ray_local, tmp_path, scifact):
-    docs = scifact_docs(48)
+    docs = scifact_docs(32)
     corpus = _write(tmp_path / "corpus.jsonl", docs)
     db = tmp_path / "db"
     ingest.build(source=corpus, db=db, cfg=_cfg(shards=4))
@@ -157,15 +157,47 @@ def test_bad_generation_commands_are_one_clear_error_and_change_nothing(small_db
         assert sorted(p.name for p in db.rglob("*.lance")) == tables, args
     with pytest.raises(store.StoreError, match="still building"):
         Searcher(db, generation=building.generation)
+    # A dropped generation's number is not given again (a server may still hold it open).
+    rebuild.drop(db=str(db), generation=building.generation, cfg=_cfg())
+    assert not (db / building.path).exists()
+    again = store.new_generation(db, shards=2, model="m", dim=4, made_by="reshard of 1")
+    assert again.generation == building.generation + 1
 
 
-def test_reembed_rechunks_for_the_new_model_and_promote_catches_up_with_ingests(small_db, tmp_path):
+@pytest.mark.slow
+def test_reembed_rechunks_catches_up_an_ingest_made_meanwhile_and_promote_one_made_after(small_db, tmp_path):
+    """The first ingest runs (its own process and Ray) while the reembed's first pass is under way:
+    the build holds only its generation's lock then, so the ingest goes ahead, and the build's last
+    pass, under the db's lock, brings the generation in line before it is ready. An ingest after the
+    build is caught up by promote."""
     db, corpus, docs = small_db
     model = variant_model(tmp_path / "minilm-max-128")  # max pooling, 128 tokens: chunks of 256 must split
-    report = rebuild.reembed(db=str(db), model=model, cfg=_cfg())
+    during = [dict(d) for d in docs[1:]]  # docs[0] goes
+    during[0]["text"] = "Planarians regrow a whole body from a small fragment."
+    during.append({"_id": "late-doc", "title": "Hydra regeneration", "text": "Hydra regenerate their heads."})
+    config = tmp_path / "config.yaml"
+    config.write_text("embedding:\n  dtype: fp32\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ingests = []
+
+    def ingest_once(counts: dict) -> None:
+        if not ingests:
+            command = [str(Path(sys.executable).parent / "embedpipe"), "ingest", str(_write(corpus, during)),
+                       "--db", str(db), "--prune", "--config", str(config)]  # fmt: skip
+            ingests.append(subprocess.run(command, env=env, capture_output=True, text=True, timeout=600))
+
+    report = rebuild.reembed(db=str(db), model=model, cfg=_cfg(), progress=ingest_once)
+    assert ingests and ingests[0].returncode == 0, ingests[0].stderr[-3000:]
+    assert report["passes"][0]["docs"] == len(docs)  # planned before the ingest
+    assert report["passes"][1]["docs"] >= 1  # at least the new document came in the last pass
     live, built = _rows(db, 1), _rows(db, 2)
+    assert store.read_manifest(db, 2).state == store.READY and store.read_manifest(db).generation == 1
+    doc_ids = {r["doc_id"] for r in built.values()}
+    assert "late-doc" in doc_ids and docs[0]["_id"] not in doc_ids
+    assert built[f"{during[0]['_id']}#0"]["text"] == during[0]["text"]
     assert report["model"] == model and report["dim"] == 384
-    assert report["embeddings"]["computed"] == len(built) > len(live)
+    assert report["embeddings"]["computed"] >= len(built) > len(live)
     assert max(r["n_tokens"] for r in built.values()) <= 128 < max(r["n_tokens"] for r in live.values())
     assert {r["model"] for r in built.values()} == {model}
     # A document whose chunks all fit the new model keeps them; the others were chunked anew.
@@ -180,17 +212,17 @@ def test_reembed_rechunks_for_the_new_model_and_promote_catches_up_with_ingests(
     assert all(sorted(ix) == list(range(len(ix))) for ix in by_doc.values())
 
     # Ingests into the live generation after the build: an edit, a new document, a removed one.
-    edited = [dict(d) for d in docs[1:]]
-    edited[0]["text"] = "Zebrafish regrow their fins after amputation through blastema formation."
-    edited.append({"_id": "new-doc", "title": "Axolotl limb regeneration", "text": "Axolotls regrow limbs."})
-    ingest.build(source=_write(corpus, edited), db=db, cfg=_cfg(), prune=True)
+    after = [dict(d) for d in during[1:]]  # during[0] goes
+    after[0]["text"] = "Zebrafish regrow their fins after amputation through blastema formation."
+    after.append({"_id": "new-doc", "title": "Axolotl limb regeneration", "text": "Axolotls regrow limbs."})
+    ingest.build(source=_write(corpus, after), db=db, cfg=_cfg(), prune=True)
     result = rebuild.promote(db=str(db), generation=2, cfg=_cfg())
     assert result["caught_up"]["docs"] == 2  # the edited and the new document
     assert result["caught_up"]["stale_docs"] == 2  # the edited one's old version, and the removed one
     built = _rows(db, 2)
     doc_ids = {r["doc_id"] for r in built.values()}
-    assert docs[0]["_id"] not in doc_ids and "new-doc" in doc_ids
-    assert built[f"{edited[0]['_id']}#0"]["text"].startswith("Zebrafish regrow")
+    assert during[0]["_id"] not in doc_ids and "new-doc" in doc_ids and "late-doc" in doc_ids
+    assert built[f"{after[0]['_id']}#0"]["text"].startswith("Zebrafish regrow")
     searcher = Searcher(db, device="cpu", dtype="fp32")
     assert searcher.manifest.model == model
     assert searcher.search("axolotl limbs", k=1)["doc_id"][0].as_py() == "new-doc"
@@ -198,7 +230,7 @@ def test_reembed_rechunks_for_the_new_model_and_promote_catches_up_with_ingests(
 
 @pytest.mark.slow
 def test_sigkilled_reembed_resumes_and_equals_an_undisturbed_build(ray_local, tmp_path, scifact):
-    docs = scifact_docs(96)
+    docs = scifact_docs(64)
     corpus = _write(tmp_path / "corpus.jsonl", docs)
     db, reference = tmp_path / "db", tmp_path / "reference"
     ingest.build(source=corpus, db=db, cfg=_cfg(shards=3))

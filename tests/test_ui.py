@@ -288,3 +288,30 @@ def test_with_an_api_key_the_page_asks_for_it(browser, keyed):
     browser.get(f"{url}/runs")
     _wait(browser, lambda d: _visible_text(d, "#error"))
     assert "401" in _visible_text(browser, "#error") and not browser.find_elements(*_by("#runs"))
+
+
+def test_the_search_page_can_search_another_generation(browser, site):
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    from pipelines import rebuild, store
+
+    db, url = site["db"], site["url"]
+    if (
+        len(store.read_catalog(db).generations) == 1
+    ):  # a generation that is not live: the others see no change
+        rebuild.reshard(db=str(db), shards=3, cfg=load_config(None, **{"ray.progress_bars": False}))
+    doc = site["docs"][5]
+    body = {"query": doc["title"], "k": 10, "generation": 2}
+    expected = requests.post(f"{url}/search", json=body, timeout=60).json()
+    assert expected["generation"] == 2 and expected["results"][0]["doc_id"] == doc["_id"]
+    browser.get(f"{url}/")
+    _wait(browser, lambda d: len(d.find_elements(*_by("#generation option"))) == 3)  # live, 1 and 2
+    assert browser.find_elements(*_by('label[for="generation"]'))
+    Select(browser.find_element(*_by("#generation"))).select_by_value("2")
+    browser.find_element(*_by("#q")).send_keys(doc["title"] + Keys.ENTER)
+    _wait(browser, lambda d: "from generation 2" in d.find_element(*_by("#status")).text)
+    titles = [e.text for e in browser.find_elements(*_by("li.hit .hit-title"))]
+    assert titles == [h["title"] for h in expected["results"]]
+    assert "generation=2" in browser.current_url
+    assert _script_errors(browser) == []

@@ -70,6 +70,13 @@ class Catalog:
 
     live: int
     generations: dict[int, Manifest] = field(default_factory=dict)
+    # The highest number ever given: a dropped generation's number is never given again, so that a
+    # process still holding the old one open cannot take a new one for it.
+    last: int = 0
+
+    @property
+    def next_number(self) -> int:
+        return max(self.last, *self.generations) + 1
 
     def get(self, generation: int, *, uri: str = "") -> Manifest:
         if generation not in self.generations:
@@ -86,6 +93,7 @@ class Catalog:
             {
                 "layout": _LAYOUT_VERSION,
                 "live": self.live,
+                "last": max(self.last, *self.generations),
                 "generations": [self.generations[g].to_dict() for g in sorted(self.generations)],
             },
             indent=2,
@@ -108,7 +116,7 @@ def read_catalog(db: str | Path | Location) -> Catalog:
     if int(data.get("layout", 1)) == 1:
         return Catalog(live=1, generations={1: Manifest.from_dict(data)})
     generations = {int(g["generation"]): Manifest.from_dict(g) for g in data["generations"]}
-    return Catalog(live=int(data["live"]), generations=generations)
+    return Catalog(live=int(data["live"]), generations=generations, last=int(data.get("last", 0)))
 
 
 def write_catalog(db: str | Path | Location, catalog: Catalog) -> None:
@@ -133,7 +141,7 @@ def new_generation(db: str | Path | Location, *, shards: int, model: str, dim: i
     """Add a generation in state ``building`` to the manifest (its tables are the caller's to make)."""
     loc = location(db)
     catalog = read_catalog(loc)
-    number = max(catalog.generations) + 1
+    number = catalog.next_number
     manifest = Manifest(
         shards=shards, model=model, dim=dim, generation=number, path=f"{GENERATIONS_DIR}/{number}",
         state=BUILDING, created=time.time(), made_by=made_by,
@@ -183,7 +191,7 @@ def drop(db: str | Path | Location, generation: int) -> Manifest:
             f"generation {generation} is live in {loc.uri!r}; promote another one first. Nothing was changed."
         )
     rest = {g: m for g, m in catalog.generations.items() if g != generation}
-    write_catalog(loc, dataclasses.replace(catalog, generations=rest))
+    write_catalog(loc, dataclasses.replace(catalog, generations=rest, last=catalog.next_number - 1))
     if manifest.path:
         loc.delete_tree(manifest.path)
     else:  # generation 1: its tables sit at the root, beside the run reports and the error table
