@@ -374,7 +374,8 @@ class _Builder:
     def _build(self, work: pa.Table, locks: tuple[store.WriterLock, ...]) -> dict[str, Any]:
         cfg = self.cfg
         tables = store.tables_of(self.loc, self.target)
-        staging = store.Staging(self.loc, f"{self.run_id}-{self.passes}", self.target, under=tables)
+        # One pass at a time: each stages in the run's folder, removed when the pass ends.
+        staging = store.Staging(self.loc, self.run_id, self.target, under=tables)
         staging.create()
         # A block of documents (chunking.docs_per_batch) is loaded, embedded and staged together.
         size = cfg.chunking.docs_per_batch
