@@ -423,6 +423,18 @@ def _rebuilt(result: dict) -> None:
     )
 
 
+def _build_generation(
+    ctx: typer.Context, config: Path | None, address: str | None, as_json: bool, build
+) -> None:
+    """Load the config, run ``build(cfg)`` (reshard or reembed) and print its report or its error."""
+    try:
+        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
+        result = build(cfg)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
+
+
 @app.command("reshard")
 def reshard_command(
     ctx: typer.Context,
@@ -437,14 +449,12 @@ def reshard_command(
     (no source read, no model run). It is not live until `embedpipe promote`."""
     from pipelines import rebuild
 
-    try:
-        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
-        result = rebuild.reshard(
+    def build(cfg):
+        return rebuild.reshard(
             db=db, shards=shards, cfg=cfg, commit_every_s=commit_every_s, progress=RebuildProgress("reshard")
         )
-    except _user_errors() as exc:
-        raise _fail(str(exc)) from exc
-    typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
+
+    _build_generation(ctx, config, address, as_json, build)
 
 
 @app.command("reembed")
@@ -467,15 +477,13 @@ def reembed_command(
     read). Run it again after a crash to resume. It is not live until `embedpipe promote`."""
     from pipelines import rebuild
 
-    try:
-        cfg = load_config(config, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
-        result = rebuild.reembed(
+    def build(cfg):
+        return rebuild.reembed(
             db=db, model=model, shards=shards, cfg=cfg, commit_every_s=commit_every_s,
             progress=RebuildProgress("reembed"),
         )  # fmt: skip
-    except _user_errors() as exc:
-        raise _fail(str(exc)) from exc
-    typer.echo(json.dumps(result, default=str)) if as_json else _rebuilt(result)
+
+    _build_generation(ctx, config, address, as_json, build)
 
 
 @app.command("promote")
