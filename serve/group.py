@@ -55,7 +55,8 @@ class ShardGroupSearcher:
             "refresh_s": refresh_s, "index": IndexSettings.model_validate(index or {}),
             "memory_rows": memory_rows, "threads": threads, "exact_rows": exact_rows,
         }  # fmt: skip
-        self._held: dict[int, ShardGroup] = {}
+        self._held: dict[int, ShardGroup] = {}  # by generation, the one used last at the end
+        self._recent: int | None = None
         self._lock = threading.Lock()
         self._of(store.read_catalog(self.db).live)  # a db that cannot be read fails at start
 
@@ -65,8 +66,11 @@ class ShardGroupSearcher:
                 manifest = store.read_manifest(self.db, generation)
                 names = [store.shard_name(i) for i in range(manifest.shards)][self.group :: self.groups]
                 self._held[generation] = ShardGroup(self.db, names, generation=generation, **self.options)
+                # Closed: the one used longest ago (after a rollback that is not the oldest).
                 while len(self._held) > self.KEEP:
-                    self._held.pop(min(self._held)).close()
+                    self._held.pop(next(iter(self._held))).close()
+            self._held[generation] = self._held.pop(generation)  # most recently used last
+            self._recent = generation
             return self._held[generation]
 
     async def search(
@@ -99,8 +103,9 @@ class ShardGroupSearcher:
     async def _group(self, generation: int | None) -> ShardGroup:
         if generation is None:
             generation = (await asyncio.to_thread(store.read_catalog, self.db)).live
-        if generation in self._held:
-            return self._held[generation]
+        held = self._held.get(generation)
+        if held is not None and generation == self._recent:
+            return held  # the usual case: the generation of the last call
         return await asyncio.to_thread(self._of, generation)
 
 

@@ -182,16 +182,17 @@ SHARE_NOTHING = textwrap.dedent(
     import json, os, secrets, signal, socket, subprocess, sys, time
     from pathlib import Path
 
+    # Token authentication as cluster.yaml sets it up, with a token every process gets from the
+    # environment: a node's own HOME holds no ~/.ray/auth_token. Set before Ray is imported, which
+    # reads the mode then (run alone, no suite's Ray has left RAY_AUTH_MODE=token in the environment).
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+
     import ray
     import requests
     from ray.cluster_utils import Cluster
 
     endpoint, bucket, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     source, db_uri = f"s3://{bucket}/sources/corpus.jsonl", f"s3://{bucket}/db"
-    # Token authentication as cluster.yaml sets it up, with a token every process gets from the
-    # environment: a node's own HOME holds no ~/.ray/auth_token (and the suite's Ray left
-    # RAY_AUTH_MODE=token in the environment this script inherits).
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
     def own_dirs(name):  # a node's HOME and temp dir, which no other node sees
         home = root / name

@@ -475,3 +475,23 @@ def test_a_run_that_will_not_wait_for_the_lock_says_who_holds_it(tmp_path):
     assert result.exit_code == 1 and result.output.count("error:") == 1, result.output
     assert "is being written by run holder-run" in message and "Traceback" not in result.output
     assert not (db.path / "embedpipe.json").exists()
+
+
+def test_generations_in_a_bucket_reshard_promote_and_drop(ray_local, s3, tmp_path, scifact):
+    from pipelines import rebuild
+
+    docs = scifact_docs(20)
+    cfg = _config(s3, **{"ray.progress_bars": False})
+    ingest.build(source=_write_corpus(tmp_path, docs), db=s3.uri("db"), cfg=cfg)
+    db = store.location(s3.uri("db"), cfg.storage)
+    before = _rows(db)
+    report = rebuild.reshard(db=s3.uri("db"), shards=2, cfg=cfg)
+    assert report["embeddings"]["computed"] == 0 and report["check"]["chunks"] == len(before)
+    assert db.exists("_gen/2/build.json")
+    rebuild.promote(db=s3.uri("db"), generation=2, cfg=cfg)
+    assert store.read_manifest(db).shards == 2 and _rows(db) == before
+    rebuild.drop(db=s3.uri("db"), generation=1, cfg=cfg)
+    assert [g["generation"] for g in rebuild.generations(s3.uri("db"), cfg)] == [2]
+    assert not [o for o in db.list() if o["path"].startswith("shard_")]  # generation 1's tables are gone
+    hits = Searcher(db, device="cpu", dtype="fp32").search(docs[0]["title"], k=1)
+    assert hits["doc_id"][0].as_py() == docs[0]["_id"]
