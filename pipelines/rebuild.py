@@ -126,12 +126,8 @@ def promote(*, db: str, generation: int, cfg: Config) -> dict[str, Any]:
     loc = store.location(db, cfg.storage)
     loc.check()
     catalog = store.read_catalog(loc)
-    target = catalog.get(generation, uri=loc.uri)  # a missing generation fails before any lock
-    if target.state != store.READY:
-        raise RebuildError(
-            f"generation {generation} of {loc.uri!r} is still {target.state}: run the "
-            f"{target.made_by.split()[0]} command that started it again to finish it. Nothing was changed."
-        )
+    # A missing or unfinished generation fails before any lock.
+    catalog.get(generation, uri=loc.uri).require_ready(repr(loc.uri))
     if generation == catalog.live:
         return {"live": generation, "previous": generation, "caught_up": None}
     run_id = ingest.new_run_id()

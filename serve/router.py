@@ -364,8 +364,7 @@ class Router:
         if generation not in self._opening or self._opening[generation].done():
             catalog = await asyncio.to_thread(store.read_catalog, self.db)
             manifest = catalog.get(generation)  # StoreError: no such generation
-            if manifest.state != store.READY:
-                raise store.StoreError(f"generation {generation} is still {manifest.state}")
+            manifest.require_ready()  # or an unfinished one
             self._opening[generation] = asyncio.ensure_future(asyncio.to_thread(self._open_view, manifest))
         view = await self._opening[generation]
         if generation == self.live.generation:

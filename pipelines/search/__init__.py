@@ -63,11 +63,7 @@ class Searcher:
     ):
         db = store.location(db)
         self.manifest = store.read_manifest(db, generation)
-        if self.manifest.state != store.READY:
-            raise store.StoreError(
-                f"generation {self.manifest.generation} is still {self.manifest.state}: "
-                "it cannot be searched yet."
-            )
+        self.manifest.require_ready(repr(db.uri))
         # One search process: the tables stay at the versions opened here.
         self.group = ShardGroup(
             db,

@@ -40,6 +40,7 @@ from pipelines.store.manifest import (  # noqa: F401  (re-exported)
     promote,
     read_catalog,
     read_manifest,
+    shard_name,
     tables_of,
     update_generation,
     write_catalog,
@@ -50,10 +51,6 @@ logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"
 STAGING_DIR = "_staging"
 ERRORS_TABLE = "_errors"  # one row per failed document per run; not a shard, so never searched
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:03d}"
 
 
 def shard_of(doc_id: str, shards: int) -> int:

@@ -26,6 +26,10 @@ _LAYOUT_VERSION = 2
 BUILDING, READY = "building", "ready"
 
 
+def shard_name(index: int) -> str:
+    return f"shard_{index:03d}"
+
+
 class StoreError(ValueError):
     """A db directory that does not exist, or that does not match what is asked of it."""
 
@@ -49,6 +53,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def require_ready(self, uri: str = "the db") -> None:
+        """Raise StoreError unless the generation is ready (a build that stopped is still building)."""
+        if self.state != READY:
+            raise StoreError(
+                f"generation {self.generation} of {uri} is still {self.state}, not ready: run the "
+                f"{self.made_by.split()[0]} command that started it again to finish it."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -166,12 +178,7 @@ def promote(db: str | Path | Location, generation: int) -> Catalog:
     """
     loc = location(db)
     catalog = read_catalog(loc)
-    manifest = catalog.get(generation, uri=loc.uri)
-    if manifest.state != READY:
-        raise StoreError(
-            f"generation {generation} of {loc.uri!r} is {manifest.state}, not ready: finish it first "
-            f"(run the {manifest.made_by.split()[0]} command that started it again); nothing was changed."
-        )
+    catalog.get(generation, uri=loc.uri).require_ready(repr(loc.uri))
     promoted = dataclasses.replace(catalog, live=generation)
     write_catalog(loc, promoted)
     return promoted
@@ -196,11 +203,10 @@ def drop(db: str | Path | Location, generation: int) -> Manifest:
         loc.delete_tree(manifest.path)
     else:  # generation 1: its tables sit at the root, beside the run reports and the error table
         conn = loc.connect()
+        from pipelines.embed_cache import TABLE as EMBED_CACHE
+
         names = set(conn.list_tables().tables)
-        for i in range(manifest.shards):
-            name = f"shard_{i:03d}"
+        for name in [shard_name(i) for i in range(manifest.shards)] + [EMBED_CACHE]:
             if name in names:
                 conn.drop_table(name)
-        if "_embed_cache" in names:
-            conn.drop_table("_embed_cache")
     return manifest
