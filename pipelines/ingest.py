@@ -25,6 +25,7 @@ from pipelines import NOTICE, autotune, backends, chunking, embed_cache, models,
 from pipelines.chunking import embed_input
 from pipelines.config import Config, RayConfig
 from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, embedding_dim
+from pipelines.stderr_relay import relay_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
         ray.init(**kwargs)
     try:
-        yield
+        # Ray's C++ core prints one ERROR line per Ray Data actor pool that does not apply to Ray Data
+        # (ray#53727); -v shows it, the relay's docstring says why it is dropped otherwise.
+        with contextlib.nullcontext() if cfg.log_to_driver else relay_stderr():
+            yield
     finally:
         ray.shutdown()
 
