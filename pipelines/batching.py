@@ -14,6 +14,22 @@ from typing import Any
 
 MAX_PADDING = 0.10  # a pass stops taking longer rows once padding would be over 10% of its tokens
 
+# Where the budget stops growing unless embedding.max_batch_tokens says otherwise. On a CPU the
+# throughput of a pass is flat past a few thousand padded tokens (int8 MiniLM on OpenVINO, 2-core EPYC:
+# 38.6k, 37.3k, 37.3k, 37.5k, 35.4k, 36.5k tokens/s at 4k, 8k, 16k, 24k, 32k, 64k tokens per pass)
+# while the memory a pass holds grows with it (the process: 0.84, 1.06, 1.02, 1.24, 1.34, 2.15 GB).
+# Without a ceiling the budget followed rising throughput while other stages let go of the cores, and
+# a long run's memory depended on how far it had wandered. A GPU sizes its budget from measured memory.
+CPU_MAX_TOKENS = 16_384
+GPU_MAX_TOKENS = 262_144
+
+
+def max_tokens(configured: int | None, *, device: str, initial: int) -> int:
+    """The budget's ceiling: ``configured``, else the device's default, never below ``initial``."""
+    if configured is not None:
+        return configured
+    return max(initial, CPU_MAX_TOKENS if device == "cpu" else GPU_MAX_TOKENS)
+
 
 def group_end(
     order: list[int], lengths: list[int], start: int, budget: int, max_padding: float = MAX_PADDING

@@ -51,7 +51,8 @@ class Embedder:
         openvino_streams: more than 1 runs an OpenVINO model for throughput: the passes of a batch
             are spread over that many inference streams.
         batch_tokens: the starting token budget per forward pass.
-        min_batch_tokens, max_batch_tokens: bounds of the budget.
+        min_batch_tokens, max_batch_tokens: bounds of the budget (max None: the device's default,
+            see batching.max_tokens).
         adapt_batch: grow/shrink the budget from measured throughput (else only OOM shrinks it).
         cache_db: db dir whose embedding cache to use; None for no cache.
         cache_writer: the run's embed_cache.CacheWriter handle, which appends in large batches;
@@ -72,7 +73,7 @@ class Embedder:
         openvino_streams: int = 1,
         batch_tokens: int = 8192,
         min_batch_tokens: int = 256,
-        max_batch_tokens: int = 262_144,
+        max_batch_tokens: int | None = None,
         adapt_batch: bool = True,
         cache_db: str | None = None,
         cache_writer: Any = None,
@@ -116,7 +117,7 @@ class Embedder:
         self.budget = batching.TokenBudget(
             initial=batch_tokens,
             minimum=min_batch_tokens,
-            maximum=max_batch_tokens,
+            maximum=batching.max_tokens(max_batch_tokens, device=self.device, initial=batch_tokens),
             adapt=adapt_batch,
             free_memory=free,
         )

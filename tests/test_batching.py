@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipelines.batching import TokenBudget, is_out_of_memory, plan_batches
+from pipelines.batching import TokenBudget, is_out_of_memory, max_tokens, plan_batches
 from pipelines.embedding import Embedder
 from tests.conftest import scifact_docs
 
@@ -51,6 +51,23 @@ def test_budget_grows_while_throughput_improves_then_backs_off():
     for _ in range(3):  # and it stays there: the ceiling is the best budget
         budget.observe(tokens=budget.value, padded=budget.value, seconds=budget.value / 200.0)
     assert budget.value == 2250
+
+
+def test_the_budget_ceiling_follows_the_device_unless_configured():
+    """A CPU pass is no faster past ~16k padded tokens, only bigger: its budget stops there."""
+    assert max_tokens(None, device="cpu", initial=8192) == 16_384
+    assert max_tokens(None, device="cuda", initial=8192) == 262_144
+    assert max_tokens(None, device="cpu", initial=32_768) == 32_768  # a larger start is kept
+    assert max_tokens(4096, device="cpu", initial=1024) == 4096
+    cpu = Embedder(model=MODEL, device="cpu", dtype="fp32")
+    assert cpu.budget.maximum == 16_384
+    clock = FakeClock()
+    budget = TokenBudget(
+        initial=8192, minimum=256, maximum=cpu.budget.maximum, window_tokens=1000, clock=clock
+    )
+    for rate in (100.0, 200.0, 300.0, 400.0, 500.0):  # throughput keeps rising: growth stops at the ceiling
+        budget.observe(tokens=budget.value, padded=budget.value, seconds=budget.value / rate)
+    assert budget.value == 16_384
 
 
 def test_budget_shrinks_under_memory_pressure():
