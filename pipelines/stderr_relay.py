@@ -57,7 +57,11 @@ def relay_stderr(patterns: tuple[str, ...] = HARMLESS) -> Iterator[None]:
     read, write = os.pipe()
     try:
         relay = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _RELAY, *patterns], stdin=read, stdout=saved, stderr=saved
+            [sys.executable, "-I", "-S", "-c", _RELAY, *patterns],
+            stdin=read,
+            stdout=saved,
+            stderr=saved,
+            start_new_session=True,  # a Ctrl-C meant for the run must not stop its relay first
         )
     except OSError:
         relay = None
@@ -68,11 +72,16 @@ def relay_stderr(patterns: tuple[str, ...] = HARMLESS) -> Iterator[None]:
         yield
         return
     python_stderr = sys.stderr
+    try:  # Python's stream writes to descriptor 2 (not to a test runner's buffer): keep it direct
+        on_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_fd2 = False
     encoding = getattr(python_stderr, "encoding", None) or "utf-8"
     with open(os.dup(saved), "w", buffering=1, encoding=encoding) as direct:
         os.dup2(write, 2)
         os.close(write)
-        sys.stderr = direct
+        if on_fd2:
+            sys.stderr = direct
         try:
             yield
         finally:

@@ -141,17 +141,23 @@ with relay_stderr():
     if sys.argv[1] == "crash":
         os.write(2, b"a last word before the crash\n")
         os._exit(3)
+    if sys.argv[1] == "interrupt":  # Ctrl-C reaches the whole process group; the run goes on here
+        import signal, time
+        signal.signal(signal.SIGINT, lambda *a: None)
+        os.killpg(os.getpgid(0), signal.SIGINT)
+        time.sleep(0.5)
+        os.write(2, b"after the interrupt\n")
 os.write(2, b"after the block\n")
 """
 
 
-@pytest.mark.parametrize("ending", ["normal", "crash"])
+@pytest.mark.parametrize("ending", ["normal", "crash", "interrupt"])
 def test_the_stderr_relay_drops_only_the_known_line_and_loses_nothing_on_a_crash(ending):
     """Ray's one harmless C++ line goes; any other C-level line, Python's own output, and the last
     line of a process that dies at once still reach standard error."""
     done = subprocess.run(
         [sys.executable, "-c", RELAYED, ending], capture_output=True, text=True, timeout=60,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parent.parent, start_new_session=True,  # its own process group
     )  # fmt: skip
     assert "has constructor arguments" not in done.stderr
     assert "core_worker.cc:900: something else went wrong" in done.stderr
@@ -163,3 +169,19 @@ def test_the_stderr_relay_drops_only_the_known_line_and_loses_nothing_on_a_crash
     else:
         assert done.returncode == 0, done.stderr
         assert "after the block" in done.stderr
+    if ending == "interrupt":
+        assert "after the interrupt" in done.stderr
+
+
+def test_the_stderr_relay_leaves_a_replaced_sys_stderr_alone(monkeypatch):
+    """Under a test runner (or CliRunner) sys.stderr is a buffer: what Python prints stays there."""
+    import io
+
+    from pipelines.stderr_relay import relay_stderr
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    with relay_stderr():
+        assert sys.stderr is buffer
+        print("into the buffer", file=sys.stderr)
+    assert sys.stderr is buffer and buffer.getvalue() == "into the buffer\n"
