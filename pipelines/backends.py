@@ -213,16 +213,22 @@ def read_int8(model_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def quiet_transformers() -> None:
+    """No weight-loading bars and no config notes from transformers: loading a model is not news."""
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
 class TorchBackend:
     """sentence-transformers on torch; ``encode`` is one forward pass."""
 
     def __init__(self, model: str, *, device: str, dtype: str, threads: int | None = None):
         import torch
-        import transformers
         from sentence_transformers import SentenceTransformer
 
-        transformers.logging.disable_progress_bar()
-        transformers.logging.set_verbosity_error()
+        quiet_transformers()
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -519,12 +525,9 @@ def export_openvino(
     no_openvino_telemetry()
     import openvino as ov
     import torch
-    import transformers
     from sentence_transformers import SentenceTransformer
 
-    # A one-time step that is announced already: no weight-loading bars or config notes on top.
-    transformers.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
+    quiet_transformers()  # a one-time step that is announced already
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists() and not force:
         return json.loads((out_dir / "meta.json").read_text())

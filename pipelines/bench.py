@@ -106,8 +106,9 @@ def _plain_fp32(model_name: str, texts: list[str], threads: int) -> tuple[float,
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(threads)
+    backends.quiet_transformers()
     model = SentenceTransformer(models.resolve_model(model_name), device="cpu")
-    model.encode(texts[:PLAIN_BATCH], batch_size=PLAIN_BATCH)  # warm-up
+    model.encode(texts[:PLAIN_BATCH], batch_size=PLAIN_BATCH, show_progress_bar=False)  # warm-up
     with PeakRSS() as rss:
         started = time.perf_counter()
         vectors = model.encode(
