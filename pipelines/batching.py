@@ -14,12 +14,12 @@ from typing import Any
 
 MAX_PADDING = 0.10  # a pass stops taking longer rows once padding would be over 10% of its tokens
 
-# Where the budget stops growing unless embedding.max_batch_tokens says otherwise. On a CPU the
-# throughput of a pass is flat past a few thousand padded tokens (int8 MiniLM on OpenVINO, 2-core EPYC:
-# 38.6k, 37.3k, 37.3k, 37.5k, 35.4k, 36.5k tokens/s at 4k, 8k, 16k, 24k, 32k, 64k tokens per pass)
-# while the memory a pass holds grows with it (the process: 0.84, 1.06, 1.02, 1.24, 1.34, 2.15 GB).
-# Without a ceiling the budget followed rising throughput while other stages let go of the cores, and
-# a long run's memory depended on how far it had wandered. A GPU sizes its budget from measured memory.
+# Where the budget stops growing unless embedding.max_batch_tokens says otherwise. On a CPU a bigger
+# pass is no faster, only bigger (`python benchmarks/pass_size.py CORPUS`, int8 MiniLM on OpenVINO, a
+# 2-core EPYC: 35.4k, 35.1k, 32.5k, 30.5k, 29.9k, 31.1k tokens/s and 0.83, 0.94, 1.02, 1.25, 1.34,
+# 2.16 GB at 4k, 8k, 16k, 24k, 32k, 64k padded tokens per pass). Without a ceiling the budget followed
+# throughput that rose as other stages let go of the cores, and a long run's memory depended on how far
+# it had wandered. A GPU sizes its budget from measured memory.
 CPU_MAX_TOKENS = 16_384
 GPU_MAX_TOKENS = 262_144
 
