@@ -2,7 +2,7 @@
 
 Each budget runs in a process of its own, so each one's resident memory is its own: the model, the
 pre-tokenized texts and what OpenVINO keeps for passes of that size. The texts are cut into passes
-the pipeline's way (sorted by length, ``batching.group_end``) and run over 2 inference streams.
+the pipeline's way (sorted by length, ``batching.plan_batches``) and run over 2 inference streams.
 This is where ``batching.CPU_MAX_TOKENS`` comes from; it needs the int8 model in the model cache (any
 ingest with ``dtype: auto`` on a CPU with VNNI or AMX, or ``embedpipe quantize``, makes it).
 
@@ -34,12 +34,7 @@ def one(corpus: Path, budget: int, limit: int, rounds: int) -> dict:
     tokenizer = models.load_embedding_tokenizer(MODEL)
     ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
     lengths = [len(row) for row in ids]
-    order = sorted(range(len(ids)), key=lambda i: lengths[i])
-    parts, start = [], 0
-    while start < len(order):
-        end = batching.group_end(order, lengths, start, budget)
-        parts.append(order[start:end])
-        start = end
+    parts = batching.plan_batches(lengths, budget)
     int8 = backends.int8_dir(backends.cache_root(None), MODEL)
     if not (int8 / "meta.json").exists():
         raise SystemExit(f"no int8 model at {int8}: run `embedpipe quantize` first")
