@@ -15,11 +15,9 @@ from typing import Any
 MAX_PADDING = 0.10  # a pass stops taking longer rows once padding would be over 10% of its tokens
 
 # Where the budget stops growing unless embedding.max_batch_tokens says otherwise. On a CPU a bigger
-# pass is no faster, only bigger (`python benchmarks/pass_size.py CORPUS`, int8 MiniLM on OpenVINO, a
-# 2-core EPYC: 35.4k, 35.1k, 32.5k, 30.5k, 29.9k, 31.1k tokens/s and 0.83, 0.94, 1.02, 1.25, 1.34,
-# 2.16 GB at 4k, 8k, 16k, 24k, 32k, 64k padded tokens per pass). Without a ceiling the budget followed
-# throughput that rose as other stages let go of the cores, and a long run's memory depended on how far
-# it had wandered. A GPU sizes its budget from measured memory.
+# pass is no faster, only bigger (measured by benchmarks/pass_size.py; figures in the README); without
+# a ceiling the budget followed throughput that rose as other stages let go of the cores, and a long
+# run's memory depended on how far it had wandered. A GPU sizes its budget from measured memory.
 CPU_MAX_TOKENS = 16_384
 GPU_MAX_TOKENS = 262_144
 
