@@ -342,34 +342,61 @@ def evaluate(
 
 @app.command("index")
 def index_command(
+    ctx: typer.Context,
     db: DbOpt,
     config: ConfigOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild indexes that already fit.")] = False,
     fts: Annotated[
         bool | None, typer.Option("--fts/--no-fts", help="Full-text indexes for hybrid search.")
     ] = None,
+    address: AddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Index every shard for its size: exact search when small, IVF_HNSW_SQ or IVF_PQ when large,
-    and BM25 full-text indexes on title and text for hybrid search."""
+    """Index every shard for its size: exact search when small, an ANN index (IVF_RQ by default) when
+    large, BM25 full-text indexes on title and text for hybrid search. One Ray task per shard: a
+    cluster builds on all its nodes. An index that fits its shard takes new rows incrementally."""
     from pipelines import index as indexing
+    from pipelines import ingest as pipeline
     from pipelines import store
 
+    started = time.time()
+
+    def progress(summary: dict) -> None:
+        if not as_json:
+            done.append(summary)
+            console.print(
+                f"index: {len(done)}/{shards} shards, {summary['shard']} {summary['action']} "
+                f"in {summary['seconds']} s ({time.time() - started:.0f} s)",
+                highlight=False,
+            )
+
+    done: list[dict] = []
     try:
-        cfg = load_config(config, **{"index.fts": fts})
-        summaries = indexing.build(
-            store.location(db, cfg.storage), settings=cfg.index, rebuild=rebuild, lock=cfg.storage
+        cfg = load_config(
+            config, **{"index.fts": fts, "ray.address": address, **(ctx.obj or {}).get("ray", {})}
         )
+        loc = store.location(db, cfg.storage)
+        loc.check()
+        shards = store.read_manifest(loc).shards  # a missing db fails before Ray starts
+        with pipeline.ray_session(cfg.ray):
+            summaries = indexing.build(
+                loc, settings=cfg.index, rebuild=rebuild, lock=cfg.storage, progress=progress
+            )
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if as_json:
         typer.echo(json.dumps(summaries))
         return
     for s in summaries:
-        typer.echo(
-            f"{s['shard']}: {s['rows']} rows, {s['vector_index']} (partitions {s['num_partitions']}, "
-            f"query {s['query_params'] or 'exact scan'}), fts {s['fts'] or 'none'}, {s['seconds']} s"
+        new = f", {s['new_rows']:,} new rows added" if s.get("new_rows") else ""
+        vector = (
+            "exact search (no ANN index)"
+            if s["vector_index"] == "exact"
+            else f"{s['vector_index']} {s['action']}{new} ({s['num_partitions']} partitions, query "
+            f"{s['query_params']})"
         )
+        typer.echo(f"{s['shard']}: {s['rows']:,} rows, {vector}, fts {s['fts'] or 'none'}, {s['seconds']} s")
+    typer.echo(f"indexed {len(summaries)} shards in {time.time() - started:.1f} s")
 
 
 GenerationArg = Annotated[int, typer.Argument(help="A generation number (see `embedpipe generations`).")]
@@ -834,10 +861,17 @@ def plan_command(
     hourly_usd: Annotated[
         float | None, typer.Option("--hourly-usd", min=0, help="Price per node-hour (default: config cost).")
     ] = None,
+    shards: Annotated[
+        int | None, typer.Option("--shards", min=1, help="Shards to plan serving for (default: the run's).")
+    ] = None,
+    serve_nodes: Annotated[
+        int, typer.Option("--serve-nodes", min=1, help="Nodes that serve the shards.")
+    ] = 1,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Estimate time, nodes/GPUs, storage and cost for --docs documents from a measured run."""
+    """Estimate time, nodes/GPUs, storage and cost for --docs documents from a measured run, and the
+    memory each serving node holds for them (its processes and, per row, its index)."""
     from pipelines import plan, store
 
     if (db is None) == (report is None):
@@ -868,7 +902,10 @@ def plan_command(
             hours=hours,
             hourly_usd=hourly_usd,
             db_bytes=db_bytes,
-            dim=dim,
+            dim=dim or run.get("dim"),
+            shards=shards,
+            serve_nodes=serve_nodes,
+            index=cfg.index,
         )
     except (*_user_errors(), OSError, json.JSONDecodeError) as exc:
         raise _fail(str(exc)) from exc

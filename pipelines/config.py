@@ -181,18 +181,44 @@ class RayConfig(_Strict):
 
 class IndexSettings(_Strict):
     exact_below_rows: int = Field(
-        20_000, ge=0, description="Shards with fewer rows keep exact search (a scan of ~1 ms per 1k rows)."
+        20_000,
+        ge=0,
+        description="Shards with fewer rows keep exact search (held in memory by the process that serves "
+        "them: a scan there beats LanceDB's per-query cost up to a few tens of thousands of rows).",
     )
-    vector_index: Literal["ivf_hnsw_sq", "ivf_pq"] = Field(
-        "ivf_hnsw_sq", description="ANN index for larger shards; parameters follow from the shard's rows."
+    vector_index: Literal["ivf_rq", "ivf_sq", "ivf_pq", "ivf_hnsw_sq"] = Field(
+        "ivf_rq",
+        description="ANN index for larger shards, built by `embedpipe index` and kept in the db; its "
+        "parameters follow from the shard's rows. ivf_rq: RaBitQ codes (rq_bits per dimension), the "
+        "fastest to build and the smallest to hold (benchmarks/ann_recall.py).",
     )
+    rows_per_partition: int = Field(
+        1000, ge=16, description="IVF_RQ and IVF_SQ partitions: one per this many rows (at most 4096)."
+    )
+    rq_bits: int = Field(4, ge=1, le=8, description="IVF_RQ: bits per dimension of the RaBitQ codes.")
+    probe_fraction: float = Field(
+        0.125,
+        gt=0,
+        le=1,
+        description="IVF_RQ, IVF_SQ and IVF_PQ: share of partitions a query searches (at least min_nprobes).",
+    )
+    min_nprobes: int = Field(20, gt=0, description="IVF partitions a query searches at the least.")
     fts: bool = Field(True, description="Full-text (BM25) indexes on title and text, for hybrid search.")
     refine_factor: int | None = Field(
-        5, gt=0, description="Re-rank refine_factor * k ANN candidates with exact distances."
+        2,
+        gt=0,
+        description="Re-rank refine_factor * k ANN candidates with exact distances (their vectors read from "
+        "the table). 2 suffices for IVF_RQ's 4-bit codes; ivf_pq and ivf_hnsw_sq want about 5.",
     )
     ef: int = Field(200, gt=0, description="HNSW search breadth (at least k * refine_factor).")
     hnsw_probe_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of IVF_HNSW_SQ partitions a query searches."
+    )
+    build_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="Ray CPUs reserved by each shard's index build: `embedpipe index` runs one Ray task per "
+        "shard, so a cluster builds on every node and one machine builds CPUs / build_cpus shards at once.",
     )
     after_ingest: bool = Field(False, description="Run `embedpipe index` at the end of every ingest.")
 
@@ -310,20 +336,13 @@ class ServeSettings(_Strict):
         "name one (the search page's generation picker); each holds its query model and shards.",
     )
     memory_rows: int = Field(
-        500_000,
+        50_000,
         ge=0,
-        description="A shard with at most this many rows is held in memory by the process that searches "
-        "it (vectors and result columns: ~1.5 KB a row of a 384-dim model plus its text) and searched "
-        "there, its group's held shards as one; 0: always through LanceDB. Filtered queries go to "
-        "LanceDB either way.",
-    )
-    memory_exact_rows: int = Field(
-        200_000,
-        ge=0,
-        description="Held rows up to this many (per group) are scanned exactly per query; above, an "
-        "in-memory IVF index (faiss) picks 4 x k candidates per query, scored exactly (recall@10 ~0.99 on "
-        "1M rows here). It is built at start and rebuilt in the background when a held shard gets a new "
-        "version, the previous version answering meanwhile.",
+        description="A shard without a vector index and with at most this many rows is held in memory by the "
+        "process that searches it (its vectors, row ids and chunk ids: ~1.6 KB a row of a 384-dim model, "
+        "never the text) and scanned there, its group's held shards as one; 0: always through LanceDB. "
+        "Shards `embedpipe index` gave an ANN index are searched through it (LanceDB's index cache holds "
+        "their codes: ~100 B a row). Filtered queries go to LanceDB either way.",
     )
     default_mode: Literal["vector", "hybrid"] = Field(
         "vector", description="Search mode of a request that names none."

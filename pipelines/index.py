@@ -13,11 +13,12 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lancedb.index import FTS, HnswSq, IvfPq
+from lancedb.index import FTS, HnswSq, IvfPq, IvfRq, IvfSq
 
 from pipelines import store
 from pipelines.config import IndexSettings, StorageConfig
@@ -31,18 +32,24 @@ os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 VECTOR_INDEX = "vector_idx"  # + "_p<partitions>": LanceDB does not report an IVF partition count
 FTS_COLUMNS = ("title", "text")
 # Rows per IVF partition: HNSW graphs stay fast up to a few tens of thousands of rows per partition;
-# IVF_PQ wants about sqrt(rows) partitions.
+# IVF_PQ wants about sqrt(rows) partitions; IVF_RQ and IVF_SQ follow settings.rows_per_partition.
 HNSW_ROWS_PER_PARTITION = 32_768
+MAX_PARTITIONS = 4096
+# An index is rebuilt when the partitions its rows call for are this many times more (or fewer) than
+# it has; below that, new rows are added to it incrementally (optimize), in time for the new rows.
+REBUILD_RATIO = 2.0
+KINDS = {"ivf_rq": "IVF_RQ", "ivf_sq": "IVF_SQ", "ivf_pq": "IVF_PQ", "ivf_hnsw_sq": "IVF_HNSW_SQ"}
 
 
 @dataclass(frozen=True)
 class VectorPlan:
     """The vector index a shard of ``rows`` rows should have."""
 
-    kind: str  # "exact", "IVF_HNSW_SQ" or "IVF_PQ"
+    kind: str  # "exact", "IVF_RQ", "IVF_SQ", "IVF_PQ" or "IVF_HNSW_SQ"
     num_partitions: int | None = None
     num_sub_vectors: int | None = None
     m: int | None = None
+    num_bits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ShardIndexes:
     num_partitions: int | None
     fts_columns: tuple[str, ...]
     vector_index_name: str | None = None
+    unindexed_rows: int = 0  # rows added since the vector index was built or updated (searched by a scan)
 
 
 def plan_vector_index(rows: int, *, dim: int, settings: IndexSettings) -> VectorPlan:
@@ -65,22 +73,32 @@ def plan_vector_index(rows: int, *, dim: int, settings: IndexSettings) -> Vector
 
     Returns:
         ``exact`` below ``settings.exact_below_rows`` (or when too few rows to train on), else the ANN
-        index with parameters derived from ``rows``.
+        index with parameters derived from ``rows`` (see README, "Indexes", for the measurements).
     """
-    if rows < max(settings.exact_below_rows, 256):  # PQ and SQ training need a few hundred rows
+    if rows < max(settings.exact_below_rows, 256):  # quantizer training needs a few hundred rows
         return VectorPlan("exact")
-    if settings.vector_index == "ivf_pq":
-        return VectorPlan(
-            "IVF_PQ", num_partitions=partitions_for("IVF_PQ", rows), num_sub_vectors=_sub_vectors(dim)
-        )
-    return VectorPlan("IVF_HNSW_SQ", num_partitions=partitions_for("IVF_HNSW_SQ", rows), m=20)
+    kind = KINDS[settings.vector_index]
+    if kind == "IVF_RQ" and dim % 8:  # RaBitQ packs 8 dimensions a byte
+        kind = "IVF_SQ"
+    partitions = partitions_for(kind, rows, settings)
+    if kind == "IVF_PQ":
+        return VectorPlan(kind, num_partitions=partitions, num_sub_vectors=_sub_vectors(dim))
+    if kind == "IVF_HNSW_SQ":
+        return VectorPlan(kind, num_partitions=partitions, m=20)
+    return VectorPlan(
+        kind, num_partitions=partitions, num_bits=settings.rq_bits if kind == "IVF_RQ" else None
+    )
 
 
-def partitions_for(kind: str, rows: int) -> int:
-    """IVF partitions for ``rows`` rows: ~sqrt(rows) for IVF_PQ, ~32k rows each for HNSW kinds."""
+def partitions_for(kind: str, rows: int, settings: IndexSettings | None = None) -> int:
+    """IVF partitions for ``rows`` rows: ~sqrt(rows) for IVF_PQ, ~32k rows each for HNSW kinds, one
+    per ``settings.rows_per_partition`` rows for IVF_RQ and IVF_SQ."""
     if "HNSW" in kind:
         return max(1, round(rows / HNSW_ROWS_PER_PARTITION))
-    return min(4096, max(1, round(math.sqrt(rows))))
+    if kind == "IVF_PQ":
+        return min(MAX_PARTITIONS, max(1, round(math.sqrt(rows))))
+    per = (settings or IndexSettings()).rows_per_partition
+    return min(MAX_PARTITIONS, max(1, round(rows / per)))
 
 
 def _sub_vectors(dim: int) -> int:
@@ -92,6 +110,10 @@ def _sub_vectors(dim: int) -> int:
 
 
 def _vector_config(plan: VectorPlan) -> Any:
+    if plan.kind == "IVF_RQ":
+        return IvfRq(distance_type="cosine", num_partitions=plan.num_partitions, num_bits=plan.num_bits or 1)
+    if plan.kind == "IVF_SQ":
+        return IvfSq(distance_type="cosine", num_partitions=plan.num_partitions)
     if plan.kind == "IVF_PQ":
         return IvfPq(
             distance_type="cosine", num_partitions=plan.num_partitions, num_sub_vectors=plan.num_sub_vectors
@@ -112,51 +134,88 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
         # The graph must return every candidate the refine step asks for.
         params["ef"] = max(settings.ef, k * (settings.refine_factor or 1))
     else:
-        params["nprobes"] = min(partitions, max(20, partitions // 10))
+        wanted = max(settings.min_nprobes, math.ceil(partitions * settings.probe_fraction))
+        params["nprobes"] = min(partitions, wanted)
     return params
+
+
+def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None) -> int:
+    """What a serving process holds per row of a shard searched this way (the estimate ``embedpipe
+    plan`` uses; /healthz reports what is held): an exact shard's unit vectors, row id, id and tie
+    rank in memory; an IVF index's codes and row ids in LanceDB's index cache. Text, titles and the
+    other columns are never held: the top k rows are read from the table per query."""
+    settings = settings or IndexSettings()
+    if kind == "exact":
+        return 4 * dim + 8 + 4 + 48  # float32 vector, row id, tie rank, ~48 B of chunk_id
+    codes = {
+        "IVF_RQ": math.ceil(dim * settings.rq_bits / 8) + 12,  # packed bits and three float factors
+        "IVF_SQ": dim,
+        "IVF_PQ": _sub_vectors(dim),
+        "IVF_HNSW_SQ": dim + 2 * 20 * 4,  # SQ codes and the graph's links
+    }[kind]
+    return codes + 8  # the row id
 
 
 def read_indexes(table: Any) -> ShardIndexes:
     """What indexes ``table`` holds (read from the table itself)."""
-    vector_kind, partitions, fts, name = "exact", None, [], None
+    vector_kind, partitions, fts, name, unindexed = "exact", None, [], None, 0
     for index in table.list_indices():
         if index.index_type == "FTS":
             fts.extend(index.columns)
         elif "vector" in index.columns:
             stats = table.index_stats(index.name)
             vector_kind, name = str(stats.index_type), index.name
+            unindexed = int(stats.num_unindexed_rows or 0)
             # LanceDB reports no partition count: index_shard writes it into the name. An index made
             # elsewhere gets the count the planning rule gives for the rows it indexed.
             recorded = re.fullmatch(rf"{VECTOR_INDEX}_p(\d+)", index.name)
             partitions = int(recorded[1]) if recorded else partitions_for(vector_kind, stats.num_indexed_rows)
-    return ShardIndexes(vector_kind, partitions, tuple(c for c in FTS_COLUMNS if c in fts), name)
+    return ShardIndexes(vector_kind, partitions, tuple(c for c in FTS_COLUMNS if c in fts), name, unindexed)
+
+
+def _fits(have: ShardIndexes, plan: VectorPlan) -> bool:
+    """Whether the index a shard has can take its new rows incrementally: the planned kind, and a
+    partition count within REBUILD_RATIO of the plan's (rows grew or shrank by less than that)."""
+    if have.vector_kind != plan.kind or not have.num_partitions or not plan.num_partitions:
+        return False
+    ratio = have.num_partitions / plan.num_partitions
+    return 1 / REBUILD_RATIO < ratio < REBUILD_RATIO
 
 
 def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool = False) -> dict[str, Any]:
     """Give one shard the indexes its size calls for.
 
+    A shard whose vector index fits its size (same kind, partitions within REBUILD_RATIO of the
+    plan) keeps it: rows added since are folded in by ``optimize``, in time for the new rows, not for
+    the shard. Otherwise the index is built again (the old one serves until the new one is in).
+
     Args:
         table: the open shard table.
         dim: vector dimension.
         settings: index settings.
-        rebuild: rebuild indexes that already match the plan (otherwise they only take in new rows).
+        rebuild: rebuild indexes even where they fit.
 
     Returns:
-        A summary: rows, the plan, the query parameters it implies, seconds spent.
+        A summary: rows, the plan, what was done (built, updated or kept), the query parameters it
+        implies, seconds spent.
     """
     started = time.perf_counter()
     rows = table.count_rows()
     plan = plan_vector_index(rows, dim=dim, settings=settings)
     have = read_indexes(table)
+    action = "exact"
     if plan.kind == "exact":
         if have.vector_index_name:
             table.drop_index(have.vector_index_name)
-    elif rebuild or (have.vector_kind, have.num_partitions) != (plan.kind, plan.num_partitions):
+    elif rebuild or not _fits(have, plan):
         name = f"{VECTOR_INDEX}_p{plan.num_partitions}"
         # The new index first: searches keep an index while it builds, and keep the old one if it fails.
         table.create_index("vector", config=_vector_config(plan), replace=True, name=name)
         if have.vector_index_name and have.vector_index_name != name:
             table.drop_index(have.vector_index_name)  # by its own name, whoever made it
+        action = "built"
+    else:
+        action = "updated" if have.unindexed_rows else "kept"
     if settings.fts:
         for column in FTS_COLUMNS:
             if rebuild or column not in have.fts_columns:
@@ -169,11 +228,29 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
         "rows": rows,
         "vector_index": now.vector_kind,
         "num_partitions": now.num_partitions,
+        "action": action,
+        "new_rows": have.unindexed_rows if action == "updated" else None,
         "fts": list(now.fts_columns),
         "query_params": query_params(now, k=10, settings=settings),
         "version": table.version,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _index_one(
+    loc: store.Location, generation: int, name: str, *, settings: IndexSettings, rebuild: bool
+) -> dict[str, Any]:
+    """Index one shard of ``loc``'s ``generation`` (a Ray task, or a call in this process)."""
+    manifest = store.read_manifest(loc, generation)
+    table = store.tables_of(loc, manifest).connect().open_table(name)
+    summary = index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild)
+    try:
+        import ray
+
+        summary["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - where it ran is a detail of the summary
+        summary["node"] = None
+    return summary
 
 
 def build(
@@ -183,9 +260,15 @@ def build(
     rebuild: bool = False,
     lock: StorageConfig | None = None,
     generation: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Index every shard of ``db``'s live generation or of ``generation`` (see ``index_shard``);
-    returns one summary per shard.
+    returns one summary per shard, in shard order.
+
+    With Ray running (``embedpipe index`` starts or joins one), each shard is one Ray task that
+    reserves ``settings.build_cpus`` CPUs: a cluster builds its shards on every node, and one machine
+    builds as many at once as its CPUs allow. Without Ray, the shards are built here one by one. Each
+    table has one writer (its task); the writer lock is held here for the whole build.
 
     Args:
         db: the db.
@@ -194,7 +277,10 @@ def build(
         lock: take the db's writer lock with these lease and wait settings first (an index build is
             a commit on every shard); None when the caller holds it (ingest's index after_ingest).
         generation: the generation to index (default: the live one).
+        progress: called with each shard's summary as it finishes.
     """
+    import ray
+
     loc = store.location(db)
     loc.check()
     store.read_manifest(loc, generation)  # no db (or generation) there fails before the lock is written
@@ -205,10 +291,32 @@ def build(
                 store.writer_lock(loc, run_id="index", lease_s=lock.lock_lease_s, wait_s=lock.lock_wait_s)
             )
         manifest = store.read_manifest(loc, generation)
-        summaries = []
-        for name, table in store.open_shards(loc, generation).items():
+        names = [store.shard_name(i) for i in range(manifest.shards)]
+        summaries: dict[str, dict[str, Any]] = {}
+
+        def done(summary: dict[str, Any]) -> None:
             if held is not None:
                 held.check()
-            logger.info("indexing %s", name)
-            summaries.append(index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild))
-    return summaries
+            summaries[summary["shard"]] = summary
+            if progress is not None:
+                progress(summary)
+
+        if ray.is_initialized():
+            # SPREAD: the shards' builds go to every node that has the CPUs, not first to the driver's.
+            task = ray.remote(_index_one).options(
+                num_cpus=settings.build_cpus, scheduling_strategy="SPREAD", max_retries=2
+            )
+            pending = [
+                task.remote(loc, manifest.generation, name, settings=settings, rebuild=rebuild)
+                for name in names
+            ]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                done(ray.get(ready[0]))
+        else:
+            for name in names:
+                if held is not None:
+                    held.check()
+                logger.info("indexing %s", name)
+                done(_index_one(loc, manifest.generation, name, settings=settings, rebuild=rebuild))
+    return [summaries[name] for name in names]

@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent(
     rows = {name: t.to_arrow().select(["chunk_id", "doc_id"]).to_pylist()
             for name, t in store.open_shards(db).items()}
 
-    index.build(db, settings=cfg.index)  # BM25, for hybrid queries
+    # BM25, for hybrid queries: one Ray task per shard, spread over the nodes.
+    indexed = index.build(db, settings=cfg.index)
     from ray import serve
 
     from serve.app import ServeConfig, build_app
@@ -114,6 +115,7 @@ SCRIPT = textwrap.dedent(
         "write_tasks": Counter(names.get(t.node_id) for t in writes),
         "rows": rows,
         "expected_chunks": expected,
+        "index_nodes": Counter(names.get(s["node"], "?") for s in indexed),
         "replicas": {a.class_name.split(":")[-1]: names.get(a.node_id) for a in replicas},
         "searches": found,
         "same_as_one_group": same,
@@ -146,6 +148,8 @@ def test_four_node_cluster(tmp_path, scifact):
     assert sorted(r["chunk_id"] for r in all_rows) == sorted(result["expected_chunks"])
     for name, rows in result["rows"].items():
         assert all(name == f"shard_{_shard(r['doc_id']):03d}" for r in rows)
+    # `embedpipe index` built the 4 shards as Ray tasks on more than one node.
+    assert sum(result["index_nodes"].values()) == 4 and len(result["index_nodes"]) >= 2, result["index_nodes"]
 
     # Serve: two shard groups on two different nodes (serve.shard_resources), merged by the router,
     # answer exactly as one group holding every shard does.
@@ -251,6 +255,10 @@ SHARE_NOTHING = textwrap.dedent(
     killed.wait(30)
     rerun = subprocess.run(command, env=driver_env, capture_output=True, text=True, timeout=900)
 
+    # The bucket db indexed from the driver: one Ray task per shard, on the nodes (which share nothing).
+    indexed = subprocess.run([command[0], "index", "--db", db_uri, "--config", str(config), "--json"],
+                             env=driver_env, capture_output=True, text=True, timeout=600)
+
     ray.init(address=cluster.address, logging_level="WARNING")
     from ray.util.state import list_tasks
     from pipelines import store
@@ -289,6 +297,8 @@ SHARE_NOTHING = textwrap.dedent(
         "rows": len(rows), "distinct": len({r["chunk_id"] for r in rows}),
         "write_nodes": sorted({names.get(t.node_id, "?") for t in writes}),
         "staged_left": staged(), "same_as_local": same, "local_db_files": local,
+        "index_code": indexed.returncode, "index_err": indexed.stderr[-3000:],
+        "index_nodes": sorted({names.get(s["node"], "?") for s in json.loads(indexed.stdout or "[]")}),
     }))
     serve.shutdown()
     ray.shutdown()
@@ -323,3 +333,5 @@ def test_nodes_that_share_nothing_ingest_and_serve_from_a_bucket(tmp_path, s3, s
     assert result["staged_left"] == []
     assert len(result["same_as_local"]) == 8 and all(result["same_as_local"])
     assert result["local_db_files"] == []
+    assert result["index_code"] == 0, result["index_err"]
+    assert len(result["index_nodes"]) >= 2 and "?" not in result["index_nodes"], result["index_nodes"]
