@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import IndexSettings
 from pipelines.store import RUNS_DIR, Location, location
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ DEFAULT_QPS_PER_REPLICA = 10.0
 TEXT_BYTES_PER_TOKEN = 4.0
 ROW_OVERHEAD_BYTES = 300
 _EPS = 1e-9  # so that a node count that is whole up to float error is not rounded up
+# The serving process tree before its rows: Ray's own processes, Serve's controller and proxy, the router
+# with its query model (`embedpipe serve` on SciFact, summed RSS; README, "Search path").
+SERVE_BASE_BYTES = 2.4e9
 
 
 def plan(
@@ -36,8 +40,12 @@ def plan(
     db_bytes: int | None = None,
     dim: int | None = None,
     qps_per_replica: float = DEFAULT_QPS_PER_REPLICA,
+    shards: int | None = None,
+    serve_nodes: int = 1,
+    index: IndexSettings | None = None,
 ) -> dict[str, Any]:
-    """Estimate chunks, tokens, storage, time, nodes and cost to ingest ``docs`` documents.
+    """Estimate chunks, tokens, storage, time, nodes and cost to ingest ``docs`` documents, and the
+    memory a serving node holds for them.
 
     The rate comes from the report's embedding stage (the stage whose name holds "Embedder"), so
     start-up (Ray, model load) is left out; without that stage it falls back to the run's wall time.
@@ -55,6 +63,9 @@ def plan(
         dim: the embedding dimension (the db manifest's ``dim``), for the storage estimate when
             ``db_bytes`` is not given.
         qps_per_replica: queries per second one router or shard-searcher replica serves.
+        shards: shard tables to plan serving for (default: the run's).
+        serve_nodes: nodes the shards are served from (one shard group each).
+        index: the index settings the shards will be indexed with (default: the defaults).
 
     Returns:
         ``{"basis": ..., "estimate": ..., "serving": ... or None, "notes": [...]}``; see
@@ -153,6 +164,13 @@ def plan(
                 "uncached Python ingress (one router on a 2-core machine)."
             )
 
+    memory = None
+    shard_count = shards or len(report.get("shards") or {}) or None
+    if dim and shard_count:
+        memory = serving_memory(
+            rows=est_chunks, shards=shard_count, dim=dim, nodes=serve_nodes, settings=index or IndexSettings()
+        )
+
     return {
         "basis": {
             "run_id": run_id,
@@ -187,7 +205,35 @@ def plan(
             "cost_usd": cost,
         },
         "serving": serving,
+        "memory": memory,
         "notes": notes,
+    }
+
+
+def serving_memory(
+    *, rows: int, shards: int, dim: int, nodes: int, settings: IndexSettings
+) -> dict[str, Any]:
+    """The memory a serving node holds for ``rows`` rows in ``shards`` shards served from ``nodes``
+    nodes: the process tree's fixed part and, per row it serves, what its index holds
+    (``pipelines.index.bytes_per_row``: ANN codes and row ids, or a small shard's vectors; never text).
+
+    Returns:
+        ``{"rows_per_shard", "vector_index", "bytes_per_row", "rows_per_node", "node_bytes", ...}``.
+    """
+    from pipelines import index
+
+    per_shard = math.ceil(rows / shards)
+    kind = index.plan_vector_index(per_shard, dim=dim, settings=settings).kind
+    per_row = index.bytes_per_row(kind, dim=dim, settings=settings)
+    per_node = math.ceil(shards / nodes) * per_shard
+    return {
+        "rows_per_shard": per_shard,
+        "vector_index": kind,
+        "bytes_per_row": per_row,
+        "nodes": nodes,
+        "rows_per_node": per_node,
+        "base_bytes": SERVE_BASE_BYTES,
+        "node_bytes": round(SERVE_BASE_BYTES + per_node * per_row),
     }
 
 
@@ -237,6 +283,14 @@ def format_plan(result: dict[str, Any]) -> str:
             )
         serving += f" ({s['qps_per_replica']:g} QPS each)"
         rows.append(("serving", serving))
+    m = result.get("memory")
+    if m is not None:
+        rows.append((
+            "serve memory",
+            f"{m['node_bytes'] / 1e9:,.2f} GB per node: {m['base_bytes'] / 1e9:.1f} GB of processes + "
+            f"{m['rows_per_node']:,} rows x {m['bytes_per_row']} B ({m['vector_index']} shards of "
+            f"{m['rows_per_shard']:,} rows, {_count(m['nodes'], 'node')})",
+        ))  # fmt: skip
     width = max(len(label) for label, _ in rows)
     lines = [
         f"capacity plan for {e['docs']:,} docs",

@@ -32,9 +32,8 @@ class ShardGroupSearcher:
         groups: how many groups the shards are dealt to.
         refresh_s: how often to look for newer table versions.
         index: index settings (ANN query parameters).
-        memory_rows: the largest shard held in memory.
+        memory_rows: the largest unindexed shard held in memory.
         threads: search threads (default: 2 per shard).
-        exact_rows: held rows scanned per query; more go through an in-memory IVF index.
     """
 
     KEEP = 3  # generations held open
@@ -48,12 +47,11 @@ class ShardGroupSearcher:
         index: dict[str, Any] | None = None,
         memory_rows: int = 0,
         threads: int | None = None,
-        exact_rows: int = 200_000,
     ):
         self.db, self.group, self.groups = store.location(db), group, groups
         self.options = {
             "refresh_s": refresh_s, "index": IndexSettings.model_validate(index or {}),
-            "memory_rows": memory_rows, "threads": threads, "exact_rows": exact_rows,
+            "memory_rows": memory_rows, "threads": threads,
         }  # fmt: skip
         self._held: dict[int, ShardGroup] = {}  # by generation, the one used last at the end
         self._recent: int | None = None
@@ -82,8 +80,9 @@ class ShardGroupSearcher:
         timeout_s: float | None = None,
         generation: int | None = None,
     ) -> tuple[list[tuple[bytes, bytes | None] | Exception], tuple[int, ...]]:
-        """Each query's rows (Arrow IPC bytes: Ray pickles an Arrow table in about a millisecond each
-        way, its IPC bytes in microseconds) or its error, and the table versions searched."""
+        """Each query's hits (ids, scores, row ids: ``pipelines.search.KEY_COLUMNS``; Arrow IPC bytes:
+        Ray pickles an Arrow table in about a millisecond each way, its IPC bytes in microseconds) or
+        its error, and the table versions searched (the router reads the final rows at them)."""
         group = await self._group(generation)
         found = await asyncio.to_thread(group.search, vectors, ks, wheres, texts, timeout_s=timeout_s)
         answers = [
@@ -96,9 +95,10 @@ class ShardGroupSearcher:
         group = await self._group(generation)
         return group.versions() if group.fresh else await asyncio.to_thread(group.versions)
 
-    async def stats(self, generation: int | None = None) -> list[dict[str, Any]]:
+    async def stats(self, generation: int | None = None) -> dict[str, Any]:
+        """Each shard's stats, and what the group holds in memory."""
         group = await self._group(generation)
-        return await asyncio.to_thread(group.stats)
+        return await asyncio.to_thread(lambda: {"shards": group.stats(), "memory": group.memory()})
 
     async def _group(self, generation: int | None) -> ShardGroup:
         if generation is None:

@@ -25,7 +25,16 @@ from ray.serve.handle import DeploymentHandle
 from pipelines import store
 from pipelines.config import IndexSettings, ServeSettings
 from pipelines.filters import FilterError, allowed_columns, compile_filter
-from pipelines.search import NoTextIndexError, QueryTimeout, ShardError, ShardGroup, combine, query_embedder
+from pipelines.search import (
+    NoTextIndexError,
+    PinnedTables,
+    QueryTimeout,
+    ShardError,
+    ShardGroup,
+    combine,
+    fetch_rows,
+    query_embedder,
+)
 from serve import ui
 from serve.cache import QueryCache
 from serve.group import decode
@@ -90,6 +99,17 @@ class ShardHealth(BaseModel):
     refresh_error: str | None = None
 
 
+class Memory(BaseModel):
+    rows: int = Field(..., description="Rows of the shards searched by the processes counted.")
+    bytes_held: int = Field(
+        ...,
+        description="Bytes the searching processes hold for their shards: LanceDB's index and metadata "
+        "caches (the ANN indexes' codes and row ids) and the vectors and ids of small shards searched in "
+        "memory. Never the text: an answer's rows are read from the tables.",
+    )
+    bytes_per_row: float | None = None
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"] = Field(
         ..., description="degraded: a shard does not answer, or serves an old version it cannot refresh."
@@ -98,6 +118,7 @@ class Health(BaseModel):
     generation: int | None = Field(None, description="The live generation of the db, which answers queries.")
     shards: list[ShardHealth] | None = None
     rows: int | None = None
+    memory: Memory | None = Field(None, description="What the searching processes hold, in all and per row.")
     unavailable: list[str] | None = Field(None, description="Shard groups that did not answer in time.")
 
 
@@ -116,8 +137,10 @@ class _View:
     and, on one node, its shards held open. A query batch takes one view for its embedding and its
     search, so an answer never mixes generations."""
 
-    def __init__(self, manifest: store.Manifest, embedder: Any, local: ShardGroup | None):
-        self.manifest, self.embedder, self.local = manifest, embedder, local
+    def __init__(
+        self, manifest: store.Manifest, embedder: Any, local: ShardGroup | None, pinned: PinnedTables | None
+    ):
+        self.manifest, self.embedder, self.local, self.pinned = manifest, embedder, local, pinned
         self.generation = manifest.generation
         # (versions, when asked, the ask in flight) of the shard-group deployments' tables
         self.versions: tuple[int, ...] | None = None
@@ -216,6 +239,14 @@ def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
     return len(value) + len(job.query) + len(job.filter or "") + 512
 
 
+def _memory_total(groups: list[dict[str, Any]]) -> Memory | None:
+    if not groups:
+        return None
+    rows = sum(g["rows"] for g in groups)
+    held = sum(g["bytes_held"] for g in groups)
+    return Memory(rows=rows, bytes_held=held, bytes_per_row=round(held / rows, 1) if rows else None)
+
+
 def _user_message(exc: Exception, kind: type[Exception]) -> str:
     # A shard's exception arrives wrapped by Ray; its last line is "<Kind>: <message>".
     return str(exc).splitlines()[-1].split(f"{kind.__name__}: ")[-1]
@@ -299,17 +330,19 @@ class Router:
         compiles kernels: not on a user's query), and on one node its shards open."""
         embedder = _query_embedder(manifest.model, self.dtype, self.settings, manifest.vectors)
         embedder.encode(["warm up"])
-        local = None
+        local = pinned = None
         if not self.groups:
             local = ShardGroup(
                 self.db, refresh_s=self.settings.refresh_s, index=self.index,
-                memory_rows=self.settings.memory_rows, exact_rows=self.settings.memory_exact_rows,
-                threads=self.settings.search_threads, generation=manifest.generation,
+                memory_rows=self.settings.memory_rows, threads=self.settings.search_threads,
+                generation=manifest.generation,
             )  # fmt: skip
+        else:
+            pinned = PinnedTables(self.db, manifest)
         logger.info(
             "generation %d open (%s, %d shards)", manifest.generation, manifest.model, manifest.shards
         )
-        return _View(manifest, embedder, local)
+        return _View(manifest, embedder, local, pinned)
 
     def _watch_generations(self) -> None:
         if self._watcher is None or self._watcher.done():
@@ -468,6 +501,7 @@ class Router:
             per_group = [group_answers for group_answers, _ in answers]
             versions = tuple(v for _, group_versions in answers for v in group_versions)
         results: list[_Answer | Exception] = []
+        merged: dict[int, Any] = {}
         for i, job in enumerate(jobs):
             try:
                 parts = [a[i] if view.local is not None else decode(a[i]) for a in per_group]
@@ -477,11 +511,34 @@ class Router:
             except (FilterError, NoTextIndexError, ShardError, QueryTimeout) as error:
                 results.append(error)
                 continue
-            merged = combine(parts, k=job.k, depth=depth[i], rrf_k=self.settings.rrf_k)
-            hits = merged.select(list(Hit.model_fields)).to_pylist()
-            # The response's results, serialized once: the cache keeps these bytes (their size is
-            # what it bounds) and a hit is sent without serializing again.
-            results.append((json.dumps(hits, ensure_ascii=False).encode(), versions))
+            merged[i] = combine(parts, k=job.k, depth=depth[i], rrf_k=self.settings.rrf_k)
+            results.append(None)
+        if merged:
+            # The text of the answers' rows only, one read per shard for the whole batch, from the
+            # table versions that were searched.
+            if view.local is not None:
+                tables = found.tables
+            else:
+                names = [store.shard_name(s) for s in range(view.manifest.shards)]
+                groups = len(per_group)
+                pinned = {
+                    name: version
+                    for g, (_, group_versions) in enumerate(answers)
+                    for name, version in zip(names[g::groups], group_versions, strict=True)
+                }
+                tables = await asyncio.to_thread(view.pinned.at, pinned)
+            try:
+                rows = await asyncio.to_thread(fetch_rows, list(merged.values()), tables)
+            except ShardError as error:
+                rows = [error] * len(merged)
+            for i, hits in zip(merged, rows, strict=True):
+                if isinstance(hits, Exception):
+                    results[i] = hits
+                    continue
+                # The response's results, serialized once: the cache keeps these bytes (their size is
+                # what it bounds) and a hit is sent without serializing again.
+                found_hits = hits.select(list(Hit.model_fields)).to_pylist()
+                results[i] = (json.dumps(found_hits, ensure_ascii=False).encode(), versions)
         self.metrics.SHARD_FANOUT.observe(time.perf_counter() - started)
         return results
 
@@ -520,23 +577,26 @@ class Router:
             view.versions, view.versions_at = versions, time.monotonic()
         return view.versions
 
-    async def _shard_stats(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every shard's stats and the groups that did not answer, from what the router last learnt:
-        its own shards' snapshots, or the groups' answers, asked at most every refresh_s (at least
-        1 s apart) in the background, so a health check never waits on a shard."""
+    async def _shard_stats(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        """Every shard's stats, what each group holds in memory, and the groups that did not answer,
+        from what the router last learnt: its own shards' snapshots, or the groups' answers, asked at
+        most every refresh_s (at least 1 s apart) in the background, so a health check never waits on
+        a shard."""
         live = self.live
         if live.local is not None:
-            if live.local.fresh:
-                return live.local.stats(), []
-            return await asyncio.to_thread(live.local.stats), []
+            local = live.local
+            if local.fresh:
+                return local.stats(), [local.memory()], []
+            return (*await asyncio.to_thread(lambda: (local.stats(), [local.memory()])), [])
         due = time.monotonic() - self._stats_at >= max(1.0, self.settings.refresh_s)
         if due and (self._stats_task is None or self._stats_task.done()):
             self._stats_task = asyncio.ensure_future(self._ask_stats())
         if all(s is None for s in self._stats):
             await asyncio.wait({self._stats_task}, timeout=2.0)  # the first check: wait a little
-        stats = [s for group_stats in self._stats if group_stats is not None for s in group_stats]
+        answered = [s for s in self._stats if s is not None]
+        stats = [s for group_stats in answered for s in group_stats["shards"]]
         unavailable = [f"group {i}" for i, s in enumerate(self._stats) if s is None]
-        return stats, unavailable
+        return stats, [group_stats["memory"] for group_stats in answered], unavailable
 
     async def _ask_stats(self) -> None:
         live = self.live
@@ -544,7 +604,7 @@ class Router:
             *(asyncio.wait_for(group.stats.remote(live.generation), 2.0) for group in self._groups_of(live)),
             return_exceptions=True,
         )
-        self._stats = [a if isinstance(a, list) else None for a in answers]
+        self._stats = [a if isinstance(a, dict) else None for a in answers]
         self._stats_at = time.monotonic()
 
     async def _search(self, job: _Job, view: _View, key_versions: tuple[int, ...]) -> tuple[bytes, bool]:
@@ -620,7 +680,7 @@ class Router:
         holds, refreshed at most every refresh_s: a health check costs no shard call.
         """
         self._watch_generations()
-        stats, unavailable = await self._shard_stats()
+        stats, memory, unavailable = await self._shard_stats()
         failing = (
             unavailable or self._switch_error or any(s.get("refresh_failing_s") is not None for s in stats)
         )
@@ -633,6 +693,7 @@ class Router:
             generation=self.live.generation,
             shards=[ShardHealth(**s) for s in stats],
             rows=sum(s["rows"] for s in stats),
+            memory=_memory_total(memory),
             unavailable=unavailable or None,
         )
 

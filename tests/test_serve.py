@@ -146,6 +146,12 @@ def test_healthz_and_openapi(served):
     from pipelines import store
 
     assert {s["shard"]: s["rows"] for s in health["shards"]} == store.shard_rows(db)
+    # What the router holds for them: the small shards' vectors and ids, never their text.
+    from pipelines.index import bytes_per_row
+
+    memory = health["memory"]
+    assert memory["rows"] == sum(store.shard_rows(db).values())
+    assert 4 * 384 < memory["bytes_per_row"] <= bytes_per_row("exact", dim=384) * 1.2, memory
     spec = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()
     assert "/search" in spec["paths"] and "/healthz" in spec["paths"]
     request = spec["components"]["schemas"]["SearchRequest"]["properties"]
@@ -441,7 +447,9 @@ def test_a_query_past_its_deadline_is_a_504(served):
 
 def test_healthz_says_degraded_while_a_shard_cannot_refresh(served):
     url, db, *_ = served
-    shard_dir = db / "shard_001.lance"
+    # Its table versions gone from sight (its data files stay): a refresh cannot find the latest version,
+    # while the version being served can still be read (answers read their rows from it).
+    shard_dir = db / "shard_001.lance" / "_versions"
     moved = db / "moved-away"
     shard_dir.rename(moved)
     try:
@@ -652,6 +660,7 @@ def test_shard_group_deployments_answer_as_the_router_alone(served):
     try:
         health = requests.get(f"{url}/groups/healthz", headers=AUTH, timeout=30).json()
         assert health["status"] == "ok" and len(health["shards"]) == 4
+        assert health["memory"]["rows"] == sum(s["rows"] for s in health["shards"])  # both groups counted
         bodies = [{"query": d["title"], "k": 5, "mode": m} for d in docs[:6] for m in ("vector", "hybrid")]
         bodies.append({"query": docs[0]["title"], "k": 5, "filter": f"doc_id != '{docs[0]['_id']}'"})
         for body in bodies:

@@ -2,7 +2,8 @@
 
 One code path for ``embedpipe query``, eval and Serve:
 
-- ``shard.py``: one shard (LanceDB exact/ANN, BM25, or rows in memory), following new table versions;
+- ``shard.py``: one shard (LanceDB exact/ANN, BM25, or a small shard's vectors in memory), following new
+  table versions; hits are ids, scores and row ids, and ``fetch_rows`` reads the final top-k's text;
 - ``group.py``: shards searched side by side in one process, each query's rows merged (``ShardGroup``),
   and the merge of several groups' answers (``combine``);
 - ``merge.py``: the top-k merge and reciprocal rank fusion, pure functions on Arrow tables;
@@ -18,24 +19,28 @@ import pyarrow as pa
 
 from pipelines import store
 from pipelines.config import IndexSettings
-from pipelines.search.group import GroupAnswer, Partial, ShardGroup, combine
+from pipelines.search.group import GroupAnswer, Partial, PinnedTables, ShardGroup, combine
 from pipelines.search.merge import merge_topk, rrf_fuse
 from pipelines.search.query import query_embedder, query_precision
 from pipelines.search.shard import (
+    KEY_COLUMNS,
     RESULT_COLUMNS,
     MemoryShard,
     NoTextIndexError,
     QueryTimeout,
     Shard,
     ShardError,
+    fetch_rows,
     search_shard,
+    search_shard_many,
     text_search_shard,
 )
 
 __all__ = [
-    "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial", "QueryTimeout", "Searcher",
-    "Shard", "ShardError", "ShardGroup", "combine", "merge_topk", "query_embedder", "query_precision",
-    "rrf_fuse", "search_shard", "text_search_shard",
+    "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
+    "PinnedTables", "QueryTimeout", "Searcher", "Shard", "ShardError", "ShardGroup", "combine", "fetch_rows",
+    "merge_topk", "query_embedder", "query_precision", "rrf_fuse", "search_shard", "search_shard_many",
+    "text_search_shard",
 ]  # fmt: skip
 
 
@@ -47,7 +52,7 @@ class Searcher:
         device: where to embed queries (auto, cpu, cuda).
         dtype: precision of the query embedder (auto: see ``query_precision``; fp32, bf16, fp16, int8).
         index: index settings (ANN query parameters).
-        memory_rows: exact shards up to this many rows are searched in memory (0: through LanceDB).
+        memory_rows: unindexed shards up to this many rows are searched in memory (0: through LanceDB).
         generation: the db generation to search (default: the live one).
     """
 
@@ -93,12 +98,13 @@ class Searcher:
         (part,) = answer.answers
         if isinstance(part, Exception):
             raise part
-        return combine([part], k=k, depth=depth, rrf_k=rrf_k)
+        (rows,) = fetch_rows([combine([part], k=k, depth=depth, rrf_k=rrf_k)], answer.tables)
+        return rows
 
     def search_vector(
         self, vector: np.ndarray, *, k: int = 10, where: str | None = None, exact: bool = False
     ) -> pa.Table:
-        """The global top-k for one query vector, merged across shards."""
+        """The global top-k rows for one query vector, merged across shards."""
         return self._one(self.group.search(vector, [k], [where], exact=exact), k=k)
 
     def search(

@@ -6,26 +6,24 @@ calls group deployments spread over a cluster's nodes and merges their answers w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 
 from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.search.merge import merge_topk, rrf_fuse
-from pipelines.search.shard import MemoryShard, QueryTimeout, Shard, ShardError, Snapshot
+from pipelines.search.shard import MemoryShard, QueryTimeout, Shard, ShardError, Snapshot, search_loop
 
 logger = logging.getLogger(__name__)
-
-# Memory searches smaller than this (rows x queries) run in the calling thread; larger ones in the
-# pool, beside the LanceDB queries (numpy releases the GIL).
-INLINE_SCORES = 262_144
 
 
 class Partial(NamedTuple):
@@ -37,31 +35,32 @@ class Partial(NamedTuple):
 
 
 class GroupAnswer(NamedTuple):
-    """Each query's Partial (or the error that ended it), and the table version of every shard."""
+    """Each query's Partial (or the error that ended it), the table version of every shard, and the
+    table of every shard at that version (``fetch`` reads the answers' rows from them)."""
 
     answers: list[Partial | Exception]
     versions: tuple[int, ...]
+    tables: dict[str, Any] = {}
 
 
 class ShardGroup:
     """Shard tables of one db held open in this process and searched concurrently.
 
-    The group's small exact shards are held in memory as one (``MemoryShard.combined``, rebuilt when
-    one of them moves to a new version): a batch of queries costs one matrix product and one top-k
-    per query for all of them. Other shards, and filtered queries, cost one LanceDB query per (query,
-    shard), run in a thread pool (LanceDB and numpy release the GIL); each query's rows are merged
-    over the group's shards before it is answered. Every answer reports the table versions it was
-    computed on.
+    The group's small unindexed shards are held in memory as one (``MemoryShard.combined``: vectors,
+    row ids and chunk ids; rebuilt when one of them moves to a new version): a batch of queries costs
+    one matrix product and one top-k per query for all of them. Every other shard is searched through
+    LanceDB, its ANN index read from the db (never built here): one LanceDB query per shard for a
+    batch's unfiltered queries, one per filtered query, run in a thread pool (LanceDB and numpy release
+    the GIL); each query's hits are merged over the group's shards before it is answered. Hits carry
+    ids, scores and row ids only: ``fetch`` reads the text of an answer's rows. Every answer reports
+    the table versions it was computed on. What the group holds is ``memory()``.
 
     Args:
         db: the db directory.
         shards: the shard tables this group holds (default: every shard of the db).
         refresh_s: how often each shard looks for a newer table version (0: before every search).
         index: index settings (ANN query parameters).
-        memory_rows: shards up to this many rows are held in memory (0: never).
-        exact_rows: held rows up to this many are scanned per query; above, an in-memory IVF index
-            finds candidates that are then scored exactly (built in the background when the held
-            shards change: the previous versions serve meanwhile).
+        memory_rows: unindexed shards up to this many rows are held in memory (0: never).
         threads: the pool's threads (default: 2 per shard, at least 4, at most 32).
         generation: the db generation whose shards these are (default: the live one when opened).
     """
@@ -74,13 +73,14 @@ class ShardGroup:
         refresh_s: float = 1.0,
         index: IndexSettings | None = None,
         memory_rows: int = 0,
-        exact_rows: int = 200_000,
         threads: int | None = None,
         generation: int | None = None,
     ):
         loc = store.location(db)
         self.manifest = store.read_manifest(loc, generation)
-        conn = store.tables_of(loc, self.manifest).connect()
+        # One LanceDB session (index and metadata caches) for the group: what it holds is measured.
+        self.session = lancedb.Session()
+        conn = store.tables_of(loc, self.manifest).connect(session=self.session)
         names = shards if shards is not None else [store.shard_name(i) for i in range(self.manifest.shards)]
         if not names:
             raise ValueError(f"{db}: a shard group needs at least one shard")
@@ -88,7 +88,6 @@ class ShardGroup:
             Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows) for name in names
         ]
         self.names = names
-        self.exact_rows = exact_rows
         # (key: held shards and versions, the memory, the snapshots it holds by shard)
         self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None, dict[int, Snapshot]] = (
             (),
@@ -96,11 +95,9 @@ class ShardGroup:
             {},
         )
         self._memory_lock = threading.Lock()
-        self._building: Future | None = None
-        self._builder = ThreadPoolExecutor(1, "memory-build")
         self.pool = ThreadPoolExecutor(threads or min(32, max(4, 2 * len(names))), "shard-search")
-        # Open every table (a db that cannot be read fails at start, not per query) and load the rows
-        # held in memory before the first query.
+        # Open every table (a db that cannot be read fails at start, not per query), prewarm the ANN
+        # indexes and load the small shards held in memory before the first query.
         self._memory_for(self.snapshots())
 
     @property
@@ -121,6 +118,15 @@ class ShardGroup:
         self.snapshots()
         return [shard.stats() for shard in self.shards]
 
+    def memory(self) -> dict[str, Any]:
+        """What this group holds in memory for searching: LanceDB's index and metadata caches (the ANN
+        indexes' codes and row ids) and the small shards held exactly; per row of its shards."""
+        snaps = self.snapshots()
+        _, memory, _ = self._memory
+        held = self.session.size_bytes + (memory.nbytes if memory is not None else 0)
+        rows = sum(snap.rows for snap in snaps)
+        return {"rows": rows, "bytes_held": held, "bytes_per_row": round(held / rows, 1) if rows else None}
+
     def search(
         self,
         vectors: np.ndarray | None,
@@ -131,7 +137,7 @@ class ShardGroup:
         exact: bool = False,
         timeout_s: float | None = None,
     ) -> GroupAnswer:
-        """Each query's top ``ks[i]`` over the group's shards.
+        """Each query's top ``ks[i]`` hits (``pipelines.search.KEY_COLUMNS``) over the group's shards.
 
         Args:
             vectors: unit query vectors, one row per query (None: BM25 searches only).
@@ -147,7 +153,7 @@ class ShardGroup:
 
         Returns:
             Per query a Partial or the error that ended it (a bad filter, a shard's fault, the
-            deadline), and the table versions searched.
+            deadline), the table versions searched and the tables at those versions.
         """
         started = time.monotonic()
         n = len(ks)
@@ -163,43 +169,59 @@ class ShardGroup:
         found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
         from_memory: list[Any] = [None] * n
-        # future -> (who answers, the queries it answers, where each query's rows go)
-        pending: dict[Future, tuple[str, list[int], Callable[[int, Any], None]]] = {}
+        # (who answers, the queries it answers, where each query's rows go, what to await)
+        calls: list[tuple[str, list[int], Callable[[int, Any], None], Any]] = []
         searched = range(n) if vectors is not None else range(0)
         plain = [i for i in searched if not wheres[i]] if memory is not None else []
-        if plain:
-            if memory.num_rows * len(plain) <= INLINE_SCORES:
-                for i, hits in zip(plain, _memory(memory, vectors, ks, plain), strict=True):
-                    from_memory[i] = hits
-            else:
-                future = self.pool.submit(_memory, memory, vectors, ks, plain)
-                pending[future] = ("memory", plain, from_memory.__setitem__)
+        loop = search_loop()
         for s, (shard, snap) in enumerate(zip(self.shards, snaps, strict=True)):
             skip = set(plain) if s in held else set()
-            for i in (i for i in searched if i not in skip):
-                future = self.pool.submit(shard.vector_query, snap, vectors[i], ks[i], wheres[i], exact)
-                pending[future] = (shard.name, [i], lambda i, hits, s=s: found[i].__setitem__(s, hits))
+            place = lambda i, hits, s=s: found[i].__setitem__(s, hits)  # noqa: E731
+            # A batch's unfiltered queries in one LanceDB query (each cut to its own k after); each
+            # filtered query alone.
+            together = [i for i in searched if i not in skip and not wheres[i]]
+            if together:
+                tks = [ks[i] for i in together]
+                calls.append(
+                    (
+                        shard.name,
+                        together,
+                        place,
+                        shard.vector_query(snap, vectors[together], tks, None, exact),
+                    )
+                )
+            for i in (i for i in searched if i not in skip and wheres[i]):
+                call = shard.vector_query(snap, vectors[i : i + 1], [ks[i]], wheres[i], exact)
+                calls.append((shard.name, [i], place, call))
             for i in (i for i in range(n) if texts[i] is not None):
-                future = self.pool.submit(shard.text_query, snap, texts[i], ks[i], wheres[i])
-                pending[future] = (shard.name, [i], lambda i, hits, s=s: found_text[i].__setitem__(s, hits))
-        remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
-        done, late = wait(pending, timeout=remaining)
-        for future in done:
-            name, rows, place = pending[future]
+                # BM25 through LanceDB's synchronous API, in the pool beside the vector searches.
+                call = loop.run_in_executor(self.pool, shard.text_query, snap, texts[i], ks[i], wheres[i])
+                calls.append((shard.name, [i], lambda i, hits, s=s: found_text[i].__setitem__(s, hits), call))
+        # The LanceDB searches run on the search loop while the held shards are scanned here.
+        running = asyncio.run_coroutine_threadsafe(_gather([call for *_, call in calls], timeout_s), loop)
+        if plain:
             try:
-                answer = future.result()
-            except Exception as exc:  # noqa: BLE001 - a memory search; LanceDB's come back as values
-                logger.exception("%s: search failed", name)
-                answer = ShardError(f"{name}: {type(exc).__name__}")
+                for i, hits in zip(plain, _memory(memory, vectors, ks, plain), strict=True):
+                    from_memory[i] = hits
+            except Exception as exc:  # noqa: BLE001 - these queries get it; the others are answered
+                logger.exception("memory: search failed")
+                for i in plain:
+                    from_memory[i] = ShardError(f"memory: {type(exc).__name__}")
+        remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
+        outcomes = running.result(None if remaining is None else remaining + 5.0)
+        for (name, rows, place, _), outcome in zip(calls, outcomes, strict=True):
+            if outcome is _LATE:
+                logger.warning("%s: a query ran past its deadline of %.3g s", name, timeout_s)
+                answer = QueryTimeout(f"{name}: no answer within {timeout_s:g} s")
+            elif isinstance(outcome, _Raised):
+                logger.error("%s: search failed", name, exc_info=outcome.error)
+                answer = ShardError(f"{name}: {type(outcome.error).__name__}")
+            else:
+                answer = outcome
             for i, hits in zip(
                 rows, answer if isinstance(answer, list) else [answer] * len(rows), strict=True
             ):
                 place(i, hits)
-        for future in late:
-            name, rows, place = pending[future]
-            logger.warning("%s: a query ran past its deadline of %.3g s", name, timeout_s)
-            for i in rows:
-                place(i, QueryTimeout(f"{name}: no answer within {timeout_s:g} s"))
         answers: list[Partial | Exception] = []
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
@@ -214,50 +236,89 @@ class ShardGroup:
             if vectors is not None:
                 vector = vector_parts[0] if len(vector_parts) == 1 else merge_topk(vector_parts, k=ks[i])
             answers.append(Partial(vector, text))
-        return GroupAnswer(answers, tuple(snap.version for snap in snaps))
+        tables = {name: snap.table for name, snap in zip(self.names, snaps, strict=True)}
+        return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
 
     def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
-        """The group's held shards as one in memory, and the snapshot of each shard it holds.
-
-        Rebuilt (reading those tables) when one of them has moved to a new version: at once while
-        the held rows are few enough to scan; in the background when an IVF index must be built,
-        the previous versions answering meanwhile.
-        """
+        """The group's held shards as one in memory, and the snapshot of each shard it holds; loaded
+        again (their vectors and ids only) when one of them has moved to a new version."""
         key = tuple((s, snap.version) for s, snap in enumerate(snaps) if snap.in_memory)
         current_key, memory, held = self._memory
         if current_key == key:
             return memory, held
-        small = sum(snaps[s].rows for s, _ in key) <= self.exact_rows
-        if small or memory is None:
-            with self._memory_lock:
-                if self._memory[0] != key:
-                    self._memory = self._build(key, snaps)
-            return self._memory[1], self._memory[2]
-        if self._building is None or self._building.done():
-            self._building = self._builder.submit(self._build_later, key, snaps)
-        return memory, held
-
-    def _build(self, key: tuple[tuple[int, int], ...], snaps: list[Snapshot]):
-        parts = [(self.names[s], snaps[s].table) for s, _ in key]
-        started = time.monotonic()
-        memory = MemoryShard.combined(parts, exact_rows=self.exact_rows) if parts else None
-        if memory is not None:
-            logger.info("holding %d rows of %d shards in memory (%s), built in %.1f s", memory.num_rows,
-                        len(parts), "IVF" if memory.ivf else "exact", time.monotonic() - started)  # fmt: skip
-        return key, memory, {s: snaps[s] for s, _ in key}
-
-    def _build_later(self, key: tuple[tuple[int, int], ...], snaps: list[Snapshot]) -> None:
-        try:
-            built = self._build(key, snaps)
-        except Exception:
-            logger.exception("rebuilding the rows held in memory failed; the previous versions serve on")
-            return
         with self._memory_lock:
-            self._memory = built
+            if self._memory[0] != key:
+                parts = [(self.names[s], snaps[s].table) for s, _ in key]
+                started = time.monotonic()
+                memory = MemoryShard.combined(parts) if parts else None
+                if memory is not None:
+                    logger.info("holding %d rows of %d shards in memory (%.1f MB), loaded in %.2f s",
+                                memory.num_rows, len(parts), memory.nbytes / 1e6,
+                                time.monotonic() - started)  # fmt: skip
+                self._memory = key, memory, {s: snaps[s] for s, _ in key}
+        return self._memory[1], self._memory[2]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self._builder.shutdown(wait=False, cancel_futures=True)
+
+
+class PinnedTables:
+    """Shard tables of one generation at named versions, opened on first use and kept for the next
+    answers (the latest ``keep`` versions of each shard): where a router that merges shard groups'
+    answers reads the final rows, as the groups report the versions they searched.
+
+    Args:
+        db: the db.
+        manifest: the generation's manifest.
+        keep: versions kept open per shard.
+    """
+
+    def __init__(self, db: str | store.Location, manifest: store.Manifest, *, keep: int = 3):
+        self.conn = store.tables_of(store.location(db), manifest).connect()
+        self.keep = keep
+        self._open: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def at(self, versions: dict[str, int]) -> dict[str, Any]:
+        """Each named shard's table at its version."""
+        out = {}
+        for name, version in versions.items():
+            with self._lock:
+                table = self._open.get((name, version))
+            if table is None:
+                table = self.conn.open_table(name)
+                table.checkout(version)
+                with self._lock:
+                    self._open[(name, version)] = table
+                    mine = sorted(v for n, v in self._open if n == name)
+                    for old in mine[: -self.keep]:
+                        self._open.pop((name, old), None)
+            out[name] = table
+        return out
+
+
+_LATE = object()  # a search still running at the deadline
+
+
+class _Raised(NamedTuple):
+    """A search that raised (its errors as values are answers)."""
+
+    error: BaseException
+
+
+async def _gather(calls: list[Any], timeout_s: float | None) -> list[Any]:
+    """Each call's result or exception; ``_LATE`` for those not done within ``timeout_s`` (cancelled:
+    a LanceDB query stops when its future is dropped; a thread's goes on and its rows are dropped)."""
+    if not calls:
+        return []
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    _, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    return [
+        _LATE if task in late else _Raised(task.exception()) if task.exception() else task.result()
+        for task in tasks
+    ]
 
 
 def _memory(memory: MemoryShard, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:

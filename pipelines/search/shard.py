@@ -1,13 +1,15 @@
-"""One shard table: exact or ANN search through LanceDB, BM25, or exact search of rows held in memory;
-and ``Shard``, which keeps a table open at one version at a time and follows new commits.
+"""One shard table: exact or ANN search through LanceDB, BM25, or exact search of small shards' vectors
+held in memory; the result rows of an answer read by row id (``fetch_rows``); and ``Shard``, which keeps
+a table open at one version at a time and follows new commits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,14 @@ from pipelines.index import ShardIndexes, query_params, read_indexes
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "source", "metadata"]
+# What a search returns per hit: the chunk's id (ties and fusion), its score, its shard and its row id
+# there. The other RESULT_COLUMNS are read for the final top-k only (``fetch_rows``): a process that
+# searches never holds the text, title, source or metadata of rows that are not in an answer.
+KEY_COLUMNS = ["chunk_id", "score", "shard", "_rowid"]
+SCAN_WARN_ROWS = 100_000  # an unindexed shard this large costs every query a scan worth a warning
+KEY_SCHEMA = pa.schema(
+    [("chunk_id", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("_rowid", pa.uint64())]
+)
 
 
 def search_shard(
@@ -35,31 +45,104 @@ def search_shard(
     params: dict[str, int] | None = None,
     exact: bool = False,
 ) -> pa.Table:
-    """Cosine search of one shard table: exact, or through its ANN index.
+    """Cosine search of one shard table for one query vector (see ``search_shard_many``)."""
+    (hits,) = search_shard_many(
+        table, np.atleast_2d(vector), k=k, shard=shard, where=where, params=params, exact=exact
+    )
+    return hits
+
+
+def search_shard_many(
+    table: Any,
+    vectors: np.ndarray,
+    *,
+    k: int,
+    shard: str,
+    where: str | None = None,
+    params: dict[str, int] | None = None,
+    exact: bool = False,
+) -> list[pa.Table]:
+    """Cosine search of one shard table for several query vectors in one LanceDB query (see
+    ``search_shard_async``), from synchronous code."""
+    return run_async(
+        search_shard_async(table, vectors, k=k, shard=shard, where=where, params=params, exact=exact)
+    )
+
+
+async def search_shard_async(
+    table: Any,
+    vectors: np.ndarray,
+    *,
+    k: int,
+    shard: str,
+    where: str | None = None,
+    params: dict[str, int] | None = None,
+    exact: bool = False,
+) -> list[pa.Table]:
+    """Cosine search of one shard table for several query vectors in one LanceDB query, exact or
+    through its ANN index. A LanceDB query costs ~1-3 ms of fixed overhead on 2 cores and well under
+    that for each further vector it carries (README, "Search path"): a batch of queries is one call
+    per shard, and the shards of a group are searched side by side on one event loop (LanceDB's
+    async API: no thread per call, no schema lookups per call as its synchronous API makes).
 
     Args:
         table: an open LanceDB table.
-        vector: the unit-length query vector.
-        k: rows to return from this shard.
+        vectors: unit-length query vectors, one row each.
+        k: rows to return from this shard for each query.
         shard: the shard's name, added as a column.
-        where: an optional SQL predicate applied before the search.
+        where: an optional SQL predicate applied before the search (to every query).
         params: ANN query parameters (``nprobes``, ``ef``, ``refine_factor``; see pipelines.index).
         exact: scan every row even when the table has an ANN index.
 
     Returns:
-        RESULT_COLUMNS plus ``score`` (cosine similarity, higher is better) and ``shard``.
+        Per query, KEY_COLUMNS: ``score`` is the cosine similarity (1 - cosine distance; higher is
+        better), best first.
     """
-    query = table.search(vector).distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
+    vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+    many = len(vectors) > 1
+    query = _async_table(table).vector_search(list(vectors) if many else vectors[0]).distance_type("cosine")
+    query = query.select(["chunk_id", "_distance", "_rowid"]).limit(k)
     if exact:
         query = query.bypass_vector_index()
     else:
         for name, value in (params or {}).items():
             query = getattr(query, name)(value)
     if where:
-        query = query.where(where, prefilter=True)
-    hits = query.to_arrow()
+        query = query.where(where)  # a prefilter, as in the synchronous API
+    hits = await query.to_arrow()
     score = pc.subtract(pa.scalar(1.0, pa.float32()), hits.column("_distance").cast(pa.float32()))
-    return _finish(hits.drop_columns(["_distance"]), score, shard)
+    keys = _keys(hits, score, shard)
+    if not many:
+        return [keys]
+    which = hits.column("query_index").to_numpy()
+    return [keys.filter(pa.array(which == i)) for i in range(len(vectors))]
+
+
+def _async_table(table: Any) -> Any:
+    # lancedb's synchronous LanceTable wraps an AsyncTable (checked out at the same version); its
+    # queries are what the synchronous API itself awaits on a background loop.
+    return getattr(table, "_table", table)
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def run_async(coroutine: Any, timeout: float | None = None) -> Any:
+    """Run ``coroutine`` on this process's search event loop (one thread, started on first use) and
+    wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, search_loop()).result(timeout)
+
+
+def search_loop() -> asyncio.AbstractEventLoop:
+    """The event loop LanceDB searches run on in this process."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="shard-search-loop", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
 
 
 def text_search_shard(
@@ -68,21 +151,68 @@ def text_search_shard(
     """BM25 full-text search of one shard over ``columns`` (each needs an FTS index).
 
     Returns:
-        RESULT_COLUMNS plus ``score`` (BM25, higher is better) and ``shard``.
+        KEY_COLUMNS, ``score`` the BM25 score (higher is better), best first.
     """
     if not columns:
         raise NoTextIndexError(f"{shard} has no full-text index; run `embedpipe index --db DIR` first.")
     match = MatchQuery(text, columns[0]) if len(columns) == 1 else MultiMatchQuery(text, list(columns))
-    query = table.search(match, query_type="fts").select([*RESULT_COLUMNS, "_score"]).limit(k)
+    query = table.search(match, query_type="fts").select(["chunk_id"]).with_row_id(True).limit(k)
     if where:
         query = query.where(where, prefilter=True)
     hits = query.to_arrow()
-    return _finish(hits.drop_columns(["_score"]), hits.column("_score").cast(pa.float32()), shard)
+    return _keys(hits, hits.column("_score").cast(pa.float32()), shard)
 
 
-def _finish(hits: pa.Table, score: Any, shard: str) -> pa.Table:
-    hits = hits.select(RESULT_COLUMNS).append_column("score", score)
-    return hits.append_column("shard", pa.array([shard] * hits.num_rows, pa.string()))
+def _keys(hits: pa.Table, score: Any, shard: str) -> pa.Table:
+    n = hits.num_rows
+    return pa.table(
+        [hits.column("chunk_id"), score, pa.array([shard] * n, pa.string()), hits.column("_rowid")],
+        schema=KEY_SCHEMA,
+    )
+
+
+def fetch_rows(hits: list[pa.Table], tables: Mapping[str, Any]) -> list[pa.Table]:
+    """The result rows of each hit list: RESULT_COLUMNS read from the shard tables by row id, then
+    ``score`` and ``shard``, in the hits' order. One LanceDB take per shard for all the lists.
+
+    Args:
+        hits: tables of KEY_COLUMNS (a query's merged top-k each).
+        tables: each shard's table, at the version its hits were found on (row ids are per version).
+    """
+    wanted: dict[str, set[int]] = {}
+    for table in hits:
+        for shard, rowid in zip(
+            table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True
+        ):
+            wanted.setdefault(shard, set()).add(rowid)
+    parts, index = [], {}
+    offset = 0
+    for shard, rowids in wanted.items():
+        rows = tables[shard].take_row_ids(sorted(rowids)).select(RESULT_COLUMNS).with_row_id().to_arrow()
+        for i, rowid in enumerate(rows.column("_rowid").to_pylist()):
+            index[(shard, rowid)] = offset + i
+        parts.append(rows.select(RESULT_COLUMNS))
+        offset += rows.num_rows
+    every = pa.concat_tables(parts).combine_chunks() if parts else None
+    out = []
+    for table in hits:
+        keys = list(zip(table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True))
+        missing = [key for key in keys if key not in index]
+        if missing:
+            raise ShardError(
+                f"{missing[0][0]}: rows {[r for _, r in missing][:5]} not found at the version searched"
+            )
+        rows = every.take(pa.array([index[key] for key in keys], pa.int64())) if keys else _empty_rows()
+        out.append(
+            rows.append_column("score", table.column("score")).append_column("shard", table.column("shard"))
+        )
+    return out
+
+
+def _empty_rows() -> pa.Table:
+    from pipelines import store
+
+    return store.table_schema(1).empty_table().select(RESULT_COLUMNS)
 
 
 class NoTextIndexError(ValueError):
@@ -98,14 +228,15 @@ class QueryTimeout(TimeoutError):
 
 
 class MemoryShard:
-    """Exact cosine search over shard tables held in memory: their vectors and result columns.
+    """Exact cosine search over small shard tables held in memory: their vectors, row ids and chunk
+    ids, never their text.
 
     A LanceDB query costs a few milliseconds of planning even on a tiny table; small shards searched
     many times (Serve) answer from memory instead, many queries in one matrix product. Several shards
     of a group are held as one (``combined``), so a query costs one product and one top-k for all of
     them. The rows, scores and order equal ``search_shard(..., exact=True)`` merged with
     ``merge_topk``: score is 1 - cosine distance, and rows tied with the k-th best are kept or cut by
-    chunk_id, as the merge orders them.
+    chunk_id, as the merge orders them. What it holds per row: ``bytes_per_row`` in pipelines.index.
 
     Args:
         table: an open LanceDB table, at the version to hold.
@@ -116,25 +247,18 @@ class MemoryShard:
         self._load([(shard, table)])
 
     @classmethod
-    def combined(cls, parts: list[tuple[str, Any]], *, exact_rows: int | None = None) -> MemoryShard:
-        """One MemoryShard over several (shard name, table) parts.
-
-        Args:
-            parts: (shard name, table at the version to hold).
-            exact_rows: above this many rows, searches go through an IVF index (``ivf_search``)
-                instead of scanning every row; None: always scan.
-        """
+    def combined(cls, parts: list[tuple[str, Any]]) -> MemoryShard:
+        """One MemoryShard over several (shard name, table at the version to hold) parts."""
         memory = cls.__new__(cls)
         memory._load(parts)
-        if exact_rows is not None and memory.num_rows > exact_rows:
-            memory.ivf = IvfSearch(memory.vectors / memory.norms[:, None])
-            memory.vectors = None  # the index holds them: its scores are exact inner products
         return memory
 
     def _load(self, parts: list[tuple[str, Any]]) -> None:
         # Only the columns it needs are read (a scan with a projection), not whole tables.
-        columns = [*RESULT_COLUMNS, "vector"]
-        tables = [table.search().select(columns).limit(None).to_arrow().select(columns) for _, table in parts]
+        tables = [
+            table.search().select(["chunk_id", "vector"]).with_row_id(True).limit(None).to_arrow()
+            for _, table in parts
+        ]
         data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         vectors = data.column("vector").combine_chunks()
         dim = vectors.type.list_size
@@ -142,43 +266,36 @@ class MemoryShard:
         self.vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
         norms = np.linalg.norm(self.vectors, axis=1)
         self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
-        self.rows = data.drop_columns(["vector"]).combine_chunks()  # one chunk: cheaper take per query
+        self.chunk_ids = data.column("chunk_id").combine_chunks()
+        self.rowids = data.column("_rowid").combine_chunks()
         # Each row's shard, as dictionary indices into the names.
         names = pa.array([name for name, _ in parts], pa.string())
         owner = np.repeat(np.arange(len(parts), dtype=np.int32), [t.num_rows for t in tables])
         self.shards = pa.DictionaryArray.from_arrays(pa.array(owner), names)
         # Position of each row in chunk_id order: ties in score are cut by it, as merge_topk does.
-        chunk_ids = np.asarray(self.rows.column("chunk_id").to_pylist(), dtype=object)
-        self.id_rank = np.argsort(np.argsort(chunk_ids))
-        self.ivf: IvfSearch | None = None
+        order = np.argsort(np.asarray(self.chunk_ids.to_pylist(), dtype=object))
+        self.id_rank = np.empty(len(order), np.int32)
+        self.id_rank[order] = np.arange(len(order), dtype=np.int32)
 
     @property
     def num_rows(self) -> int:
-        return self.rows.num_rows
+        return len(self.chunk_ids)
 
     @property
     def nbytes(self) -> int:
-        vectors = self.vectors.nbytes if self.vectors is not None else self.ivf.nbytes
-        return vectors + self.rows.nbytes
+        return (
+            self.vectors.nbytes + self.norms.nbytes + self.id_rank.nbytes + self.chunk_ids.nbytes
+            + self.rowids.nbytes + self.shards.nbytes
+        )  # fmt: skip
 
     def search(self, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
-        """The top ``ks[i]`` rows for each query vector ``vectors[i]``, best first."""
+        """The top ``ks[i]`` rows (KEY_COLUMNS) for each query vector ``vectors[i]``, best first."""
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         qnorms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(qnorms > 0, qnorms, 1.0)
-        if self.ivf is not None:
-            return [
-                self._top_of(*self.ivf.candidates(query, k), k) for query, k in zip(queries, ks, strict=True)
-            ]
         cosine = (queries @ self.vectors.T) / self.norms
         scores = (1.0 - (1.0 - cosine)).astype(np.float32)  # as LanceDB: 1 - cosine distance
         return [self._top(row, k) for row, k in zip(scores, ks, strict=True)]
-
-    def _top_of(self, rows: np.ndarray, cosine: np.ndarray, k: int) -> pa.Table:
-        """The top k among candidate rows and their exact cosines, ties cut by chunk_id."""
-        scores = (1.0 - (1.0 - cosine)).astype(np.float32)
-        order = np.lexsort((self.id_rank[rows], -scores))[:k]
-        return self._rows(rows[order], scores[order])
 
     def _top(self, scores: np.ndarray, k: int) -> pa.Table:
         n = min(k, scores.size)
@@ -191,39 +308,16 @@ class MemoryShard:
             else:
                 idx = np.arange(scores.size)
             idx = idx[np.lexsort((self.id_rank[idx], -scores[idx]))][:n]
-        return self._rows(idx, scores[idx])
-
-    def _rows(self, idx: np.ndarray, scores: np.ndarray) -> pa.Table:
-        hits = self.rows.take(idx).append_column("score", pa.array(scores, pa.float32()))
-        return hits.append_column("shard", self.shards.take(pa.array(idx)).cast(pa.string()))
-
-
-class IvfSearch:
-    """An inverted-file index over unit vectors held in memory (faiss ``IndexIVFFlat``, inner product),
-    for groups too large to scan per query. ~2 * sqrt(rows) lists; a query probes 1/64 of them (at
-    least 16) and takes 2 x k candidates with their exact inner products (the cosines: the vectors
-    are unit). On 1M SciFact-like rows (``benchmarks/ann_recall.py``) that gave recall@10 0.98 against
-    an exact scan in ~1.5 ms (62 probes: 0.989 in ~2.9 ms).
-    """
-
-    def __init__(self, unit: np.ndarray, *, probe_fraction: float = 1 / 64, refine: int = 2, seed: int = 0):
-        import faiss
-
-        rows, dim = unit.shape
-        self.nlist = max(1, min(rows // 39, int(2 * np.sqrt(rows))))
-        self.refine = refine
-        self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(seed).choice(rows, min(rows, self.nlist * 64), replace=False)
-        self.index.train(np.ascontiguousarray(unit[np.sort(sample)]))
-        self.index.add(np.ascontiguousarray(unit))
-        self.index.nprobe = min(self.nlist, max(16, int(self.nlist * probe_fraction)))
-        self.nbytes = rows * dim * 4
-
-    def candidates(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate rows for the query's top k, and their cosines."""
-        found, rows = self.index.search(np.ascontiguousarray(query[None], dtype=np.float32), k * self.refine)
-        keep = rows[0] >= 0
-        return rows[0][keep], found[0][keep]
+        take = pa.array(idx, pa.int64())
+        return pa.table(
+            [
+                self.chunk_ids.take(take),
+                pa.array(scores[idx], pa.float32()),
+                self.shards.take(take).cast(pa.string()),
+                self.rowids.take(take),
+            ],
+            schema=KEY_SCHEMA,
+        )
 
 
 @dataclass(frozen=True)
@@ -244,17 +338,18 @@ class Shard:
 
     Each table version is searched through its own table handle, pinned to it, so every answer is
     computed on exactly the version it reports, even while a refresh moves on to the next one. A
-    shard with at most ``memory_rows`` rows is searched in memory by its group (``MemoryShard``:
-    LanceDB's exact rows and order, or an in-memory IVF index for a large group); a filtered query,
-    or a larger shard, goes through LanceDB (through its ANN index, if it has one). Safe to use from
-    many threads.
+    shard without a vector index and with at most ``memory_rows`` rows is searched in memory by its
+    group (``MemoryShard``: LanceDB's exact rows and order); a filtered query, or any other shard, goes
+    through LanceDB: through the ANN index `embedpipe index` built and stored in the table (prewarmed
+    into LanceDB's index cache when a version brings a new one), rows added since it was built found
+    by LanceDB's scan of them. Safe to use from many threads.
 
     Args:
         conn: an open LanceDB connection to the db.
         name: the table name (``shard_000``...).
         refresh_s: how often to look for a newer table version (0: before every search).
         index: index settings (ANN query parameters).
-        memory_rows: the largest shard held in memory (0: never).
+        memory_rows: the largest unindexed shard held in memory (0: never).
     """
 
     def __init__(
@@ -316,7 +411,18 @@ class Shard:
         table.checkout(version)
         indexes = read_indexes(table)
         rows = table.count_rows()
-        in_memory = 0 < rows <= self.memory_rows
+        # Only shards without an ANN index are held (small ones: `embedpipe index` leaves shards under
+        # index.exact_below_rows exact); an indexed shard is searched through its index on disk.
+        in_memory = indexes.vector_kind == "exact" and 0 < rows <= self.memory_rows
+        if indexes.vector_index_name and (
+            self._snapshot is None or self._snapshot.indexes.vector_index_name != indexes.vector_index_name
+        ):
+            # Its partitions into LanceDB's index cache now, not on the first queries. The index was
+            # built by `embedpipe index` and is only read here, never built.
+            table.prewarm_index(indexes.vector_index_name)
+        if indexes.vector_kind == "exact" and rows > max(self.memory_rows, SCAN_WARN_ROWS):
+            logger.warning("%s: %d rows and no vector index: every query scans them; run `embedpipe index`",
+                           self.name, rows)  # fmt: skip
         logger.info("%s: serving version %d (%s)", self.name, version,
                     "in memory" if in_memory else indexes.vector_kind)  # fmt: skip
         return Snapshot(version, table, indexes, rows, in_memory)
@@ -337,16 +443,34 @@ class Shard:
             "refresh_error": self._refresh_error if failing else None,
         }
 
-    def vector_query(
-        self, snap: Snapshot, vector: np.ndarray, k: int, where: str | None, exact: bool = False
-    ) -> pa.Table | Exception:
-        """One query's top-k through LanceDB, or the error it raised (see ``_guarded``)."""
-        params = query_params(snap.indexes, k=k, settings=self.index_settings)
-        run = lambda: search_shard(  # noqa: E731
-            snap.table, np.asarray(vector, np.float32), k=k, shard=self.name, where=where, params=params,
-            exact=exact,
-        )  # fmt: skip
-        return self._guarded(run, where)
+    async def vector_query(
+        self, snap: Snapshot, vectors: np.ndarray, ks: list[int], where: str | None, exact: bool = False
+    ) -> list[pa.Table | Exception]:
+        """Each query vector's top ``ks[i]`` through LanceDB, one call for them all, or the error it
+        raised (see ``_guarded``). A call that fails for a reason of the shard's is tried again one
+        query at a time, so that a query that breaks it fails alone."""
+        vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+
+        async def run(rows: list[int]) -> list[pa.Table] | Exception:
+            k = max(ks[i] for i in rows)
+            params = query_params(snap.indexes, k=k, settings=self.index_settings)
+            found = await self._guarded_async(
+                search_shard_async(
+                    snap.table, vectors[rows], k=k, shard=self.name, where=where, params=params, exact=exact
+                ),
+                where,
+            )
+            if isinstance(found, Exception):
+                return found
+            return [hits.slice(0, ks[i]) for i, hits in zip(rows, found, strict=True)]
+
+        together = await run(list(range(len(vectors))))
+        if not isinstance(together, Exception):
+            return together
+        if len(vectors) == 1 or not isinstance(together, ShardError):
+            return [together] * len(vectors)
+        alone = [await run([i]) for i in range(len(vectors))]
+        return [answer if isinstance(answer, Exception) else answer[0] for answer in alone]
 
     def text_query(self, snap: Snapshot, text: str, k: int, where: str | None) -> pa.Table | Exception:
         """One query's BM25 top-k, or the error it raised."""
@@ -355,8 +479,25 @@ class Shard:
         )
         return self._guarded(run, where)
 
-    def _guarded(self, run: Callable[[], pa.Table], where: str | None) -> pa.Table | Exception:
-        """``run()``, or the error it raised, as a value: one query's failure is not its batch's.
+    def _guarded(self, run: Callable[[], Any], where: str | None) -> Any:
+        """``run()``, or the error it raised, as a value: one query's failure is not its batch's
+        (see ``_blame``)."""
+        try:
+            return run()
+        except Exception as exc:  # noqa: BLE001 - a value for the caller, which answers for it
+            return self._blame(exc, where)
+
+    async def _guarded_async(self, coroutine: Any, where: str | None) -> Any:
+        """``await coroutine``, or the error it raised, as a value (see ``_blame``)."""
+        try:
+            return await coroutine
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a value for the caller, which answers for it
+            return self._blame(exc, where)
+
+    def _blame(self, exc: Exception, where: str | None) -> Exception:
+        """Who a failed query's error is for.
 
         Hybrid search without full-text indexes is the user's (a 400). So is a predicate LanceDB
         rejects as invalid input (a ValueError; the filter check lets few through), told in words of
@@ -364,13 +505,10 @@ class Shard:
         second time to tell who is to blame. Anything else is the shard's (ShardError, a 500),
         logged here with its details; the client sees none of them.
         """
-        try:
-            return run()
-        except NoTextIndexError as exc:
+        if isinstance(exc, NoTextIndexError):
             return exc
-        except Exception as exc:  # noqa: BLE001 - a value for the caller, which answers for it
-            if where and isinstance(exc, ValueError):  # LanceDB: "Invalid input, ..." for a bad predicate
-                logger.info("%s: filter %r rejected by LanceDB: %s", self.name, where, exc)
-                return FilterError("invalid filter: it cannot be applied to these columns' values")
-            logger.exception("%s: query failed", self.name)
-            return ShardError(f"{self.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        if where and isinstance(exc, ValueError):  # LanceDB: "Invalid input, ..." for a bad predicate
+            logger.info("%s: filter %r rejected by LanceDB: %s", self.name, where, exc)
+            return FilterError("invalid filter: it cannot be applied to these columns' values")
+        logger.error("%s: query failed", self.name, exc_info=exc)
+        return ShardError(f"{self.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
