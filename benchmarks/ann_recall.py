@@ -1,17 +1,20 @@
-"""Recall@k against exact search, and latency, of the two ANN paths over BEIR queries: the shards'
-LanceDB indexes (``embedpipe query``) and what Serve searches (``ShardGroup`` with the config's
-``serve.memory_rows`` / ``serve.memory_exact_rows``: shards held in memory, through an in-memory IVF
-index when large).
+"""Recall@k against exact search, latency and memory of what Serve searches (``ShardGroup`` over the
+db's shards: small unindexed shards held in memory, the others through the ANN index `embedpipe index`
+built), over BEIR queries embedded by the query embedder Serve uses.
 
-python benchmarks/ann_recall.py --db DB ../shared/datasets/scifact [--queries 100] [--k 10]
+python benchmarks/ann_recall.py ../shared/datasets/scifact --db DB [--queries 100] [--k 10] [--config C]
+    [--grid nprobes=20,32,64 refine=2,5,10]
 
-Exact search scans every row through LanceDB (``bypass_vector_index``). Queries are embedded once, by
-the query embedder Serve uses.
+Exact search scans every row through LanceDB (``bypass_vector_index``). Per setting it prints recall@k,
+the p50 of one query alone (every shard searched side by side, as at c=1) and the cost per query of a
+batch of 16 (as under load). ``open_s`` is how long the group took to open (what a new replica pays:
+no index is built, the ANN indexes are prewarmed); ``memory`` what it holds, per row.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -28,6 +31,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--config", type=Path, default=None, help="YAML config (its index: settings)")
+    parser.add_argument(
+        "--grid", nargs="*", default=[], help="query settings to try: nprobes=A,B refine=C,D (index: keys)"
+    )
     args = parser.parse_args()
 
     from pipelines.config import load_config
@@ -40,59 +46,59 @@ def main() -> None:
     texts = [queries[q] for q in sorted(queries)][: args.queries]
     searcher = Searcher(args.db, index=cfg.index, dtype=cfg.serve.query_dtype)
     vectors = searcher.embed(texts)
+    truth = [set(searcher.search_vector(v, k=args.k, exact=True)["chunk_id"].to_pylist()) for v in vectors]
+
     started = time.perf_counter()
     served = ShardGroup(
-        str(args.db), refresh_s=float("inf"), index=cfg.index, memory_rows=cfg.serve.memory_rows,
-        exact_rows=cfg.serve.memory_exact_rows,
-    )  # fmt: skip
-    load_s = time.perf_counter() - started
+        str(args.db), refresh_s=float("inf"), index=cfg.index, memory_rows=cfg.serve.memory_rows
+    )
+    open_s = time.perf_counter() - started
 
-    def serve_search(vector):
-        (part,) = served.search(vector, [args.k]).answers
-        return combine([part], k=args.k)
+    grid = {"nprobes": [None], "refine": [cfg.index.refine_factor]}
+    for item in args.grid:
+        name, values = item.split("=")
+        grid[name] = [int(v) for v in values.split(",")]
+    results = []
+    for nprobes, refine in itertools.product(grid["nprobes"], grid["refine"]):
+        changes = {"refine_factor": refine}
+        if nprobes is not None:  # every shard probes this many partitions
+            changes.update(probe_fraction=1e-9, min_nprobes=nprobes)
+        settings = cfg.index.model_copy(update=changes)
+        for shard in served.shards:
+            shard.index_settings = settings
 
-    searcher.search_vector(vectors[0], k=args.k)  # open files, warm caches
-    serve_search(vectors[0])
-    found: dict[str, list[float]] = {"lancedb": [], "serve": []}
-    took: dict[str, list[float]] = {"lancedb": [], "serve": [], "exact": []}
-    for vector in vectors:
-        started = time.perf_counter()
-        exact = searcher.search_vector(vector, k=args.k, exact=True)
-        took["exact"].append((time.perf_counter() - started) * 1000)
-        truth = set(exact["chunk_id"].to_pylist())
-        for name, search in (
-            ("lancedb", lambda v: searcher.search_vector(v, k=args.k)),
-            ("serve", serve_search),
-        ):
-            started = time.perf_counter()
-            hits = search(vector)
-            took[name].append((time.perf_counter() - started) * 1000)
-            found[name].append(len(truth & set(hits["chunk_id"].to_pylist())) / max(1, len(truth)))
+        def search(batch):
+            answer = served.search(batch, [args.k] * len(batch))
+            return [combine([part], k=args.k) for part in answer.answers]
+
+        search(vectors[:16])  # warm caches
+        took, found = [], []
+        for vector, want in zip(vectors, truth, strict=True):
+            t0 = time.perf_counter()
+            (hits,) = search(vector[None])
+            took.append((time.perf_counter() - t0) * 1000)
+            found.append(len(want & set(hits["chunk_id"].to_pylist())) / max(1, len(want)))
+        t0 = time.perf_counter()
+        for i in range(0, len(vectors), 16):
+            search(vectors[i : i + 16])
+        batched = (time.perf_counter() - t0) * 1000 / len(vectors)
+        snap = served.snapshots()[0]
+        results.append({
+            "query_params": query_params(snap.indexes, k=args.k, settings=settings),
+            f"recall@{args.k}": round(statistics.mean(found), 4),
+            "p50_ms": round(statistics.median(took), 2),
+            "batch16_ms_per_query": round(batched, 2),
+        })  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
     stats = served.stats()
-    memory, _ = served._memory_for(served.snapshots())
     print(json.dumps({
         "queries": len(texts),
         "k": args.k,
         "rows": sum(s["rows"] for s in stats),
-        "indexes": {
-            snap.table.name: {
-                "vector_index": snap.indexes.vector_kind,
-                "num_partitions": snap.indexes.num_partitions,
-                "query_params": query_params(snap.indexes, k=args.k, settings=cfg.index),
-            }
-            for snap in searcher.group.snapshots()
-        },
-        f"lancedb_recall@{args.k}": round(statistics.mean(found["lancedb"]), 4),
-        "lancedb_p50_ms": round(statistics.median(took["lancedb"]), 2),
-        f"serve_recall@{args.k}": round(statistics.mean(found["serve"]), 4),
-        "serve_p50_ms": round(statistics.median(took["serve"]), 2),
-        "serve_memory": {
-            "rows": memory.num_rows if memory else 0,
-            "ivf_lists": memory.ivf.nlist if memory and memory.ivf else None,
-            "ivf_probes": memory.ivf.index.nprobe if memory and memory.ivf else None,
-            "load_s": round(load_s, 1),
-        },
-        "exact_p50_ms": round(statistics.median(took["exact"]), 2),
+        "shards": {s["shard"]: {k: s[k] for k in ("rows", "vector_index", "in_memory")} for s in stats},
+        "open_s": round(open_s, 2),
+        "memory": served.memory(),
+        "results": results,
     }))  # fmt: skip
 
 

@@ -1,12 +1,18 @@
 """Grow a db to N chunks for scale tests: every chunk of SOURCE_DB repeated with a unique id and a
-slightly perturbed vector (cosine ~0.95 to the original), spread over the same shards by doc_id.
+perturbed vector (``--noise`` sets how far each copy strays from its original: 0.2 keeps copies tight
+around it, 0.4 spreads them), dealt over ``--shards`` shards by doc_id.
 
-python benchmarks/scale_db.py --from /tmp/sf-db --to /tmp/db-1m --rows 1000000
+python benchmarks/scale_db.py --from /tmp/sf-db --to /tmp/db-1m --rows 1000000 [--noise 0.3] [--shards 8]
+
+Rows are written in large appends (``--write-rows`` per shard at a time) so that a 10M-row db is a few
+hundred fragments, not thousands; each shard is compacted once at the end. Check ``df`` first: a row of
+a 384-dim model and its SciFact text takes about 3 KB on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,19 +29,33 @@ def main() -> None:
     parser.add_argument("--to", dest="target", required=True, type=Path, help="a new db directory")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--noise", type=float, default=0.3, help="norm of the noise added to each copy")
+    parser.add_argument(
+        "--shards", type=int, default=None, help="shards of the new db (default: the source's)"
+    )
+    parser.add_argument("--write-rows", type=int, default=100_000, help="rows per append, per shard")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from pipelines import store
 
     manifest = store.read_manifest(args.source)
+    if args.shards:
+        manifest = dataclasses.replace(manifest, shards=args.shards)
     store.init_db(args.target, manifest)
     base = pa.concat_tables(list(t.to_arrow() for t in store.open_shards(args.source).values()))
     rng = np.random.default_rng(args.seed)
     vectors = base.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, manifest.dim)
     conn = lancedb.connect(str(args.target))
     tables = {i: conn.open_table(store.shard_name(i)) for i in range(manifest.shards)}
+    schema = store.table_schema(manifest.dim)
+    pending: dict[int, list[pa.Table]] = {i: [] for i in tables}
     started, written, copy = time.time(), 0, 0
+
+    def flush(i: int) -> None:
+        if pending[i]:
+            tables[i].add(pa.concat_tables(pending[i]).cast(schema))
+            pending[i] = []
+
     while written < args.rows:
         n = min(base.num_rows, args.rows - written)
         batch = base.slice(0, n)
@@ -53,13 +73,17 @@ def main() -> None:
             pa.FixedSizeListArray.from_arrays(flat, manifest.dim),
         )
         shard = np.array([store.shard_of(d, manifest.shards) for d in doc_ids.to_pylist()])
-        for i, table in tables.items():
+        for i in tables:
             part = batch.filter(pa.array(shard == i))
             if part.num_rows:
-                table.add(part.cast(store.table_schema(manifest.dim)))
+                pending[i].append(part)
+            if sum(t.num_rows for t in pending[i]) >= args.write_rows:
+                flush(i)
         written += n
         copy += 1
-    # One fragment per copy would slow every scan; compact once at the end.
+    for i in tables:
+        flush(i)
+    # Compact once at the end: a scan over many small fragments is slower.
     for table in tables.values():
         table.optimize()
     print(
@@ -67,6 +91,7 @@ def main() -> None:
             {
                 "rows": written,
                 "copies": copy,
+                "noise": args.noise,
                 "shards": store.shard_rows(args.target),
                 "seconds": round(time.time() - started, 1),
             }
