@@ -339,10 +339,18 @@ class ServeSettings(_Strict):
         50_000,
         ge=0,
         description="A shard without a vector index and with at most this many rows is held in memory by the "
-        "process that searches it (its vectors, row ids and chunk ids: ~1.6 KB a row of a 384-dim model, "
-        "never the text) and scanned there, its group's held shards as one; 0: always through LanceDB. "
-        "Shards `embedpipe index` gave an ANN index are searched through it (LanceDB's index cache holds "
-        "their codes: ~100 B a row). Filtered queries go to LanceDB either way.",
+        "process that searches it (its vectors, row ids and the columns an answer shows: ~2.5 KB a SciFact "
+        "row of a 384-dim model, never source or metadata) and scanned there, its group's held shards as "
+        "one; 0: always through LanceDB. Shards `embedpipe index` gave an ANN index are searched through it "
+        "(LanceDB's index cache holds their codes: ~212 B a row; their text is read for answers only). "
+        "Filtered queries go to LanceDB either way.",
+    )
+    row_cache_mb: float = Field(
+        64,
+        ge=0,
+        description="Result columns of rows that were in recent answers, kept per router replica (LRU, in "
+        "MiB of their values) so that an answer whose rows are all there reads nothing from the tables; "
+        "0 turns it off. It holds answers' rows only, and its bound does not grow with the db.",
     )
     default_mode: Literal["vector", "hybrid"] = Field(
         "vector", description="Search mode of a request that names none."

@@ -38,6 +38,7 @@ MAX_PARTITIONS = 4096
 # An index is rebuilt when the partitions its rows call for are this many times more (or fewer) than
 # it has; below that, new rows are added to it incrementally (optimize), in time for the new rows.
 REBUILD_RATIO = 2.0
+HELD_TEXT_BYTES = 1536  # a held small shard's ids, title and text per row (pipelines.search.MemoryShard)
 KINDS = {"ivf_rq": "IVF_RQ", "ivf_sq": "IVF_SQ", "ivf_pq": "IVF_PQ", "ivf_hnsw_sq": "IVF_HNSW_SQ"}
 
 
@@ -141,12 +142,14 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
 
 def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None) -> int:
     """What a serving process holds per row of a shard searched this way (the estimate ``embedpipe
-    plan`` uses; /healthz reports what is held): an exact shard's unit vectors, row id, id and tie
-    rank in memory; an IVF index's codes and row ids in LanceDB's index cache. Text, titles and the
-    other columns are never held: the top k rows are read from the table per query."""
+    plan`` uses; /healthz reports what is held): a small exact shard's vectors, row ids and the
+    columns an answer shows, held by its group; an IVF index's codes and row ids in LanceDB's index
+    cache, whose rows' text is never held (an answer reads its top k rows from the table)."""
     settings = settings or IndexSettings()
     if kind == "exact":
-        return 4 * dim + 8 + 4 + 48  # float32 vector, row id, tie rank, ~48 B of chunk_id
+        # float32 vector and norm, row id and position, tie rank, and the columns an answer shows
+        # (ids, title, text: ~1 KB for a SciFact chunk, up to ~1.5 KB for a full 256-token one)
+        return 4 * dim + 32 + HELD_TEXT_BYTES
     codes = {
         "IVF_RQ": math.ceil(dim * settings.rq_bits / 8) + 12,  # packed bits and three float factors
         "IVF_SQ": dim,

@@ -29,6 +29,7 @@ from pipelines.search import (
     NoTextIndexError,
     PinnedTables,
     QueryTimeout,
+    RowCache,
     ShardError,
     ShardGroup,
     combine,
@@ -78,6 +79,10 @@ class Hit(BaseModel):
     shard: str
 
 
+# What a hit returns besides its score and shard: the columns read from the tables for an answer.
+HIT_COLUMNS = ["chunk_id", "doc_id", "title", "text"]
+
+
 class SearchResponse(BaseModel):
     results: list[Hit]
     took_ms: float
@@ -108,6 +113,9 @@ class Memory(BaseModel):
         "memory. Never the text: an answer's rows are read from the tables.",
     )
     bytes_per_row: float | None = None
+    row_cache_bytes: int = Field(
+        0, description="Rows of recent answers kept by the router (serve.row_cache_mb bounds it)."
+    )
 
 
 class Health(BaseModel):
@@ -239,12 +247,13 @@ def _entry_bytes(key: tuple[_Job, tuple[int, ...]], value: bytes) -> int:
     return len(value) + len(job.query) + len(job.filter or "") + 512
 
 
-def _memory_total(groups: list[dict[str, Any]]) -> Memory | None:
+def _memory_total(groups: list[dict[str, Any]], row_cache: int) -> Memory | None:
     if not groups:
         return None
     rows = sum(g["rows"] for g in groups)
     held = sum(g["bytes_held"] for g in groups)
-    return Memory(rows=rows, bytes_held=held, bytes_per_row=round(held / rows, 1) if rows else None)
+    per_row = round(held / rows, 1) if rows else None
+    return Memory(rows=rows, bytes_held=held, bytes_per_row=per_row, row_cache_bytes=row_cache)
 
 
 def _user_message(exc: Exception, kind: type[Exception]) -> str:
@@ -308,6 +317,7 @@ class Router:
             max_bytes=int(self.settings.cache_mb * 2**20),
             sizeof=_entry_bytes,
         )
+        self.rows = RowCache(int(self.settings.row_cache_mb * 2**20))
         self._stats: list[dict[str, Any] | None] = [None] * len(groups)
         self._stats_at = float("-inf")
         self._stats_task: asyncio.Task | None = None
@@ -528,7 +538,9 @@ class Router:
                 }
                 tables = await asyncio.to_thread(view.pinned.at, pinned)
             try:
-                rows = await asyncio.to_thread(fetch_rows, list(merged.values()), tables)
+                rows = await asyncio.to_thread(
+                    fetch_rows, list(merged.values()), tables, HIT_COLUMNS, self.rows
+                )
             except ShardError as error:
                 rows = [error] * len(merged)
             for i, hits in zip(merged, rows, strict=True):
@@ -693,7 +705,7 @@ class Router:
             generation=self.live.generation,
             shards=[ShardHealth(**s) for s in stats],
             rows=sum(s["rows"] for s in stats),
-            memory=_memory_total(memory),
+            memory=_memory_total(memory, self.rows.nbytes),
             unavailable=unavailable or None,
         )
 

@@ -17,7 +17,7 @@ def test_plan_follows_shard_size():
     settings = IndexSettings(exact_below_rows=20_000)
     assert index.plan_vector_index(19_999, dim=384, settings=settings).kind == "exact"
     rq = index.plan_vector_index(1_000_000, dim=384, settings=settings)
-    assert (rq.kind, rq.num_partitions, rq.num_bits) == ("IVF_RQ", 1000, 2)  # one per 1000 rows
+    assert (rq.kind, rq.num_partitions, rq.num_bits) == ("IVF_RQ", 1000, 4)  # one per 1000 rows
     assert index.plan_vector_index(10_000_000, dim=384, settings=settings).num_partitions == 4096  # the cap
     hnsw = index.plan_vector_index(1_000_000, dim=384, settings=IndexSettings(vector_index="ivf_hnsw_sq"))
     assert (hnsw.kind, hnsw.num_partitions) == ("IVF_HNSW_SQ", 31)
@@ -87,7 +87,10 @@ def _db(tmp_path, rows_per_shard=3000, shards=2):
 @pytest.mark.parametrize("kind", ["ivf_rq", "ivf_sq", "ivf_hnsw_sq", "ivf_pq"])
 def test_ann_index_recall_against_exact(tmp_path, kind):
     db, rng, centers = _db(tmp_path)
-    settings = IndexSettings(exact_below_rows=1000, vector_index=kind, rows_per_partition=100)
+    refine = 5 if kind in ("ivf_pq", "ivf_hnsw_sq") else 2  # as the README advises for each
+    settings = IndexSettings(
+        exact_below_rows=1000, vector_index=kind, rows_per_partition=100, refine_factor=refine
+    )
     summaries = index.build(db, settings=settings)
     assert [s["vector_index"] for s in summaries] == [kind.upper()] * 2
     assert all(s["fts"] == ["title", "text"] for s in summaries)

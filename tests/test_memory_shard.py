@@ -231,3 +231,31 @@ def test_a_group_held_in_memory_answers_as_its_shards_through_lancedb(tmp_path, 
     (filtered,), _, _ = held.search(queries[1:2], [5], ["chunk_index >= 0"])
     (exact,), _, _ = lance.search(queries[1:2], [5])
     assert filtered.vector["chunk_id"].to_pylist() == exact.vector["chunk_id"].to_pylist()
+
+
+def test_a_held_group_answers_rows_from_memory_as_lancedb_reads_them(tmp_path, monkeypatch):
+    """Small shards held in memory keep the columns an answer shows: their answers read nothing from
+    the tables, and the rows equal those LanceDB reads by row id; other columns are read from it."""
+    from pipelines.search import combine, fetch_rows
+
+    db, rng, _ = _db(tmp_path, rows_per_shard=300, shards=3)
+    held = ShardGroup(str(db), memory_rows=10_000)
+    lance = ShardGroup(str(db), memory_rows=0)
+    table = lancedb.connect(str(db)).open_table(store.shard_name(0))
+    queries = _queries(rng, table, 6)
+    takes = []
+    real_take = type(table._table).take_row_ids
+    monkeypatch.setattr(
+        type(table._table), "take_row_ids", lambda self, ids: takes.append(ids) or real_take(self, ids)
+    )
+    columns = ["chunk_id", "doc_id", "title", "text"]
+    got_answer, want_answer = held.search(queries, [8] * 6), lance.search(queries, [8] * 6)
+    got = fetch_rows([combine([p], k=8) for p in got_answer.answers], got_answer.tables, columns)
+    assert takes == []  # every row from memory
+    want = fetch_rows([combine([p], k=8) for p in want_answer.answers], want_answer.tables, columns)
+    assert takes  # read from the tables
+    for g, w in zip(got, want, strict=True):
+        assert g.drop_columns(["score"]).to_pylist() == w.drop_columns(["score"]).to_pylist()
+    takes.clear()
+    (source,) = fetch_rows([combine([got_answer.answers[0]], k=8)], got_answer.tables, ["source"])
+    assert takes and source["source"].to_pylist() == ["synthetic"] * 8  # not held: read from the table

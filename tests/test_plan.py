@@ -271,3 +271,21 @@ def test_latest_report_without_reports_says_so(tmp_path):
     (tmp_path / "_runs" / "20250101T000000Z-aaaaaa.json").write_text("[1, 2")
     with pytest.raises(FileNotFoundError, match="No report of a run that ingested"):
         latest_report(tmp_path)
+
+
+def test_serving_memory_per_node_follows_the_index_and_the_nodes():
+    from pipelines.config import IndexSettings
+    from pipelines.plan import SERVE_BASE_BYTES, serving_memory
+
+    big = serving_memory(rows=10_000_000, shards=8, dim=384, nodes=1, settings=IndexSettings())
+    assert (big["vector_index"], big["rows_per_shard"], big["bytes_per_row"]) == ("IVF_RQ", 1_250_000, 212)
+    assert big["node_bytes"] == round(SERVE_BASE_BYTES + 10_000_000 * 212)  # codes and row ids, no text
+    two = serving_memory(rows=10_000_000, shards=8, dim=384, nodes=2, settings=IndexSettings())
+    assert two["rows_per_node"] == 5_000_000 and two["node_bytes"] < big["node_bytes"]
+    small = serving_memory(rows=40_000, shards=4, dim=384, nodes=1, settings=IndexSettings())
+    assert small["vector_index"] == "exact" and small["bytes_per_row"] > 4 * 384  # vectors held to scan
+    # The plan carries it, from the report's shards and the db's dimension, and prints it.
+    result = plan(_report(), docs=5_000_000, dim=384)
+    assert result["memory"]["rows_per_shard"] == 5_000_000  # 10M chunks in the report's 2 shards
+    assert "serve memory" in format_plan(result) and "IVF_RQ" in format_plan(result)
+    assert plan(_report(), docs=100)["memory"] is None  # no dimension known: no estimate

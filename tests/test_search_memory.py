@@ -70,8 +70,9 @@ def test_opening_an_indexed_db_reads_no_rows_and_an_answer_reads_only_its_own(tm
     and a query's answer reads the text of its top-k rows alone."""
     vectors = _indexed_db(tmp_path, 3000)
     scans, takes, built = [], [], []
-    table_type = type(store.open_shards(tmp_path)["shard_000"])
-    real_search, real_take = table_type.search, table_type.take_row_ids
+    table = store.open_shards(tmp_path)["shard_000"]
+    table_type, async_type = type(table), type(table._table)  # LanceDB's table and the async one inside
+    real_search, real_take = table_type.search, async_type.take_row_ids
 
     def search(self, query=None, *args, **kwargs):
         if query is None:
@@ -83,7 +84,7 @@ def test_opening_an_indexed_db_reads_no_rows_and_an_answer_reads_only_its_own(tm
         return real_take(self, row_ids)
 
     monkeypatch.setattr(table_type, "search", search)
-    monkeypatch.setattr(table_type, "take_row_ids", take)
+    monkeypatch.setattr(async_type, "take_row_ids", take)
     monkeypatch.setattr(table_type, "create_index", lambda *a, **kw: built.append(a))
     searcher = Searcher(tmp_path, index=SETTINGS)  # ShardGroup inside, as a router replica holds it
     assert scans == [] and built == [] and takes == []
@@ -110,3 +111,28 @@ def test_rows_read_for_an_answer_are_the_rows_found(tmp_path, k):
         for row in hits.to_pylist():
             assert row["chunk_id"] == f"{row['doc_id']}#0" and row["title"] == f"title {row['doc_id']}"
             assert row["doc_id"].startswith(row["shard"].replace("shard_00", "s"))
+
+
+def test_the_row_cache_serves_answers_again_without_a_read_and_stays_under_its_bound(tmp_path, monkeypatch):
+    from pipelines.search import RowCache, combine, fetch_rows
+
+    vectors = _indexed_db(tmp_path, 2000)
+    group = ShardGroup(str(tmp_path), index=SETTINGS)
+    table = store.open_shards(tmp_path)["shard_000"]
+    takes = []
+    real_take = type(table._table).take_row_ids
+    monkeypatch.setattr(
+        type(table._table), "take_row_ids", lambda self, ids: takes.append(len(ids)) or real_take(self, ids)
+    )
+    answer = group.search(vectors[:3], [10] * 3)
+    hits = [combine([part], k=10) for part in answer.answers]
+    cache = RowCache(10 * 2**20)
+    first = fetch_rows(hits, answer.tables, ["doc_id", "title"], cache)
+    read = sum(takes)
+    assert 0 < read <= 30 and cache.nbytes > 0
+    again = fetch_rows(hits, answer.tables, ["doc_id", "title"], cache)
+    assert sum(takes) == read  # every row from the cache: nothing read
+    assert [t.to_pylist() for t in again] == [t.to_pylist() for t in first]
+    small = RowCache(3 * (RowCache.ENTRY_OVERHEAD + 40))  # room for about three rows
+    fetch_rows(hits, answer.tables, ["doc_id", "title"], small)
+    assert 0 < small.nbytes <= small.max_bytes

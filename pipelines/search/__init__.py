@@ -27,7 +27,9 @@ from pipelines.search.shard import (
     RESULT_COLUMNS,
     MemoryShard,
     NoTextIndexError,
+    Pinned,
     QueryTimeout,
+    RowCache,
     Shard,
     ShardError,
     fetch_rows,
@@ -38,9 +40,9 @@ from pipelines.search.shard import (
 
 __all__ = [
     "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
-    "PinnedTables", "QueryTimeout", "Searcher", "Shard", "ShardError", "ShardGroup", "combine", "fetch_rows",
-    "merge_topk", "query_embedder", "query_precision", "rrf_fuse", "search_shard", "search_shard_many",
-    "text_search_shard",
+    "Pinned", "PinnedTables", "QueryTimeout", "RowCache", "Searcher", "Shard", "ShardError", "ShardGroup",
+    "combine", "fetch_rows", "merge_topk", "query_embedder", "query_precision", "rrf_fuse", "search_shard",
+    "search_shard_many", "text_search_shard",
 ]  # fmt: skip
 
 

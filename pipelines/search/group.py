@@ -21,7 +21,15 @@ import pyarrow as pa
 from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.search.merge import merge_topk, rrf_fuse
-from pipelines.search.shard import MemoryShard, QueryTimeout, Shard, ShardError, Snapshot, search_loop
+from pipelines.search.shard import (
+    MemoryShard,
+    Pinned,
+    QueryTimeout,
+    Shard,
+    ShardError,
+    Snapshot,
+    search_loop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +244,10 @@ class ShardGroup:
             if vectors is not None:
                 vector = vector_parts[0] if len(vector_parts) == 1 else merge_topk(vector_parts, k=ks[i])
             answers.append(Partial(vector, text))
-        tables = {name: snap.table for name, snap in zip(self.names, snaps, strict=True)}
+        tables = {
+            name: Pinned(snap.version, snap.table, memory if s in held else None)
+            for s, (name, snap) in enumerate(zip(self.names, snaps, strict=True))
+        }
         return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
 
     def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
@@ -279,7 +290,7 @@ class PinnedTables:
         self._open: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
-    def at(self, versions: dict[str, int]) -> dict[str, Any]:
+    def at(self, versions: dict[str, int]) -> dict[str, Pinned]:
         """Each named shard's table at its version."""
         out = {}
         for name, version in versions.items():
@@ -293,7 +304,7 @@ class PinnedTables:
                     mine = sorted(v for n, v in self._open if n == name)
                     for old in mine[: -self.keep]:
                         self._open.pop((name, old), None)
-            out[name] = table
+            out[name] = Pinned(version, table)
         return out
 
 

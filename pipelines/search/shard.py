@@ -9,15 +9,17 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.query import MatchQuery, MultiMatchQuery
 
+from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.filters import FilterError
 from pipelines.index import ShardIndexes, query_params, read_indexes
@@ -29,6 +31,9 @@ RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "source"
 # there. The other RESULT_COLUMNS are read for the final top-k only (``fetch_rows``): a process that
 # searches never holds the text, title, source or metadata of rows that are not in an answer.
 KEY_COLUMNS = ["chunk_id", "score", "shard", "_rowid"]
+# What a small shard held in memory keeps besides its vectors: the columns an answer of /search shows,
+# so that its answers read nothing from the table (a LanceDB take costs ~1.4 ms of CPU a shard here).
+HELD_COLUMNS = ["chunk_id", "doc_id", "title", "text"]
 SCAN_WARN_ROWS = 100_000  # an unindexed shard this large costs every query a scan worth a warning
 KEY_SCHEMA = pa.schema(
     [("chunk_id", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("_rowid", pa.uint64())]
@@ -171,48 +176,134 @@ def _keys(hits: pa.Table, score: Any, shard: str) -> pa.Table:
     )
 
 
-def fetch_rows(hits: list[pa.Table], tables: Mapping[str, Any]) -> list[pa.Table]:
-    """The result rows of each hit list: RESULT_COLUMNS read from the shard tables by row id, then
-    ``score`` and ``shard``, in the hits' order. One LanceDB take per shard for all the lists.
+class Pinned(NamedTuple):
+    """A shard table at the version a search read it at (row ids are per version), and the memory
+    that holds its rows when it is a small shard held by its group."""
+
+    version: int
+    table: Any
+    held: MemoryShard | None = None
+
+
+class RowCache:
+    """The result columns of rows that were in recent answers, by (shard, table version, row id), least
+    recently used out first, at most ``max_bytes`` of their values: an answer whose rows are all here
+    costs no LanceDB read (a LanceDB take costs ~1-2 ms of CPU per shard however few its rows). It holds
+    rows that were in answers only, never those a search merely scanned, and its bound does not grow
+    with the db.
+
+    Args:
+        max_bytes: the values' bytes it may hold (0: nothing is kept).
+    """
+
+    ENTRY_OVERHEAD = 200  # Python's tuple and key around a row's values
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._rows: OrderedDict[tuple[str, int, int], tuple[tuple, int]] = OrderedDict()
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], tuple]:
+        with self._lock:
+            found = {}
+            for key in keys:
+                entry = self._rows.get(key)
+                if entry is not None:
+                    self._rows.move_to_end(key)
+                    found[key] = entry[0]
+            return found
+
+    def put(self, rows: dict[tuple[str, int, int], tuple]) -> None:
+        if self.max_bytes <= 0:
+            return
+        with self._lock:
+            for key, values in rows.items():
+                size = self.ENTRY_OVERHEAD + sum(len(v) if isinstance(v, str) else 8 for v in values)
+                old = self._rows.pop(key, None)
+                if old is not None:
+                    self.nbytes -= old[1]
+                self._rows[key] = (values, size)
+                self.nbytes += size
+            while self.nbytes > self.max_bytes and self._rows:
+                _, (_, size) = self._rows.popitem(last=False)
+                self.nbytes -= size
+
+
+def fetch_rows(
+    hits: list[pa.Table],
+    tables: Mapping[str, Pinned],
+    columns: list[str] | None = None,
+    cache: RowCache | None = None,
+) -> list[pa.Table]:
+    """The result rows of each hit list: ``columns`` (default RESULT_COLUMNS; chunk_id always) read from
+    the shard tables by row id, then ``score`` and ``shard``, in the hits' order. Rows the cache holds
+    are not read again; the others are one LanceDB take per shard for all the lists, the shards read
+    side by side on the search loop.
 
     Args:
         hits: tables of KEY_COLUMNS (a query's merged top-k each).
-        tables: each shard's table, at the version its hits were found on (row ids are per version).
+        tables: each shard's table at the version its hits were found on.
+        columns: the columns to read (the same for every call that shares ``cache``).
+        cache: rows of earlier answers.
     """
-    wanted: dict[str, set[int]] = {}
-    for table in hits:
-        for shard, rowid in zip(
-            table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True
-        ):
-            wanted.setdefault(shard, set()).add(rowid)
-    parts, index = [], {}
-    offset = 0
-    for shard, rowids in wanted.items():
-        rows = tables[shard].take_row_ids(sorted(rowids)).select(RESULT_COLUMNS).with_row_id().to_arrow()
-        for i, rowid in enumerate(rows.column("_rowid").to_pylist()):
-            index[(shard, rowid)] = offset + i
-        parts.append(rows.select(RESULT_COLUMNS))
-        offset += rows.num_rows
-    every = pa.concat_tables(parts).combine_chunks() if parts else None
-    out = []
-    for table in hits:
-        keys = list(zip(table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True))
-        missing = [key for key in keys if key not in index]
-        if missing:
-            raise ShardError(
-                f"{missing[0][0]}: rows {[r for _, r in missing][:5]} not found at the version searched"
+    columns = list(dict.fromkeys(["chunk_id", *(columns or RESULT_COLUMNS)]))
+    keyed = [
+        [(shard, tables[shard].version, rowid) for shard, rowid in zip(
+            table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True)]
+        for table in hits
+    ]  # fmt: skip
+    every = {key for keys in keyed for key in keys}
+    found = cache.get(list(every)) if cache is not None else {}
+    wanted: dict[str, list[int]] = {}
+    for shard, _, rowid in sorted(every - found.keys()):
+        wanted.setdefault(shard, []).append(rowid)
+
+    async def take(shard: str, rowids: list[int]) -> pa.Table:
+        query = _async_table(tables[shard].table).take_row_ids(rowids).select(columns).with_row_id()
+        return await query.to_arrow()
+
+    async def take_all() -> list[pa.Table]:
+        return await asyncio.gather(*(take(shard, rowids) for shard, rowids in wanted.items()))
+
+    read = {}
+    for shard in [shard for shard in wanted if tables[shard].held is not None]:
+        values = tables[shard].held.values(shard, wanted[shard], columns)
+        if values is not None:  # a small shard held with these columns: nothing to read
+            version = tables[shard].version
+            found.update(
+                {(shard, version, rowid): row for rowid, row in zip(wanted.pop(shard), values, strict=True)}
             )
-        rows = every.take(pa.array([index[key] for key in keys], pa.int64())) if keys else _empty_rows()
+    for shard, rows in zip(wanted, run_async(take_all()) if wanted else [], strict=True):
+        values = zip(*(rows.column(c).to_pylist() for c in columns), strict=True)
+        version = tables[shard].version
+        read.update(
+            {
+                (shard, version, rowid): row
+                for rowid, row in zip(rows.column("_rowid").to_pylist(), values, strict=True)
+            }
+        )
+    if cache is not None and read:
+        cache.put(read)
+    found.update(read)
+    out = []
+    for table, keys in zip(hits, keyed, strict=True):
+        missing = [key for key in keys if key not in found]
+        if missing:
+            rowids = [r for _, _, r in missing][:5]
+            raise ShardError(f"{missing[0][0]}: rows {rowids} not found at the version searched")
+        values = [found[key] for key in keys]
+        schema = pa.schema([_ROW_SCHEMA.field(c) for c in columns])
+        rows = pa.table(
+            [pa.array([v[i] for v in values], f.type) for i, f in enumerate(schema)], schema=schema
+        )
         out.append(
             rows.append_column("score", table.column("score")).append_column("shard", table.column("shard"))
         )
     return out
 
 
-def _empty_rows() -> pa.Table:
-    from pipelines import store
-
-    return store.table_schema(1).empty_table().select(RESULT_COLUMNS)
+_ROW_SCHEMA = store.table_schema(1)  # the result columns' types (the vector's size does not matter)
 
 
 class NoTextIndexError(ValueError):
@@ -228,8 +319,8 @@ class QueryTimeout(TimeoutError):
 
 
 class MemoryShard:
-    """Exact cosine search over small shard tables held in memory: their vectors, row ids and chunk
-    ids, never their text.
+    """Exact cosine search over small shard tables held in memory: their vectors, row ids and the
+    columns an answer shows (HELD_COLUMNS; never source or metadata).
 
     A LanceDB query costs a few milliseconds of planning even on a tiny table; small shards searched
     many times (Serve) answer from memory instead, many queries in one matrix product. Several shards
@@ -255,9 +346,9 @@ class MemoryShard:
 
     def _load(self, parts: list[tuple[str, Any]]) -> None:
         # Only the columns it needs are read (a scan with a projection), not whole tables.
+        columns = [*HELD_COLUMNS, "vector"]
         tables = [
-            table.search().select(["chunk_id", "vector"]).with_row_id(True).limit(None).to_arrow()
-            for _, table in parts
+            table.search().select(columns).with_row_id(True).limit(None).to_arrow() for _, table in parts
         ]
         data = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         vectors = data.column("vector").combine_chunks()
@@ -266,16 +357,39 @@ class MemoryShard:
         self.vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
         norms = np.linalg.norm(self.vectors, axis=1)
         self.norms = np.where(norms > 0, norms, 1.0).astype(np.float32)
-        self.chunk_ids = data.column("chunk_id").combine_chunks()
+        self.rows = data.select(HELD_COLUMNS).combine_chunks()
+        self.chunk_ids = (
+            self.rows.column("chunk_id").chunk(0) if self.rows.num_rows else pa.array([], pa.string())
+        )
         self.rowids = data.column("_rowid").combine_chunks()
         # Each row's shard, as dictionary indices into the names.
         names = pa.array([name for name, _ in parts], pa.string())
-        owner = np.repeat(np.arange(len(parts), dtype=np.int32), [t.num_rows for t in tables])
+        sizes = [t.num_rows for t in tables]
+        owner = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)
         self.shards = pa.DictionaryArray.from_arrays(pa.array(owner), names)
+        # Where each shard's rows are, by row id: (sorted row ids, their positions), for ``values``.
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        rowids = self.rowids.to_numpy()
+        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for (name, _), start, end in zip(parts, starts[:-1], starts[1:], strict=True):
+            order = np.argsort(rowids[start:end], kind="stable")
+            self._where[name] = (rowids[start:end][order], order + start)
         # Position of each row in chunk_id order: ties in score are cut by it, as merge_topk does.
         order = np.argsort(np.asarray(self.chunk_ids.to_pylist(), dtype=object))
         self.id_rank = np.empty(len(order), np.int32)
         self.id_rank[order] = np.arange(len(order), dtype=np.int32)
+
+    def values(self, shard: str, rowids: list[int], columns: list[str]) -> list[tuple] | None:
+        """The ``columns`` of a held shard's rows, or None when it does not hold them all."""
+        if shard not in self._where or not set(columns) <= set(HELD_COLUMNS):
+            return None
+        sorted_ids, positions = self._where[shard]
+        wanted = np.asarray(rowids, dtype=sorted_ids.dtype)
+        at = np.searchsorted(sorted_ids, wanted)
+        if len(wanted) and (at.max() >= len(sorted_ids) or not np.array_equal(sorted_ids[at], wanted)):
+            return None
+        rows = self.rows.take(pa.array(positions[at], pa.int64()))
+        return list(zip(*(rows.column(c).to_pylist() for c in columns), strict=True))
 
     @property
     def num_rows(self) -> int:
@@ -283,9 +397,10 @@ class MemoryShard:
 
     @property
     def nbytes(self) -> int:
+        where = sum(ids.nbytes + positions.nbytes for ids, positions in self._where.values())
         return (
-            self.vectors.nbytes + self.norms.nbytes + self.id_rank.nbytes + self.chunk_ids.nbytes
-            + self.rowids.nbytes + self.shards.nbytes
+            self.vectors.nbytes + self.norms.nbytes + self.id_rank.nbytes + self.rows.nbytes
+            + self.rowids.nbytes + self.shards.nbytes + where
         )  # fmt: skip
 
     def search(self, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
