@@ -190,6 +190,16 @@ def cache_root(configured: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe"
 
 
+def _compiled_cache() -> str | None:
+    """OpenVINO's cache of compiled models, under ``cache_root()`` (None where it cannot be made)."""
+    path = cache_root() / "openvino-compiled"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(path)
+
+
 def int8_dir(root: str | Path, model: str) -> Path:
     return _model_dir(root, "int8", model)
 
@@ -360,6 +370,11 @@ class OpenVINOBackend:
             # OpenVINO runs an fp32 model in bf16 on CPUs with AVX512-BF16 or AMX unless told not to;
             # the precision is always named, so that a dtype means the same vectors on every CPU.
             config["INFERENCE_PRECISION_HINT"] = "bf16" if self.dtype == "bf16" else "f32"
+        compiled_cache = _compiled_cache()
+        if compiled_cache is not None:
+            # A model compiled once (each static length, each config) loads from here on the next
+            # start: a service's replica or a CLI query does not compile it again.
+            config["CACHE_DIR"] = compiled_cache
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
