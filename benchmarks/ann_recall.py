@@ -63,7 +63,7 @@ def main() -> None:
     for nprobes, refine in itertools.product(grid["nprobes"], grid["refine"]):
         changes = {"refine_factor": refine}
         if nprobes is not None:  # every shard probes this many partitions
-            changes.update(probe_fraction=1e-9, min_nprobes=nprobes)
+            changes.update(probe_factor=1e-9, min_nprobes=nprobes)
         settings = cfg.index.model_copy(update=changes)
         for shard in served.shards:
             shard.index_settings = settings

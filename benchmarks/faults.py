@@ -1,4 +1,5 @@
-"""Faults under load: kill a shard replica, then the router, and ingest changes, while queries run.
+"""Faults under load: kill a shard-group replica (or, on one node, the router that holds the shards), then
+the router, and ingest changes, while queries run.
 
 python benchmarks/faults.py ../shared/datasets/scifact --url http://127.0.0.1:8000 --db DB \
     [--concurrency 16] [--seconds 60]
@@ -99,7 +100,10 @@ def main() -> None:
         time.sleep(max(0.0, start + fraction * args.seconds - time.monotonic()))
 
     at(0.2)
-    shard_kill = _kill("ServeReplica:embedpipe:ShardSearcher-shard_000")
+    # A shard-group replica where the layout has them; on one node the router holds the shards, and
+    # the first kill is of the router (the replica that searches them).
+    group = "ServeReplica:embedpipe:ShardGroup-0"
+    shard_kill = _kill(group if _replica(group) else "ServeReplica:embedpipe:Router")
     at(0.45)
     router_kill = _kill("ServeReplica:embedpipe:Router")
     at(0.7)

@@ -135,7 +135,7 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
         # The graph must return every candidate the refine step asks for.
         params["ef"] = max(settings.ef, k * (settings.refine_factor or 1))
     else:
-        wanted = max(settings.min_nprobes, math.ceil(partitions * settings.probe_fraction))
+        wanted = max(settings.min_nprobes, math.ceil(settings.probe_factor * math.sqrt(partitions)))
         params["nprobes"] = min(partitions, wanted)
     return params
 

@@ -538,9 +538,11 @@ class Router:
                 }
                 tables = await asyncio.to_thread(view.pinned.at, pinned)
             try:
-                rows = await asyncio.to_thread(
-                    fetch_rows, list(merged.values()), tables, HIT_COLUMNS, self.rows
-                )
+                hits = list(merged.values())
+                if all(pinned.held is not None for pinned in tables.values()):
+                    rows = fetch_rows(hits, tables, HIT_COLUMNS, self.rows)  # all in memory: no I/O
+                else:
+                    rows = await asyncio.to_thread(fetch_rows, hits, tables, HIT_COLUMNS, self.rows)
             except ShardError as error:
                 rows = [error] * len(merged)
             for i, hits in zip(merged, rows, strict=True):

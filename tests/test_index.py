@@ -35,7 +35,7 @@ def test_query_params_follow_the_index():
     hnsw = index.query_params(index.ShardIndexes("IVF_HNSW_SQ", 32, ()), k=50, settings=settings)
     assert hnsw == {"refine_factor": 5, "nprobes": 16, "ef": 250}  # ef covers k * refine_factor
     rq = index.query_params(index.ShardIndexes("IVF_RQ", 1000, ()), k=10, settings=settings)
-    assert rq == {"refine_factor": 5, "nprobes": 125}  # probe_fraction 1/8
+    assert rq == {"refine_factor": 5, "nprobes": 64}  # 2 x sqrt(1000)
     few = index.query_params(index.ShardIndexes("IVF_RQ", 30, ()), k=10, settings=settings)
     assert few["nprobes"] == 20  # min_nprobes
     assert index.query_params(index.ShardIndexes("IVF_SQ", 8, ()), k=10, settings=settings)["nprobes"] == 8

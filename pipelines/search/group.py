@@ -206,7 +206,9 @@ class ShardGroup:
                 call = loop.run_in_executor(self.pool, shard.text_query, snap, texts[i], ks[i], wheres[i])
                 calls.append((shard.name, [i], lambda i, hits, s=s: found_text[i].__setitem__(s, hits), call))
         # The LanceDB searches run on the search loop while the held shards are scanned here.
-        running = asyncio.run_coroutine_threadsafe(_gather([call for *_, call in calls], timeout_s), loop)
+        running = None
+        if calls:  # none when held shards answer every query: no hop to the loop
+            running = asyncio.run_coroutine_threadsafe(_gather([call for *_, call in calls], timeout_s), loop)
         if plain:
             try:
                 for i, hits in zip(plain, _memory(memory, vectors, ks, plain), strict=True):
@@ -216,7 +218,7 @@ class ShardGroup:
                 for i in plain:
                     from_memory[i] = ShardError(f"memory: {type(exc).__name__}")
         remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
-        outcomes = running.result(None if remaining is None else remaining + 5.0)
+        outcomes = running.result(None if remaining is None else remaining + 5.0) if running else []
         for (name, rows, place, _), outcome in zip(calls, outcomes, strict=True):
             if outcome is _LATE:
                 logger.warning("%s: a query ran past its deadline of %.3g s", name, timeout_s)
