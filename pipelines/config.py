@@ -343,7 +343,7 @@ class ServeSettings(_Strict):
         "process that searches it (its vectors, row ids and the columns an answer shows: ~2.5 KB a SciFact "
         "row of a 384-dim model, never source or metadata) and scanned there, its group's held shards as "
         "one; 0: always through LanceDB. Shards `embedpipe index` gave an ANN index are searched through it "
-        "(LanceDB's index cache holds their codes: ~212 B a row; their text is read for answers only). "
+        "(LanceDB's index cache holds their codes: ~230 B a row; their text is read for answers only). "
         "Filtered queries go to LanceDB either way.",
     )
     row_cache_mb: float = Field(

@@ -43,7 +43,7 @@ def test_query_params_follow_the_index():
 
 def test_bytes_held_per_row_is_bounded_by_what_a_row_holds():
     # What `embedpipe plan` predicts: codes and row ids for an index, a float32 vector for exact.
-    assert index.bytes_per_row("IVF_RQ", dim=384) == 384 * 4 // 8 + 20  # 4-bit codes, factors, row id
+    assert index.bytes_per_row("IVF_RQ", dim=384) == 384 * 4 // 8 + 44  # codes, factors, row id, metadata
     assert index.bytes_per_row("exact", dim=384) > 4 * 384
     assert index.bytes_per_row("IVF_RQ", dim=384) < index.bytes_per_row("IVF_SQ", dim=384) < 4 * 384
 
