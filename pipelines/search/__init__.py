@@ -34,7 +34,7 @@ from pipelines.search.shard import (
     ShardError,
     fetch_rows,
     search_shard,
-    search_shard_many,
+    search_shard_async,
     text_search_shard,
 )
 
@@ -42,7 +42,7 @@ __all__ = [
     "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
     "Pinned", "PinnedTables", "QueryTimeout", "RowCache", "Searcher", "Shard", "ShardError", "ShardGroup",
     "combine", "fetch_rows", "merge_topk", "query_embedder", "query_precision", "rrf_fuse", "search_shard",
-    "search_shard_many", "text_search_shard",
+    "search_shard_async", "text_search_shard",
 ]  # fmt: skip
 
 

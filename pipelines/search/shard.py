@@ -40,38 +40,11 @@ KEY_SCHEMA = pa.schema(
 )
 
 
-def search_shard(
-    table: Any,
-    vector: np.ndarray,
-    *,
-    k: int,
-    shard: str,
-    where: str | None = None,
-    params: dict[str, int] | None = None,
-    exact: bool = False,
-) -> pa.Table:
-    """Cosine search of one shard table for one query vector (see ``search_shard_many``)."""
-    (hits,) = search_shard_many(
-        table, np.atleast_2d(vector), k=k, shard=shard, where=where, params=params, exact=exact
-    )
+def search_shard(table: Any, vector: np.ndarray, *, k: int, shard: str, **options: Any) -> pa.Table:
+    """Cosine search of one shard table for one query vector, from synchronous code; ``options`` as
+    ``search_shard_async`` takes them (where, params, exact)."""
+    (hits,) = run_async(search_shard_async(table, np.atleast_2d(vector), k=k, shard=shard, **options))
     return hits
-
-
-def search_shard_many(
-    table: Any,
-    vectors: np.ndarray,
-    *,
-    k: int,
-    shard: str,
-    where: str | None = None,
-    params: dict[str, int] | None = None,
-    exact: bool = False,
-) -> list[pa.Table]:
-    """Cosine search of one shard table for several query vectors in one LanceDB query (see
-    ``search_shard_async``), from synchronous code."""
-    return run_async(
-        search_shard_async(table, vectors, k=k, shard=shard, where=where, params=params, exact=exact)
-    )
 
 
 async def search_shard_async(
