@@ -248,13 +248,10 @@ def _index_one(
     """Index one shard of ``loc``'s ``generation`` (a Ray task, or a call in this process)."""
     manifest = store.read_manifest(loc, generation)
     table = store.tables_of(loc, manifest).connect().open_table(name)
-    summary = index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild)
-    try:
-        import ray
+    import ray
 
-        summary["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - where it ran is a detail of the summary
-        summary["node"] = None
+    summary = index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild)
+    summary["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return summary
 
 

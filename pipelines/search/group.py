@@ -43,8 +43,8 @@ class Partial(NamedTuple):
 
 
 class GroupAnswer(NamedTuple):
-    """Each query's Partial (or the error that ended it), the table version of every shard, and the
-    table of every shard at that version (``fetch`` reads the answers' rows from them)."""
+    """Each query's Partial (or the error that ended it), the table version of every shard, and every
+    shard's table at that version (``fetch_rows`` reads the answers' rows from them)."""
 
     answers: list[Partial | Exception]
     versions: tuple[int, ...]
@@ -55,13 +55,14 @@ class ShardGroup:
     """Shard tables of one db held open in this process and searched concurrently.
 
     The group's small unindexed shards are held in memory as one (``MemoryShard.combined``: vectors,
-    row ids and chunk ids; rebuilt when one of them moves to a new version): a batch of queries costs
-    one matrix product and one top-k per query for all of them. Every other shard is searched through
-    LanceDB, its ANN index read from the db (never built here): one LanceDB query per shard for a
-    batch's unfiltered queries, one per filtered query, run in a thread pool (LanceDB and numpy release
-    the GIL); each query's hits are merged over the group's shards before it is answered. Hits carry
-    ids, scores and row ids only: ``fetch`` reads the text of an answer's rows. Every answer reports
-    the table versions it was computed on. What the group holds is ``memory()``.
+    row ids and the columns an answer shows; loaded again when one of them moves to a new version): a
+    batch of queries costs one matrix product and one top-k per query for all of them. Every other
+    shard is searched through LanceDB, its ANN index read from the db (never built here): one LanceDB
+    query per shard for a batch's unfiltered queries, one per filtered query, all awaited side by side
+    on the search loop (BM25 queries in the thread pool); each query's hits are merged over the group's
+    shards before it is answered. Hits carry ids, scores and row ids only: ``fetch_rows`` reads the
+    text of an answer's rows (from memory for held shards). Every answer reports the table versions it
+    was computed on. What the group holds is ``memory()``.
 
     Args:
         db: the db directory.

@@ -106,10 +106,10 @@ _LOOP: asyncio.AbstractEventLoop | None = None
 _LOOP_LOCK = threading.Lock()
 
 
-def run_async(coroutine: Any, timeout: float | None = None) -> Any:
+def run_async(coroutine: Any) -> Any:
     """Run ``coroutine`` on this process's search event loop (one thread, started on first use) and
     wait for its result."""
-    return asyncio.run_coroutine_threadsafe(coroutine, search_loop()).result(timeout)
+    return asyncio.run_coroutine_threadsafe(coroutine, search_loop()).result()
 
 
 def search_loop() -> asyncio.AbstractEventLoop:
@@ -226,11 +226,22 @@ def fetch_rows(
             table.column("shard").to_pylist(), table.column("_rowid").to_pylist(), strict=True)]
         for table in hits
     ]  # fmt: skip
-    every = {key for keys in keyed for key in keys}
-    found = cache.get(list(every)) if cache is not None else {}
-    wanted: dict[str, list[int]] = {}
-    for shard, _, rowid in sorted(every - found.keys()):
-        wanted.setdefault(shard, []).append(rowid)
+    by_shard: dict[str, set[int]] = {}
+    for shard, _, rowid in {key for keys in keyed for key in keys}:
+        by_shard.setdefault(shard, set()).add(rowid)
+    found: dict[tuple[str, int, int], tuple] = {}
+    wanted: dict[str, list[int]] = {}  # rows to read: neither held by their group nor cached
+    for shard, rowids in by_shard.items():
+        pinned, ordered = tables[shard], sorted(rowids)
+        values = pinned.held.values(shard, ordered, columns) if pinned.held is not None else None
+        if values is not None:  # a small shard held with these columns: nothing to read
+            found.update({(shard, pinned.version, r): row for r, row in zip(ordered, values, strict=True)})
+            continue
+        if cache is not None:
+            found.update(cache.get([(shard, pinned.version, r) for r in ordered]))
+        missing = [r for r in ordered if (shard, pinned.version, r) not in found]
+        if missing:
+            wanted[shard] = missing
 
     async def take(shard: str, rowids: list[int]) -> pa.Table:
         query = _async_table(tables[shard].table).take_row_ids(rowids).select(columns).with_row_id()
@@ -240,25 +251,15 @@ def fetch_rows(
         return await asyncio.gather(*(take(shard, rowids) for shard, rowids in wanted.items()))
 
     read = {}
-    for shard in [shard for shard in wanted if tables[shard].held is not None]:
-        values = tables[shard].held.values(shard, wanted[shard], columns)
-        if values is not None:  # a small shard held with these columns: nothing to read
-            version = tables[shard].version
-            found.update(
-                {(shard, version, rowid): row for rowid, row in zip(wanted.pop(shard), values, strict=True)}
-            )
     for shard, rows in zip(wanted, run_async(take_all()) if wanted else [], strict=True):
         values = zip(*(rows.column(c).to_pylist() for c in columns), strict=True)
         version = tables[shard].version
-        read.update(
-            {
-                (shard, version, rowid): row
-                for rowid, row in zip(rows.column("_rowid").to_pylist(), values, strict=True)
-            }
-        )
+        rowids = rows.column("_rowid").to_pylist()
+        read.update({(shard, version, r): row for r, row in zip(rowids, values, strict=True)})
     if cache is not None and read:
         cache.put(read)
     found.update(read)
+    schema = pa.schema([_ROW_SCHEMA.field(c) for c in columns])
     out = []
     for table, keys in zip(hits, keyed, strict=True):
         missing = [key for key in keys if key not in found]
@@ -266,7 +267,6 @@ def fetch_rows(
             rowids = [r for _, _, r in missing][:5]
             raise ShardError(f"{missing[0][0]}: rows {rowids} not found at the version searched")
         values = [found[key] for key in keys]
-        schema = pa.schema([_ROW_SCHEMA.field(c) for c in columns])
         rows = pa.table(
             [pa.array([v[i] for v in values], f.type) for i, f in enumerate(schema)], schema=schema
         )
