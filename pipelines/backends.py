@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 DTYPES = ("fp32", "bf16", "fp16", "int8")
+# A query model compiles static single-text shapes only where they beat the dynamic model by this
+# much, measured at start (OpenVINOBackend._static_pays) on a text near STATIC_PROBE_LENGTH tokens.
+STATIC_MIN_GAIN = 1.5
+STATIC_PROBE_LENGTH = 32
+STATIC_PROBE_ROUNDS = 7
 
 
 @functools.cache
@@ -351,7 +356,6 @@ class OpenVINOBackend:
         weights = ov.Tensor(np.frombuffer(files["bin"], dtype=np.uint8).copy())
         network = core.read_model(model=files["xml"].decode("utf-8"), weights=weights)
         self.model = model
-        self._tokenizer: Any = None  # transformers' tokenizer, loaded when texts come untokenized
         self.pad_id = models.pad_token_id(model)
         self.max_length = int(files["meta"]["max_seq_length"])
         self.dim = int(files["meta"]["dim"])
@@ -379,29 +383,62 @@ class OpenVINOBackend:
         self.request = self.compiled.create_infer_request()
         self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
         self._static: dict[int, Any] = {}  # length -> infer request of a model compiled for [1, length]
-        for length in sorted({min(n, self.max_length) for n in static_lengths}):
+        lengths = sorted({min(n, self.max_length) for n in static_lengths})
+
+        def compile_static(length: int) -> Any:
             fixed = core.read_model(model=files["xml"].decode("utf-8"), weights=weights)
             fixed.reshape({port.get_any_name(): [1, length] for port in fixed.inputs})
-            self._static[length] = core.compile_model(fixed, "CPU", config).create_infer_request()
+            return core.compile_model(fixed, "CPU", config).create_infer_request()
+
+        if lengths:
+            probe = min(lengths, key=lambda n: abs(n - STATIC_PROBE_LENGTH))
+            first = compile_static(probe)
+            if self._static_pays(first, probe):
+                self._static = {n: first if n == probe else compile_static(n) for n in lengths}
         self.device = "cpu"
+
+    def _static_pays(self, static: Any, length: int) -> bool:
+        """Whether single texts should run on static models, measured here: each costs ~150 MB
+        of RSS (its own copy of the repacked weights), and on some CPUs OpenVINO's dynamic model
+        is as fast at one text of varying length (a 2-core AVX-512 EPYC: 5.7 ms a query both
+        ways), on others ~3x slower (a 2-core AVX2 EPYC: 5.6 ms against 1.8 ms)."""
+        varying = [np.full((1, n), self.pad_id, dtype=np.int64) for n in (length // 2, length)]
+        mask = [np.ones_like(ids) for ids in varying]
+        feed = {"input_ids": varying[1], "attention_mask": mask[1]}
+
+        def dynamic() -> None:
+            for ids, m in zip(varying, mask, strict=True):  # alternating shapes, as queries come
+                self.request.infer({"input_ids": ids, "attention_mask": m})
+
+        def fixed() -> None:
+            static.infer(feed)
+            static.infer(feed)
+
+        for run in (dynamic, fixed):
+            run()  # warm
+        timings = {dynamic: [], fixed: []}
+        for _ in range(STATIC_PROBE_ROUNDS):  # interleaved, so that a busy moment hits both
+            for run, seen in timings.items():
+                started = time.perf_counter()
+                run()
+                seen.append(time.perf_counter() - started)
+        ratio = float(np.median(timings[dynamic]) / np.median(timings[fixed]))
+        pays = ratio >= STATIC_MIN_GAIN
+        logger.info(
+            "OpenVINO dynamic/static time at %d tokens: %.2fx; single texts run on %s",
+            length, ratio, "static models" if pays else "the dynamic model",
+        )  # fmt: skip
+        return pays
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self._infer(*self.tokenize(texts))
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(models.resolve_model(self.model))
-        return self._tokenizer
-
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Padded ids and mask of ``texts``, ready for ``run_prepared`` or ``run_many``."""
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        """Padded ids and mask of ``texts``, ready for ``run_prepared`` or ``run_many``. The
+        tokenizers library alone, as the chunker uses it: transformers would import torch, ~0.9 GB
+        more in a process that embeds only queries."""
+        encoded = models.load_embedding_tokenizer(self.model).encode_batch(texts)
+        return pad_ids([e.ids[: self.max_length] for e in encoded], self.pad_id)
 
     def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
         """One pass over texts tokenized already (the chunker's ``input_ids``)."""
@@ -537,15 +574,15 @@ def export_openvino(
 ) -> dict[str, Any]:
     """Export a sentence-transformers model (mean pooling included) to OpenVINO: fp32, or int8
     quantized with NNCF when calibration ``texts`` are given (see ``quantize``)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "meta.json").exists() and not force:
+        return json.loads((out_dir / "meta.json").read_text())  # before the imports: torch is ~0.3 GB
     no_openvino_telemetry()
     import openvino as ov
     import torch
     from sentence_transformers import SentenceTransformer
 
     quiet_transformers()  # a one-time step that is announced already
-    out_dir = Path(out_dir)
-    if (out_dir / "meta.json").exists() and not force:
-        return json.loads((out_dir / "meta.json").read_text())
     started = time.time()
     st = SentenceTransformer(models.resolve_model(model), device="cpu")
     st.eval()

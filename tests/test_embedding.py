@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import models
+from pipelines import backends, models
 from pipelines.chunking import chunk_docs, embed_input
 from pipelines.embedding import Embedder, actor_options, embedding_dim, resolve_dtype
 from pipelines.sources import DOC_SCHEMA, _doc
@@ -164,6 +164,55 @@ def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
     assert "FORKS 0" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     assert not (tmp_path / "home" / "intel").exists()  # no client id written
     assert "fork support is experimental" not in out.stderr
+
+
+def test_a_query_embedder_imports_no_torch(tmp_path):
+    """The service's query model runs on OpenVINO with the tokenizers library: importing torch (via
+    transformers' tokenizer or the export step) would add ~0.9 GB to every router replica. Run in a
+    fresh interpreter, with the exported model already on disk as a replica finds it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    backends.openvino_fp32_model(MODEL, root=tmp_path)
+    script = textwrap.dedent(
+        """
+        import sys
+        from pipelines.search import query_embedder
+        embedder = query_embedder("sentence-transformers/all-MiniLM-L6-v2", engine="openvino")
+        print("SHAPE", embedder.encode(["vitamin D and the heart"]).shape)
+        print("TORCH", "torch" in sys.modules, "transformers" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDPIPE_CACHE": str(tmp_path)}, check=False,
+    )  # fmt: skip
+    assert "SHAPE (1, 384)" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "TORCH False False" in out.stdout
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_single_texts_give_the_same_vectors_on_static_and_dynamic_models(tmp_path, monkeypatch, pays):
+    """Whether static shapes pay is measured per CPU; either way a text's vector is its batch vector."""
+    monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", lambda self, static, length: pays)
+    files = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    ov = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32, 64))
+    assert sorted(ov._static) == ([16, 32, 64] if pays else [])
+    texts = ["vitamin D", "a longer query about the effect of statins on " * 3, "x " * 70]
+    batch = ov.encode(texts)
+    single = np.concatenate([ov.encode([t]) for t in texts])
+    np.testing.assert_allclose(single, batch, atol=1e-5)
+
+
+def test_static_models_are_kept_only_where_they_are_faster(tmp_path, monkeypatch):
+    files = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    ov = backends.OpenVINOBackend(MODEL, files=files)
+    static = ov.request  # a stand-in "static" request: the same model, so the ratio is near 1
+    assert ov._static_pays(static, 32) is False
+    monkeypatch.setattr(backends, "STATIC_MIN_GAIN", 0.01)
+    assert ov._static_pays(static, 32) is True
 
 
 def _chunk_ids(n_docs: int, max_tokens: int = 128):
