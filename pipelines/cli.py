@@ -680,17 +680,41 @@ def _stop_processes_under(root: Path) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line when the port is taken, unless what holds it is the HAProxy of an embedpipe
+    service that died (serve.ingress.orphaned_haproxy): that one is ended, and said so."""
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    import psutil
+
+    from serve.ingress import end_orphan, orphaned_haproxy
+
+    def bind() -> OSError | None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return exc
+        return None
+
+    failed = bind()
+    orphan = orphaned_haproxy(port) if failed else None
+    if orphan is not None:
         try:
-            probe.bind((host, port))
-        except OSError as exc:
+            end_orphan(orphan)
+        except (OSError, psutil.Error) as exc:
             raise _fail(
-                f"cannot serve on {host}:{port}: {exc.strerror} (another service there? use --port)"
+                f"cannot serve on {host}:{port}: an HAProxy left by an embedpipe service that died holds it "
+                f"(pid {orphan.pid}) and could not be stopped ({exc}); end it with `kill {orphan.pid}`"
             ) from None
+        console.print(
+            f"ended pid {orphan.pid}, an HAProxy left on port {port} by an embedpipe service that died",
+            highlight=False,
+        )
+        failed = bind()
+    if failed is not None:
+        raise _fail(f"cannot serve on {host}:{port}: {failed.strerror} (another service there? use --port)")
 
 
 @app.command("sample-corpus")
