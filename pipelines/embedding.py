@@ -81,10 +81,13 @@ class Embedder:
         preload: bool = False,
         static_lengths: tuple[int, ...] = (),
     ):
+        # Set where a logical GPU stood in for a real one; the run report says so (actor_devices).
+        self.logical_gpu = False
         if device == "cuda":
             if os.environ.get("EMBEDPIPE_LOGICAL_GPUS") == "1":
                 # Tests on machines without GPUs: Ray's logical GPUs, CPU compute (fp16 needs a GPU).
                 device, dtype = "cpu", "fp32" if dtype == "fp16" else dtype
+                self.logical_gpu = True
             else:
                 backends.require_cuda("this embedder was given a GPU (device cuda)")
         self.device = resolve_device(device)
@@ -335,6 +338,8 @@ class Embedder:
             "called_at": called,
             "returned_at": time.time(),
             "device": self.device,
+            "dtype": self.dtype,
+            "logical_gpu": self.logical_gpu,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
         info = [json.dumps(summary)] + [None] * (batch.num_rows - 1)

@@ -760,6 +760,9 @@ class EmbedTotals:
             if "device" in batch:
                 self.devices[str(batch.get("actor", 0))] = {
                     "device": batch["device"],
+                    "dtype": batch.get("dtype"),
+                    # a logical GPU (EMBEDPIPE_LOGICAL_GPUS, tests) held, while the CPU computed
+                    "logical_gpu": bool(batch.get("logical_gpu")),
                     "cuda_visible_devices": batch.get("cuda_visible_devices"),
                 }
             for event in batch.get("events", []):

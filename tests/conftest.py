@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's own model cache (exported, quantized and compiled models, autotune's choices), for this
+# process and every process and Ray worker it starts, removed at the end: no test reads or writes the
+# user's ~/.cache/embedpipe, so no result depends on what ran on this machine before.
+TEST_CACHE = tempfile.mkdtemp(prefix="embedpipe-test-cache-")
+os.environ["EMBEDPIPE_CACHE"] = TEST_CACHE
+atexit.register(shutil.rmtree, TEST_CACHE, True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The object-storage tests talk to a local moto server only, never to a cloud account: fake keys for
 # this process and every Ray worker it starts (before any starts), and no instance-metadata lookups.

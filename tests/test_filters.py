@@ -79,8 +79,12 @@ def test_the_client_text_never_reaches_lancedb():
     assert compile_filter("title = 'x'' OR 1=1 --'") == "(`title` = 'x'' OR 1=1 --')"
 
 
-def test_a_config_adds_columns_and_refuses_unknown_ones():
+def test_a_config_adds_columns_and_refuses_unknown_ones(table):
     assert "source" in allowed_columns(["source"]) and "source" not in DEFAULT_COLUMNS
-    assert compile_filter("source LIKE '/srv/%'", columns=allowed_columns(["source"]))
+    where = compile_filter("source LIKE '/srv/%'", columns=allowed_columns(["source"]))
+    hits = table.search([1.0, 0.0]).where(where, prefilter=True).to_arrow()
+    assert set(hits["doc_id"].to_pylist()) == {"b", "o'k"}  # the rows under /srv, not alice's
+    with pytest.raises(FilterError):  # and without the config, the column is refused
+        compile_filter("source LIKE '/srv/%'")
     with pytest.raises(ValueError, match="vector"):
         allowed_columns(["vector"])

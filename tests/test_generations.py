@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lancedb
 import numpy as np
-import pyarrow as pa
 import pytest
 import requests
 from typer.testing import CliRunner
@@ -343,15 +342,13 @@ def test_a_running_service_follows_promote_without_a_failed_or_mixed_answer(smal
         threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(2)
+        # Waits for conditions, each with a deadline: answers of generation 1 first, then the switch,
+        # then enough answers after it for the check below.
+        assert _until(lambda: len(answers) >= 8 or failures, 120) and not failures, failures[:3]
         rebuild.promote(db=str(db), generation=2, cfg=_cfg())
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if requests.get(f"{url}/healthz", timeout=10).json().get("generation") == 2:
-                break
-            time.sleep(0.2)
+        assert _until(lambda: requests.get(f"{url}/healthz", timeout=10).json().get("generation") == 2, 120)
         switched = len(answers)
-        time.sleep(2)
+        assert _until(lambda: len(answers) >= switched + 24 or failures, 120), failures[:3]
         stop.set()
         for thread in threads:
             thread.join(60)
@@ -380,4 +377,15 @@ def test_check_generation_finds_a_lost_and_a_doubled_chunk(small_db):
     table.delete(f"chunk_id = '{row['chunk_id'][0].as_py()}'")  # now lost
     with pytest.raises(rebuild.RebuildError, match="missing"):
         rebuild.check_generation(store.location(db), live, built)
-    assert isinstance(row, pa.Table)
+    table.add(row)  # once again: every chunk stored exactly once, and the check passes
+    rebuild.check_generation(store.location(db), live, built)
+
+
+def _until(condition, timeout_s: float) -> bool:
+    """Poll ``condition`` every 50 ms until it holds or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())

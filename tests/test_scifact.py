@@ -11,7 +11,10 @@ from pipelines.cli import app
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_scifact_eval_quality_and_report(ray_local, scifact, tmp_path):
+def test_scifact_eval_quality_and_report(ray_local, scifact, tmp_path, monkeypatch):
+    # A model cache of its own, as on a fresh machine: the precision autotune picks here and the int8
+    # model (calibrated on this corpus) do not depend on which tests ran before.
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     db = tmp_path / "sf-db"
     result = CliRunner().invoke(app, ["eval", str(scifact), "--db", str(db), "--json"])
     assert result.exit_code == 0, result.output
