@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 def minimal_pdf(text: str, title: str = "") -> bytes:
     """A valid one-page PDF with ``text`` in Helvetica (hand-built: no PDF writer dependency)."""
@@ -73,3 +75,13 @@ def variant_model(out_dir, *, pooling: str = "max", max_seq_length: int = 128) -
         json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
     )
     return str(out)
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    """Poll ``condition`` every 50 ms until it holds or ``timeout_s`` passes; then its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())

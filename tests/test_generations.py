@@ -24,7 +24,7 @@ from pipelines.cli import app
 from pipelines.config import ServeSettings, load_config
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs
-from tests.helpers import variant_model
+from tests.helpers import variant_model, wait_for
 
 SETTINGS = {"embedding.dtype": "fp32", "chunking.docs_per_batch": 8, "ray.progress_bars": False}
 
@@ -344,11 +344,11 @@ def test_a_running_service_follows_promote_without_a_failed_or_mixed_answer(smal
             thread.start()
         # Waits for conditions, each with a deadline: answers of generation 1 first, then the switch,
         # then enough answers after it for the check below.
-        assert _until(lambda: len(answers) >= 8 or failures, 120) and not failures, failures[:3]
+        assert wait_for(lambda: len(answers) >= 8 or failures, 120) and not failures, failures[:3]
         rebuild.promote(db=str(db), generation=2, cfg=_cfg())
-        assert _until(lambda: requests.get(f"{url}/healthz", timeout=10).json().get("generation") == 2, 120)
+        assert wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).json().get("generation") == 2, 120)
         switched = len(answers)
-        assert _until(lambda: len(answers) >= switched + 24 or failures, 120), failures[:3]
+        assert wait_for(lambda: len(answers) >= switched + 24 or failures, 120), failures[:3]
         stop.set()
         for thread in threads:
             thread.join(60)
@@ -379,13 +379,3 @@ def test_check_generation_finds_a_lost_and_a_doubled_chunk(small_db):
         rebuild.check_generation(store.location(db), live, built)
     table.add(row)  # once again: every chunk stored exactly once, and the check passes
     rebuild.check_generation(store.location(db), live, built)
-
-
-def _until(condition, timeout_s: float) -> bool:
-    """Poll ``condition`` every 50 ms until it holds or ``timeout_s`` passes; its last value."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())

@@ -20,6 +20,7 @@ import typer
 
 from pipelines.cli import _check_port_free
 from serve.ingress import haproxy_environment, orphaned_haproxy
+from tests.helpers import wait_for
 
 RAY_TEMPLATE_LINES = """global
     stats socket {sock} mode 666 level admin expose-fd listeners
@@ -69,11 +70,11 @@ def test_the_wrapper_has_the_kernel_end_haproxy_when_its_parent_dies(tmp_path):
     )  # fmt: skip
     child = psutil.Process(int(parent.stdout.readline()))
     try:
-        assert _wait(lambda: "sleep" in child.name(), 10)  # the wrapper exec'd the binary
+        assert wait_for(lambda: "sleep" in child.name(), 10)  # the wrapper exec'd the binary
         assert child.ppid() == parent.pid
         parent.kill()
         parent.wait()
-        assert _wait(lambda: not _alive(child), 5), "HAProxy outlived the process that started it"
+        assert wait_for(lambda: not _alive(child), 5), "HAProxy outlived the process that started it"
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
@@ -98,21 +99,21 @@ def test_an_orphaned_haproxy_of_a_dead_service_is_found_and_no_other(tmp_path):
         cfg.write_text(f"defaults\n  mode http\n  timeout client 1s\nfrontend f\n  bind 127.0.0.1:{port}\n")
     stray = subprocess.Popen([haproxy, "-db", "-f", str(theirs)], start_new_session=True)
     try:
-        assert _wait(lambda: not _port_free(port), 10)
+        assert wait_for(lambda: not _port_free(port), 10)
         assert orphaned_haproxy(port) is None  # someone else's HAProxy is left alone
     finally:
         stray.kill()
         stray.wait()
     orphan = subprocess.Popen([haproxy, "-db", "-f", str(mine)], start_new_session=True)
     try:
-        assert _wait(lambda: not _port_free(port), 10)
+        assert wait_for(lambda: not _port_free(port), 10)
         found = orphaned_haproxy(port)
         assert found is not None and found.pid == orphan.pid
         assert orphaned_haproxy(_free_port()) is None  # not on another port
         _check_port_free("127.0.0.1", port)  # embedpipe serve's check ends it rather than fail
         assert orphan.wait(5) is not None and _port_free(port)
         stray = subprocess.Popen([haproxy, "-db", "-f", str(theirs)], start_new_session=True)
-        assert _wait(lambda: not _port_free(port), 10)
+        assert wait_for(lambda: not _port_free(port), 10)
         with pytest.raises(typer.Exit):  # anyone else's listener: the one-line error
             _check_port_free("127.0.0.1", port)
         assert stray.poll() is None
@@ -147,7 +148,7 @@ def test_haproxy_dies_with_its_service(tmp_path, victim):
     )  # fmt: skip
     tree, service_dir = psutil.Process(cli.pid), None
     try:
-        assert _wait(lambda: _healthy(url) or cli.poll() is not None, 240) and cli.poll() is None, _tail(
+        assert wait_for(lambda: _healthy(url) or cli.poll() is not None, 240) and cli.poll() is None, _tail(
             tmp_path
         )
         (old,) = [p for p in tree.children(recursive=True) if p.name() == "haproxy"]
@@ -170,22 +171,22 @@ def test_haproxy_dies_with_its_service(tmp_path, victim):
             ]
             proxy.kill()
         started = time.monotonic()
-        gone = _wait(lambda: not _alive(old), 10)
+        gone = wait_for(lambda: not _alive(old), 10)
         state = "gone" if gone else "still there"
         print(f"{victim}: the old HAProxy {state} {time.monotonic() - started:.2f} s after the kill")
         if victim in ("cli", "session"):
             assert gone, "an HAProxy of a dead service is left"
-            assert _wait(lambda: not [p for p in _haproxies(service_dir) if _alive(p)], 10)
-            assert _wait(lambda: _port_free(port), 10), "the port is still held"
+            assert wait_for(lambda: not [p for p in _haproxies(service_dir) if _alive(p)], 10)
+            assert wait_for(lambda: _port_free(port), 10), "the port is still held"
         else:
             # The service lives on: its HAProxy is ended with the manager and started again by
             # Serve, or stays when the manager lives; either way the service answers on its port.
             assert gone or _alive(old) and victim == "proxy-actor"
-            assert _wait(lambda: _healthy(url), 120), _tail(tmp_path)
+            assert wait_for(lambda: _healthy(url), 120), _tail(tmp_path)
             cli.send_signal(signal.SIGTERM)
             assert cli.wait(60) is not None
-            assert _wait(lambda: _port_free(port), 10)
-            assert _wait(lambda: not [p for p in _haproxies(service_dir) if _alive(p)], 10)
+            assert wait_for(lambda: _port_free(port), 10)
+            assert wait_for(lambda: not [p for p in _haproxies(service_dir) if _alive(p)], 10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(cli.pid, signal.SIGKILL)
@@ -269,15 +270,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _wait(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def _tail(tmp_path: Path) -> str:
