@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -390,12 +391,50 @@ class OpenVINOBackend:
             fixed.reshape({port.get_any_name(): [1, length] for port in fixed.inputs})
             return core.compile_model(fixed, "CPU", config).create_infer_request()
 
-        if lengths:
+        def measure() -> bool:
             probe = min(lengths, key=lambda n: abs(n - STATIC_PROBE_LENGTH))
-            first = compile_static(probe)
-            if self._static_pays(first, probe):
-                self._static = {n: first if n == probe else compile_static(n) for n in lengths}
+            return self._static_pays(compile_static(probe), probe)
+
+        if lengths and self._static_choice(files["meta"], measure):
+            self._static = {n: compile_static(n) for n in lengths}
         self.device = "cpu"
+
+    def _static_choice(self, meta: dict[str, Any], measure: Callable[[], bool]) -> bool:
+        """Whether single texts run on static models on this machine: measured once (``measure``)
+        and kept under ``cache_root()``, the first measurement winning, so that every process here
+        (a service's replicas, `embedpipe query`) embeds a query alike: a static and the dynamic
+        model can differ in the last bits, enough to swap two near-tied results."""
+        from importlib.metadata import version
+
+        from pipelines import autotune
+
+        key = {
+            "cpu": autotune.cpu_signature(), "weights": meta.get("weights_hash"),
+            "format": meta.get("format"), "dtype": self.dtype, "openvino": version("openvino"),
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_root() / "openvino-static" / f"{digest}.json"
+
+        def kept() -> bool | None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                return bool(json.loads(path.read_text())["static"])
+            return None
+
+        found = kept()
+        if found is not None:
+            return found
+        pays = measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps({"static": pays, **key}))
+            with contextlib.suppress(FileExistsError):
+                os.link(scratch, path)  # atomic, and never over another process's measurement
+            scratch.unlink()
+        except OSError:
+            return pays  # no cache to keep it in: this process's own measurement
+        found = kept()
+        return pays if found is None else found
 
     def _static_pays(self, static: Any, length: int) -> bool:
         """Whether single texts should run on static models, measured here: each costs ~150 MB

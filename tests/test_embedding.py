@@ -196,6 +196,7 @@ def test_a_query_embedder_imports_no_torch(tmp_path):
 @pytest.mark.parametrize("pays", [True, False])
 def test_single_texts_give_the_same_vectors_on_static_and_dynamic_models(tmp_path, monkeypatch, pays):
     """Whether static shapes pay is measured per CPU; either way a text's vector is its batch vector."""
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))  # no earlier choice kept
     monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", lambda self, static, length: pays)
     files = backends.openvino_fp32_model(MODEL, root=tmp_path)
     ov = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32, 64))
@@ -204,6 +205,25 @@ def test_single_texts_give_the_same_vectors_on_static_and_dynamic_models(tmp_pat
     batch = ov.encode(texts)
     single = np.concatenate([ov.encode([t]) for t in texts])
     np.testing.assert_allclose(single, batch, atol=1e-5)
+
+
+def test_the_static_choice_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """Every process of a machine embeds a query alike: the first measurement is kept and reused,
+    whatever a later one would say (the service's replicas and `embedpipe query` must agree)."""
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
+    files = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    calls = []
+
+    def measured(self, static, length):
+        calls.append(length)
+        return len(calls) == 1  # the first says static pays, any later one would say not
+
+    monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", measured)
+    first = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32))
+    second = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32))
+    assert calls == [32] and sorted(first._static) == sorted(second._static) == [16, 32]
+    (kept,) = (tmp_path / "cache" / "openvino-static").glob("*.json")
+    assert json.loads(kept.read_text())["static"] is True
 
 
 def test_static_models_are_kept_only_where_they_are_faster(tmp_path, monkeypatch):
