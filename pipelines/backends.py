@@ -474,8 +474,8 @@ class OpenVINOBackend:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Padded ids and mask of ``texts``, ready for ``run_prepared`` or ``run_many``. The
-        tokenizers library alone, as the chunker uses it: transformers would import torch, ~0.9 GB
-        more in a process that embeds only queries."""
+        tokenizers library alone, as the chunker uses it: transformers would import torch, ~0.2 GB
+        more RSS in a process that embeds only queries."""
         encoded = models.load_embedding_tokenizer(self.model).encode_batch(texts)
         return pad_ids([e.ids[: self.max_length] for e in encoded], self.pad_id)
 
@@ -615,7 +615,7 @@ def export_openvino(
     quantized with NNCF when calibration ``texts`` are given (see ``quantize``)."""
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists() and not force:
-        return json.loads((out_dir / "meta.json").read_text())  # before the imports: torch is ~0.3 GB
+        return json.loads((out_dir / "meta.json").read_text())  # before the imports: torch is ~0.2 GB of RSS
     no_openvino_telemetry()
     import openvino as ov
     import torch

@@ -168,7 +168,7 @@ def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
 
 def test_a_query_embedder_imports_no_torch(tmp_path):
     """The service's query model runs on OpenVINO with the tokenizers library: importing torch (via
-    transformers' tokenizer or the export step) would add ~0.9 GB to every router replica. Run in a
+    transformers' tokenizer or the export step) would add ~0.2 GB to every router replica. Run in a
     fresh interpreter, with the exported model already on disk as a replica finds it."""
     import os
     import subprocess
