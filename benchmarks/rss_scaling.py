@@ -1,9 +1,11 @@
-"""Peak memory of an ingest as the corpus grows: a corpus and the same corpus repeated N times.
+"""Peak memory of an ingest as the corpus grows: a corpus and N distinct copies of it.
 
-The copies get unique ids (``<id>~copy<k>``), written copy after copy, so the run reads, chunks, stages
-and commits N times the rows. Their texts repeat, so only the first copy goes through the model and
-the rest come from the embedding cache: the model is loaded and used in both runs, and what grows
-with the corpus (reading, staging, committing, the driver's bookkeeping) is what is measured.
+The copies get unique ids (``<id>~copy<k>``) and distinct texts: copy k has a word of its own
+(``c<k>``) after every ``MARK_EVERY`` words of the title and text and at their end, so every chunk
+differs from every other copy's and each goes through the model (none comes from the embedding cache);
+a copy has 1/16 more words than the original. The run reads, chunks, embeds, stages and commits N times
+the rows, so what grows with the corpus, embedding work included, is what is measured
+(``--repeat-texts``: the texts as they are, only the first copy embedded, as before).
 
     python benchmarks/rss_scaling.py ../shared/datasets/scifact/corpus.jsonl --copies 10 --workdir /tmp/rss
     # reuse a 1x run's report (e.g. the (c) run of `embedpipe bench`):
@@ -20,6 +22,21 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+MARK_EVERY = 16  # words between two copy marks
+
+
+def distinct(text: str, copy: int) -> str:
+    """``text`` with the copy's own word after every MARK_EVERY words and at its end (copy 0: as is)."""
+    if not copy or not text:
+        return text
+    out = []
+    words = text.split(" ")
+    for i, word in enumerate(words, 1):
+        out.append(word)
+        if i % MARK_EVERY == 0 or i == len(words):
+            out.append(f"c{copy}")
+    return " ".join(out)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,6 +46,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--one-x-report", type=Path, default=None, help="a 1x run report to compare with")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--repeat-texts", action="store_true", help="copies keep the texts (embedding cache)")
     args = parser.parse_args()
 
     from pipelines import ingest
@@ -45,6 +63,10 @@ def main() -> None:
                     key = "_id" if "_id" in record else "id"
                     if copy:
                         record[key] = f"{record[key]}~copy{copy}"
+                        if not args.repeat_texts:
+                            for field in ("title", "text"):
+                                if isinstance(record.get(field), str):
+                                    record[field] = distinct(record[field], copy)
                     out.write(json.dumps(record) + "\n")
 
     def run(source: Path, name: str) -> dict:
@@ -56,6 +78,7 @@ def main() -> None:
     many = run(big, f"db-x{args.copies}")
     figures = {
         "copies": args.copies,
+        "texts": "repeated" if args.repeat_texts else "distinct",
         "x1": {
             "docs": one["docs"]["ingested"],
             "peak_rss_mb": one["resources"]["peak_rss_mb"],
