@@ -11,6 +11,7 @@ versions, so the measurement runs once (~20 s).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,29 +124,55 @@ def cached_choice(
         "versions": _versions(),
         "streams": streams,
     }
+
+    def measured() -> dict[str, Any] | None:
+        sample = texts() if callable(texts) else texts
+        if len(sample) < 16:
+            return None
+        logger.log(NOTICE, "measuring which precision embeds fastest on this CPU (once): %s", ", ".join(
+            f"{d} on {e}" for d, e in pairs
+        ))  # fmt: skip
+        results = measure(
+            model, texts=sample, pairs=pairs, int8_files=int8_files, threads=threads, streams=streams
+        )
+        best = choose(results)
+        return {**{k: best[k] for k in ("dtype", "engine", "tokens_per_s")}, "results": results, **key}
+
+    return kept_once(root or backends.cache_root(), "autotune", key, measured)
+
+
+def kept_once(
+    root: Path, kind: str, key: dict[str, Any], measured: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """A measurement made once per machine and kept as JSON under ``root/kind``, found by ``key``
+    (the CPU, the model, the versions...): read when kept, else ``measured()`` and kept, the first
+    process to keep one winning (an atomic link, never over another's), so that every process of
+    the machine decides alike. None (nothing kept) when ``measured`` gives None; where nothing can
+    be written, this process's own measurement."""
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
-    path = (root or backends.cache_root()) / "autotune" / f"{digest}.json"
-    if path.exists():
-        try:
+    path = root / kind / f"{digest}.json"
+
+    def read() -> dict[str, Any] | None:
+        with contextlib.suppress(OSError, ValueError):  # absent, or torn: measure again
             return json.loads(path.read_text())
-        except ValueError:
-            pass  # a torn file: measure again
-    texts = texts() if callable(texts) else texts
-    if len(texts) < 16:
         return None
-    logger.log(NOTICE, "measuring which precision embeds fastest on this CPU (once): %s", ", ".join(
-        f"{d} on {e}" for d, e in pairs
-    ))  # fmt: skip
-    results = measure(
-        model, texts=texts, pairs=pairs, int8_files=int8_files, threads=threads, streams=streams
-    )
-    best = choose(results)
-    choice = {**{k: best[k] for k in ("dtype", "engine", "tokens_per_s")}, "results": results, **key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(choice, indent=2))
-    tmp.replace(path)
-    return json.loads(path.read_text())  # as a later run reads it
+
+    found = read()
+    if found is not None:
+        return found
+    value = measured()
+    if value is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(value, indent=2))
+        with contextlib.suppress(FileExistsError):
+            os.link(scratch, path)
+        scratch.unlink()
+    except OSError:
+        return value
+    return read() or value  # as a later run reads it
 
 
 def _int8_id(int8_files: Any) -> str | None:

@@ -412,29 +412,8 @@ class OpenVINOBackend:
             "cpu": autotune.cpu_signature(), "weights": meta.get("weights_hash"),
             "format": meta.get("format"), "dtype": self.dtype, "openvino": version("openvino"),
         }  # fmt: skip
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = cache_root() / "openvino-static" / f"{digest}.json"
-
-        def kept() -> bool | None:
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                return bool(json.loads(path.read_text())["static"])
-            return None
-
-        found = kept()
-        if found is not None:
-            return found
-        pays = measure()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps({"static": pays, **key}))
-            with contextlib.suppress(FileExistsError):
-                os.link(scratch, path)  # atomic, and never over another process's measurement
-            scratch.unlink()
-        except OSError:
-            return pays  # no cache to keep it in: this process's own measurement
-        found = kept()
-        return pays if found is None else found
+        kept = autotune.kept_once(cache_root(), "openvino-static", key, lambda: {"static": measure(), **key})
+        return bool(kept["static"])
 
     def _static_pays(self, static: Any, length: int) -> bool:
         """Whether single texts should run on static models, measured here: each costs ~150 MB

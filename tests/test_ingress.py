@@ -19,7 +19,7 @@ import requests
 import typer
 
 from pipelines.cli import _check_port_free
-from serve.ingress import haproxy_environment, orphaned_haproxy
+from serve.ingress import _free_port, haproxy_environment, orphaned_haproxy
 from tests.helpers import wait_for
 
 RAY_TEMPLATE_LINES = """global
@@ -264,12 +264,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _tail(tmp_path: Path) -> str:
