@@ -395,7 +395,16 @@ def index_command(
             else f"{s['vector_index']} {s['action']}{new} ({s['num_partitions']} partitions, query "
             f"{s['query_params']})"
         )
-        typer.echo(f"{s['shard']}: {s['rows']:,} rows, {vector}, fts {s['fts'] or 'none'}, {s['seconds']} s")
+        c = s.get("codes")
+        held = (
+            f", in-memory codes {c['action']} (+{c['added']:,} -{c['removed']:,} rows, {c['partitions']} "
+            f"partitions, {c['seconds']} s)"
+            if c
+            else ""
+        )
+        typer.echo(
+            f"{s['shard']}: {s['rows']:,} rows, {vector}{held}, fts {s['fts'] or 'none'}, {s['seconds']} s"
+        )
     typer.echo(f"indexed {len(summaries)} shards in {time.time() - started:.1f} s")
 
 

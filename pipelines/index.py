@@ -20,7 +20,7 @@ from typing import Any
 
 from lancedb.index import FTS, HnswSq, IvfPq, IvfRq, IvfSq
 
-from pipelines import store
+from pipelines import codes, store
 from pipelines.config import IndexSettings, StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -143,14 +143,17 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
 def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None) -> int:
     """What a serving process holds per row of a shard searched this way (the estimate ``embedpipe
     plan`` uses; /healthz reports what is held): a small exact shard's vectors, row ids and the
-    columns an answer shows, held by its group; an IVF index's codes and row ids in LanceDB's index
-    cache, whose rows' text is never held (an answer reads its top k rows from the table)."""
+    columns an answer shows, held by its group; an indexed shard's in-memory codes and ids
+    (``settings.codes``), or else its IVF index's codes and row ids in LanceDB's index cache. The
+    text of an indexed shard's rows is never held (an answer reads its top k rows from the table)."""
     settings = settings or IndexSettings()
+    if kind != "exact" and settings.codes:  # the in-memory codes (pipelines.codes), not LanceDB's index
+        return codes.bytes_per_row(dim, settings.codes_bits, settings.codes_rows_per_partition)
     if kind == "exact":
         # float32 vector and norm, row id and position, tie rank, and the columns an answer shows
         # (ids, title, text: ~1 KB for a SciFact chunk, up to ~1.5 KB for a full 256-token one)
         return 4 * dim + 32 + HELD_TEXT_BYTES
-    codes = {
+    code = {
         "IVF_RQ": math.ceil(dim * settings.rq_bits / 8) + 12,  # packed bits and three float factors
         "IVF_SQ": dim,
         "IVF_PQ": _sub_vectors(dim),
@@ -158,7 +161,7 @@ def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None)
     }[kind]
     # The row id, and ~24 B a row of LanceDB's index metadata in its caches (measured: 223-239 B a row
     # held for 384-dim 4-bit IVF_RQ at 1M and 10M rows, against 212 B of codes and row ids).
-    return codes + 8 + 24
+    return code + 8 + 24
 
 
 def read_indexes(table: Any) -> ShardIndexes:
@@ -187,7 +190,14 @@ def _fits(have: ShardIndexes, plan: VectorPlan) -> bool:
     return 1 / REBUILD_RATIO < ratio < REBUILD_RATIO
 
 
-def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool = False) -> dict[str, Any]:
+def index_shard(
+    table: Any,
+    *,
+    dim: int,
+    settings: IndexSettings,
+    rebuild: bool = False,
+    codes_at: store.Location | None = None,
+) -> dict[str, Any]:
     """Give one shard the indexes its size calls for.
 
     A shard whose vector index fits its size (same kind, partitions within REBUILD_RATIO of the
@@ -199,6 +209,8 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
         dim: vector dimension.
         settings: index settings.
         rebuild: rebuild indexes even where they fit.
+        codes_at: where the generation's tables are: the shard's in-memory codes (pipelines.codes)
+            are brought up to date there, after the table's compaction (None: left alone).
 
     Returns:
         A summary: rows, the plan, what was done (built, updated or kept), the query parameters it
@@ -228,6 +240,13 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
     # Rows added since an index was built are searched by a scan until they are folded in here.
     table.optimize()
     now = read_indexes(table)
+    # After the compaction, which gives rows new ids: the codes follow them.
+    codes_done = None
+    if codes_at is not None:
+        if now.vector_kind != "exact" and settings.codes:
+            codes_done = codes.update(table, codes_at, settings=settings, rebuild=rebuild)
+        elif codes.pointer(codes_at, table.name) is not None:
+            codes.drop(codes_at, table.name)
     return {
         "shard": table.name,
         "rows": rows,
@@ -237,6 +256,7 @@ def index_shard(table: Any, *, dim: int, settings: IndexSettings, rebuild: bool 
         "new_rows": have.unindexed_rows if action == "updated" else None,
         "fts": list(now.fts_columns),
         "query_params": query_params(now, k=10, settings=settings),
+        "codes": codes_done,
         "version": table.version,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -247,10 +267,13 @@ def _index_one(
 ) -> dict[str, Any]:
     """Index one shard of ``loc``'s ``generation`` (a Ray task, or a call in this process)."""
     manifest = store.read_manifest(loc, generation)
-    table = store.tables_of(loc, manifest).connect().open_table(name)
+    tables = store.tables_of(loc, manifest)
+    table = tables.connect().open_table(name)
+    import faiss
     import ray
 
-    summary = index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild)
+    faiss.omp_set_num_threads(max(1, int(settings.build_cpus)))  # the CPUs this task reserved
+    summary = index_shard(table, dim=manifest.dim, settings=settings, rebuild=rebuild, codes_at=tables)
     summary["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return summary
 

@@ -43,9 +43,15 @@ def test_query_params_follow_the_index():
 
 def test_bytes_held_per_row_is_bounded_by_what_a_row_holds():
     # What `embedpipe plan` predicts: codes and row ids for an index, a float32 vector for exact.
-    assert index.bytes_per_row("IVF_RQ", dim=384) == 384 * 4 // 8 + 44  # codes, factors, row id, metadata
+    lancedb = IndexSettings(codes=False)  # searched through LanceDB's index cache
+    assert (
+        index.bytes_per_row("IVF_RQ", dim=384, settings=lancedb) == 384 * 4 // 8 + 44
+    )  # codes, ids, metadata
     assert index.bytes_per_row("exact", dim=384) > 4 * 384
-    assert index.bytes_per_row("IVF_RQ", dim=384) < index.bytes_per_row("IVF_SQ", dim=384) < 4 * 384
+    rq, sq = (index.bytes_per_row(kind, dim=384, settings=lancedb) for kind in ("IVF_RQ", "IVF_SQ"))
+    assert rq < sq < 4 * 384
+    # The in-memory codes: 212 B of faiss code, its id, the row id, a share of the centroids.
+    assert index.bytes_per_row("IVF_RQ", dim=384) == 212 + 8 + 8 + 12 < 4 * 384
 
 
 def _db(tmp_path, rows_per_shard=3000, shards=2):

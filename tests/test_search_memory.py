@@ -80,17 +80,29 @@ def test_opening_an_indexed_db_reads_no_rows_and_an_answer_reads_only_its_own(tm
         return real_search(self, query, *args, **kwargs)
 
     def take(self, row_ids):
-        takes.append(len(row_ids))
+        takes.append([len(row_ids), None])
         return real_take(self, row_ids)
+
+    take_type = type(table._table.take_row_ids([0]))
+    real_select = take_type.select
+
+    def select(self, columns):
+        takes[-1][1] = "vector" if "vector" in columns else "text"
+        return real_select(self, columns)
 
     monkeypatch.setattr(table_type, "search", search)
     monkeypatch.setattr(async_type, "take_row_ids", take)
+    monkeypatch.setattr(take_type, "select", select)
     monkeypatch.setattr(table_type, "create_index", lambda *a, **kw: built.append(a))
     searcher = Searcher(tmp_path, index=SETTINGS)  # ShardGroup inside, as a router replica holds it
     assert scans == [] and built == [] and takes == []
     assert searcher.group.memory()["bytes_per_row"] < 4 * DIM
     hits = searcher.search_vector(vectors[5], k=7)
-    assert hits.num_rows == 7 and scans == [] and sum(takes) == 7  # 7 rows read, over the shards they are in
+    text = sum(n for n, what in takes if what == "text")
+    refine = [n for n, what in takes if what == "vector"]
+    assert hits.num_rows == 7 and scans == [] and text == 7  # 7 rows' text read, over the shards they are in
+    # The exact re-rank reads the vectors of refine_factor * k candidates a shard (from the table), no more.
+    assert len(refine) == 2 and all(0 < n <= SETTINGS.refine_factor * 7 for n in refine), takes
     assert hits["chunk_id"][0].as_py() == "s0-d5#0"
     assert all(
         t.startswith(d) for d, t in zip(hits["doc_id"].to_pylist(), hits["text"].to_pylist(), strict=True)
@@ -126,6 +138,7 @@ def test_the_row_cache_serves_answers_again_without_a_read_and_stays_under_its_b
     )
     answer = group.search(vectors[:3], [10] * 3)
     hits = [combine([part], k=10) for part in answer.answers]
+    takes.clear()  # the search's own reads (its candidates' vectors, for the exact re-rank)
     cache = RowCache(10 * 2**20)
     first = fetch_rows(hits, answer.tables, ["doc_id", "title"], cache)
     read = sum(takes)

@@ -89,12 +89,14 @@ class ShardGroup:
         self.manifest = store.read_manifest(loc, generation)
         # One LanceDB session (index and metadata caches) for the group: what it holds is measured.
         self.session = lancedb.Session()
-        conn = store.tables_of(loc, self.manifest).connect(session=self.session)
+        tables = store.tables_of(loc, self.manifest)
+        conn = tables.connect(session=self.session)
         names = shards if shards is not None else [store.shard_name(i) for i in range(self.manifest.shards)]
         if not names:
             raise ValueError(f"{db}: a shard group needs at least one shard")
         self.shards = [
-            Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows) for name in names
+            Shard(conn, name, refresh_s=refresh_s, index=index, memory_rows=memory_rows, codes_at=tables)
+            for name in names
         ]
         self.names = names
         # (key: held shards and versions, the memory, the snapshots it holds by shard)
@@ -132,7 +134,8 @@ class ShardGroup:
         indexes' codes and row ids) and the small shards held exactly; per row of its shards."""
         snaps = self.snapshots()
         _, memory, _ = self._memory
-        held = self.session.size_bytes + (memory.nbytes if memory is not None else 0)
+        codes = {id(snap.codes): snap.codes.nbytes for snap in snaps if snap.codes is not None}
+        held = self.session.size_bytes + (memory.nbytes if memory is not None else 0) + sum(codes.values())
         rows = sum(snap.rows for snap in snaps)
         return {"rows": rows, "bytes_held": held, "bytes_per_row": round(held / rows, 1) if rows else None}
 

@@ -19,10 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.query import MatchQuery, MultiMatchQuery
 
+from pipelines import codes as shard_codes
 from pipelines import store
+from pipelines.codes import ShardCodes
 from pipelines.config import IndexSettings
 from pipelines.filters import FilterError
 from pipelines.index import ShardIndexes, query_params, read_indexes
+from pipelines.search.merge import merge_topk
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,10 @@ KEY_COLUMNS = ["chunk_id", "score", "shard", "_rowid"]
 # so that its answers read nothing from the table (a LanceDB take costs ~1.4 ms of CPU a shard here).
 HELD_COLUMNS = ["chunk_id", "doc_id", "title", "text"]
 SCAN_WARN_ROWS = 100_000  # an unindexed shard this large costs every query a scan worth a warning
+# Rows committed since a shard's codes were built are found by a LanceDB scan of them alone; past this
+# many (and a fifth of the shard), or after a compaction gave every row a new id, the codes are set
+# aside and LanceDB's own index serves until `embedpipe index` brings them up to date.
+CODES_NEW_ROWS_MAX = 50_000
 KEY_SCHEMA = pa.schema(
     [("chunk_id", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("_rowid", pa.uint64())]
 )
@@ -147,6 +154,14 @@ def _keys(hits: pa.Table, score: Any, shard: str) -> pa.Table:
         [hits.column("chunk_id"), score, pa.array([shard] * n, pa.string()), hits.column("_rowid")],
         schema=KEY_SCHEMA,
     )
+
+
+async def _no_rows(table: Any) -> pa.Table:
+    dim = table.schema.field("vector").type.list_size
+    schema = pa.schema(
+        [("chunk_id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("_rowid", pa.uint64())]
+    )
+    return schema.empty_table()
 
 
 class Pinned(NamedTuple):
@@ -418,6 +433,8 @@ class Snapshot:
     indexes: ShardIndexes
     rows: int
     in_memory: bool
+    codes: ShardCodes | None = None  # the in-memory codes it is searched through (pipelines.codes)
+    new_rows: int = 0  # rows committed after its codes were built (found by a scan of them)
 
 
 class Shard:
@@ -438,6 +455,8 @@ class Shard:
         refresh_s: how often to look for a newer table version (0: before every search).
         index: index settings (ANN query parameters).
         memory_rows: the largest unindexed shard held in memory (0: never).
+        codes_at: where the generation's tables are, to load the shard's in-memory codes from (None:
+            searched through LanceDB's index only).
     """
 
     def __init__(
@@ -448,9 +467,11 @@ class Shard:
         refresh_s: float = 1.0,
         index: IndexSettings | None = None,
         memory_rows: int = 0,
+        codes_at: store.Location | None = None,
     ):
         self.name = name
         self.conn = conn
+        self.codes_at = codes_at
         self.probe = conn.open_table(name)  # only asks for the latest version
         self.refresh_s = refresh_s
         self.memory_rows = memory_rows
@@ -493,8 +514,16 @@ class Shard:
     def _load_latest(self) -> Snapshot:
         self.probe.checkout_latest()
         version = self.probe.version
-        if self._snapshot is not None and self._snapshot.version == version:
-            return self._snapshot
+        held = self._snapshot
+        if held is not None and held.version == version:
+            if not self._codes_wanted(held.indexes):
+                return held
+            # `embedpipe index` may store codes without a commit (the table was already compacted).
+            pointer = shard_codes.pointer(self.codes_at, self.name)
+            if (pointer and pointer["file"]) == (held.codes.file if held.codes else None):
+                return held
+            codes, new_rows = self._codes_for(held.table, version, held.rows)
+            return Snapshot(version, held.table, held.indexes, held.rows, held.in_memory, codes, new_rows)
         table = self.conn.open_table(self.name)
         table.checkout(version)
         indexes = read_indexes(table)
@@ -502,8 +531,16 @@ class Shard:
         # Only shards without an ANN index are held (small ones: `embedpipe index` leaves shards under
         # index.exact_below_rows exact); an indexed shard is searched through its index on disk.
         in_memory = indexes.vector_kind == "exact" and 0 < rows <= self.memory_rows
-        if indexes.vector_index_name and (
-            self._snapshot is None or self._snapshot.indexes.vector_index_name != indexes.vector_index_name
+        codes, new_rows = None, 0
+        if self._codes_wanted(indexes):
+            codes, new_rows = self._codes_for(table, version, rows)
+        if (
+            codes is None
+            and indexes.vector_index_name
+            and (
+                self._snapshot is None
+                or self._snapshot.indexes.vector_index_name != indexes.vector_index_name
+            )
         ):
             # Its partitions into LanceDB's index cache now, not on the first queries. The index was
             # built by `embedpipe index` and is only read here, never built.
@@ -511,9 +548,35 @@ class Shard:
         if indexes.vector_kind == "exact" and rows > max(self.memory_rows, SCAN_WARN_ROWS):
             logger.warning("%s: %d rows and no vector index: every query scans them; run `embedpipe index`",
                            self.name, rows)  # fmt: skip
-        logger.info("%s: serving version %d (%s)", self.name, version,
-                    "in memory" if in_memory else indexes.vector_kind)  # fmt: skip
-        return Snapshot(version, table, indexes, rows, in_memory)
+        how = "in memory" if in_memory else f"codes v{codes.version}" if codes else indexes.vector_kind
+        logger.info("%s: serving version %d (%s)", self.name, version, how)
+        return Snapshot(version, table, indexes, rows, in_memory, codes, new_rows)
+
+    def _codes_wanted(self, indexes: ShardIndexes) -> bool:
+        return self.codes_at is not None and indexes.vector_kind != "exact" and self.index_settings.codes
+
+    def _codes_for(self, table: Any, version: int, rows: int) -> tuple[ShardCodes | None, int]:
+        """The codes to search ``version`` through (read when `embedpipe index` stored new ones, else
+        the ones held), and how many rows were committed after them; (None, 0) when there are none
+        that describe this version."""
+        held = self._snapshot.codes if self._snapshot is not None else None
+        pointer = shard_codes.pointer(self.codes_at, self.name)
+        if pointer is None:
+            return None, 0
+        codes = held
+        if pointer["version"] <= version and (held is None or held.file != pointer["file"]):
+            found = shard_codes.read(self.codes_at, self.name)
+            codes = found[0] if found is not None else held
+        if codes is None or codes.version > version:
+            return None, 0
+        new_rows = table.count_rows(f"_rowid >= {codes.new_from}") if version > codes.version else 0
+        if new_rows > max(CODES_NEW_ROWS_MAX, rows // 5):
+            logger.warning(
+                "%s: %d of %d rows are newer than the in-memory codes (a compaction or a large ingest); "
+                "LanceDB's index serves until `embedpipe index` updates them", self.name, new_rows, rows
+            )  # fmt: skip
+            return None, 0
+        return codes, new_rows
 
     def stats(self) -> dict[str, Any]:
         """Rows, version and indexes served (as of the last refresh), and whether refreshes are
@@ -526,6 +589,7 @@ class Shard:
             "version": snap.version,
             "vector_index": snap.indexes.vector_kind,
             "in_memory": snap.in_memory,
+            "codes": None if snap.codes is None else {"version": snap.codes.version, "new": snap.new_rows},
             "fts": list(snap.indexes.fts_columns),
             "refresh_failing_s": round(time.monotonic() - self._refresh_failed_since, 1) if failing else None,
             "refresh_error": self._refresh_error if failing else None,
@@ -540,6 +604,9 @@ class Shard:
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
 
         async def run(rows: list[int]) -> list[pa.Table] | Exception:
+            if snap.codes is not None and where is None and not exact:
+                query = self._codes_query(snap, vectors[rows], [ks[i] for i in rows])
+                return await self._guarded_async(query, None)
             k = max(ks[i] for i in rows)
             params = query_params(snap.indexes, k=k, settings=self.index_settings)
             found = await self._guarded_async(
@@ -559,6 +626,48 @@ class Shard:
             return [together] * len(vectors)
         alone = [await run([i]) for i in range(len(vectors))]
         return [answer if isinstance(answer, Exception) else answer[0] for answer in alone]
+
+    async def _codes_query(self, snap: Snapshot, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
+        """Each query's top ``ks[i]`` through the shard's in-memory codes: ``refine_factor`` * k
+        candidates from the codes, re-ranked by exact cosine with their vectors read from the table
+        (one take for the batch; rows deleted since are not returned), merged with a scan of the rows
+        committed after the codes were built."""
+        codes, settings = snap.codes, self.index_settings
+        top = max(ks)
+        nprobe = shard_codes.nprobe_for(codes.partitions, settings)
+        found = await asyncio.to_thread(codes.search, vectors, top * (settings.refine_factor or 1), nprobe)
+        wanted = np.unique(found[found >= 0])
+        take = _async_table(snap.table).take_row_ids(wanted.tolist()).select(["chunk_id", "vector"])
+        reads = [take.with_row_id().to_arrow() if len(wanted) else _no_rows(snap.table)]
+        if snap.new_rows:
+            where = f"_rowid >= {codes.new_from}"
+            scan = search_shard_async(snap.table, vectors, k=top, shard=self.name, where=where, exact=True)
+            reads.append(scan)
+        rows, *newer = await asyncio.gather(*reads)
+        rowids = rows.column("_rowid").to_numpy()
+        dim = vectors.shape[1]
+        flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        matrix = np.asarray(flat, np.float32).reshape(-1, dim)
+        norms = np.linalg.norm(matrix, axis=1)
+        qnorms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        cosine = (vectors / np.where(qnorms > 0, qnorms, 1.0)) @ matrix.T / np.where(norms > 0, norms, 1.0)
+        order = np.argsort(rowids)
+        ordered = rowids[order]
+        chunk_ids = rows.column("chunk_id").combine_chunks() if rows.num_rows else pa.array([], pa.string())
+        answers = []
+        for i, k in enumerate(ks):
+            candidates = found[i][found[i] >= 0].astype(np.uint64)
+            at = np.minimum(np.searchsorted(ordered, candidates), max(len(ordered) - 1, 0))
+            present = at[ordered[at] == candidates] if len(ordered) else at[:0]
+            idx = order[present]
+            score = (1.0 - (1.0 - cosine[i, idx])).astype(np.float32)  # as LanceDB: 1 - cosine distance
+            hits = pa.table(
+                [chunk_ids.take(pa.array(idx, pa.int64())), pa.array(score, pa.float32()),
+                 pa.array([self.name] * len(idx), pa.string()), pa.array(rowids[idx], pa.uint64())],
+                schema=KEY_SCHEMA,
+            )  # fmt: skip
+            answers.append(merge_topk([hits, newer[0][i]] if newer else [hits], k=k))
+        return answers
 
     def text_query(self, snap: Snapshot, text: str, k: int, where: str | None) -> pa.Table | Exception:
         """One query's BM25 top-k, or the error it raised."""

@@ -1,0 +1,111 @@
+"""The in-memory codes `embedpipe index` stores per shard (pipelines/codes.py), on real LanceDB shards:
+searched with an exact re-rank, rows committed after them found by a scan, deleted rows never returned,
+and brought up to date after a compaction gave every row a new id, without building them again."""
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import codes, index, store
+from pipelines.config import IndexSettings
+from pipelines.search import ShardGroup, shard
+from tests.test_index import DIM, _db
+
+SETTINGS = IndexSettings(exact_below_rows=1000, rows_per_partition=100, codes_rows_per_partition=50)
+
+
+def _top(group, vectors, k=10, exact=False):
+    answer = group.search(vectors, [k] * len(vectors), exact=exact)
+    return [part.vector["chunk_id"].to_pylist() for part in answer.answers]
+
+
+def _recall(group, queries):
+    ann, exact = _top(group, queries), _top(group, queries, exact=True)
+    return np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(ann, exact, strict=True)])
+
+
+def _rowid(table, chunk_id):
+    found = table.search().where(f"chunk_id = '{chunk_id}'").select(["chunk_id"]).with_row_id(True)
+    return found.to_arrow()["_rowid"][0].as_py()
+
+
+def test_codes_follow_new_deleted_and_compacted_rows(tmp_path):
+    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
+    [first] = index.build(db, settings=SETTINGS)
+    assert first["codes"]["action"] == "built" and first["codes"]["rows"] == 3000
+    table = store.open_shards(db)["shard_000"]
+    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
+    assert group.stats()[0]["codes"] == {"version": table.version, "new": 0}
+    queries = centers[rng.integers(0, 40, 30)] + 0.3 * rng.normal(size=(30, DIM))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    assert _recall(group, queries) >= 0.9
+
+    # 300 new rows far from the clusters, each the answer to a query of its own; 100 old rows deleted,
+    # each the answer to its own vector before.
+    n = 300
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    new = table.to_arrow().slice(0, n).set_column(0, "chunk_id", pa.array([f"new-{i}#0" for i in range(n)]))
+    new = new.set_column(new.schema.get_field_index("content_hash"), "content_hash", new["chunk_id"])
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM)
+    new = new.set_column(
+        new.schema.get_field_index("vector"), "vector", column.cast(new.schema.field("vector").type)
+    )
+    gone = [f"s0-d{i}" for i in range(1000, 1400)]  # 13%: the compaction rewrites the fragment
+    old = (
+        table.search().where("doc_id IN ('s0-d1000', 's0-d1200', 's0-d1399')").select(["chunk_id", "vector"])
+    )
+    old = old.to_arrow()
+    old_vectors = np.stack(old["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert [top[0] for top in _top(group, old_vectors, k=1)] == old["chunk_id"].to_pylist()
+    table.add(new)
+    table.delete("doc_id IN (" + ", ".join(f"'{d}'" for d in gone) + ")")
+    moved = _rowid(table, "s0-d2000#0")
+
+    def check():
+        assert [top[0] for top in _top(group, vectors[::30], k=1)] == [f"new-{i}#0" for i in range(0, n, 30)]
+        found = {c for top in _top(group, old_vectors) for c in top}
+        assert not found & {f"{d}#0" for d in gone}  # deleted rows are never an answer
+
+    assert group.stats()[0]["codes"]["new"] == n  # the same codes, the new rows found by a scan of them
+    check()
+
+    # `embedpipe index` compacts (rows get new ids) and then brings the codes up to date.
+    [second] = index.build(db, settings=SETTINGS)
+    done = second["codes"]
+    assert (done["action"], done["added"], done["removed"]) == ("updated", n, len(gone))
+    table = store.open_shards(db)["shard_000"]
+    assert _rowid(table, "s0-d2000#0") != moved  # the compaction did give rows new ids
+    assert group.stats()[0]["codes"] == {"version": table.version, "new": 0}
+    check()
+    assert _recall(group, queries) >= 0.9
+    held = codes.read(store.location(db), "shard_000")[0]
+    assert int((held.rowids >= 0).sum()) == 3000 + n - 400 == held.index.ntotal
+
+
+def test_codes_made_stale_by_a_compaction_are_set_aside(tmp_path, monkeypatch):
+    """A compaction that `embedpipe index` did not follow (every row has a new id) leaves codes that
+    describe no row: the shard is searched through LanceDB's own index until they are updated."""
+    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS)
+    monkeypatch.setattr(shard, "CODES_NEW_ROWS_MAX", 0)
+    table = store.open_shards(db)["shard_000"]
+    table.delete("chunk_index = 0 AND doc_id < 's0-d1500'")  # ~half the rows: the fragment is rewritten
+    table.optimize()
+    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
+    assert group.stats()[0]["codes"] is None and group.stats()[0]["vector_index"] == "IVF_RQ"
+    queries = centers[rng.integers(0, 40, 20)].astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert _recall(group, queries) >= 0.8  # LanceDB's own index, which lost half its rows
+    assert all(c >= "s0-d1500" for top in _top(group, queries) for c in top)  # none of the deleted rows
+    [again] = index.build(db, settings=SETTINGS)
+    assert again["codes"]["action"] == "updated"
+    assert group.stats()[0]["codes"] == {"version": store.open_shards(db)["shard_000"].version, "new": 0}
+
+
+def test_a_shard_back_to_exact_search_loses_its_codes(tmp_path):
+    db, *_ = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS)
+    loc = store.location(db)
+    assert codes.pointer(loc, "shard_000") is not None
+    index.build(db, settings=SETTINGS.model_copy(update={"exact_below_rows": 10_000}))
+    assert codes.pointer(loc, "shard_000") is None and not loc.list(codes.DIR + "/")
