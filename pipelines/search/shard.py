@@ -629,21 +629,27 @@ class Shard:
 
     async def _codes_query(self, snap: Snapshot, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
         """Each query's top ``ks[i]`` through the shard's in-memory codes: ``refine_factor`` * k
-        candidates from the codes, re-ranked by exact cosine with their vectors read from the table
-        (one take for the batch; rows deleted since are not returned), merged with a scan of the rows
-        committed after the codes were built."""
+        candidates from the codes, and the best k of the rows committed after the codes were built (a
+        LanceDB scan of them alone), all scored by exact cosine with their vectors read from the table
+        (one take for the batch; rows deleted since are not returned), so that every score is computed
+        alike."""
         codes, settings = snap.codes, self.index_settings
         top = max(ks)
         nprobe = shard_codes.nprobe_for(codes.partitions, settings)
-        found = await asyncio.to_thread(codes.search, vectors, top * (settings.refine_factor or 1), nprobe)
-        wanted = np.unique(found[found >= 0])
-        take = _async_table(snap.table).take_row_ids(wanted.tolist()).select(["chunk_id", "vector"])
-        reads = [take.with_row_id().to_arrow() if len(wanted) else _no_rows(snap.table)]
+        probe = asyncio.to_thread(codes.search, vectors, top * (settings.refine_factor or 1), nprobe)
         if snap.new_rows:
             where = f"_rowid >= {codes.new_from}"
             scan = search_shard_async(snap.table, vectors, k=top, shard=self.name, where=where, exact=True)
-            reads.append(scan)
-        rows, *newer = await asyncio.gather(*reads)
+            found, newer = await asyncio.gather(probe, scan)
+            candidates = [
+                np.concatenate([row[row >= 0], hits.column("_rowid").to_numpy().astype(np.int64)])
+                for row, hits in zip(found, newer, strict=True)
+            ]
+        else:
+            candidates = [row[row >= 0] for row in await probe]
+        wanted = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
+        take = _async_table(snap.table).take_row_ids(wanted.tolist()).select(["chunk_id", "vector"])
+        rows = await (take.with_row_id().to_arrow() if len(wanted) else _no_rows(snap.table))
         rowids = rows.column("_rowid").to_numpy()
         dim = vectors.shape[1]
         flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -656,9 +662,9 @@ class Shard:
         chunk_ids = rows.column("chunk_id").combine_chunks() if rows.num_rows else pa.array([], pa.string())
         answers = []
         for i, k in enumerate(ks):
-            candidates = found[i][found[i] >= 0].astype(np.uint64)
-            at = np.minimum(np.searchsorted(ordered, candidates), max(len(ordered) - 1, 0))
-            present = at[ordered[at] == candidates] if len(ordered) else at[:0]
+            mine = np.unique(candidates[i]).astype(np.uint64)
+            at = np.minimum(np.searchsorted(ordered, mine), max(len(ordered) - 1, 0))
+            present = at[ordered[at] == mine] if len(ordered) else at[:0]
             idx = order[present]
             score = (1.0 - (1.0 - cosine[i, idx])).astype(np.float32)  # as LanceDB: 1 - cosine distance
             hits = pa.table(
@@ -666,7 +672,7 @@ class Shard:
                  pa.array([self.name] * len(idx), pa.string()), pa.array(rowids[idx], pa.uint64())],
                 schema=KEY_SCHEMA,
             )  # fmt: skip
-            answers.append(merge_topk([hits, newer[0][i]] if newer else [hits], k=k))
+            answers.append(merge_topk([hits], k=k))
         return answers
 
     def text_query(self, snap: Snapshot, text: str, k: int, where: str | None) -> pa.Table | Exception:
