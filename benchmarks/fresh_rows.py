@@ -6,8 +6,8 @@ python benchmarks/fresh_rows.py ../shared/datasets/scifact --db /tmp/db-1m [--do
 
 Starts ``embedpipe serve --db DB``, ingests ``--docs`` documents of the BEIR corpus under new ids (``new-``
 prefix, or ``--prefix``: a db that had them once needs another; their chunks are new rows), then asks
-``/search`` for each of 20 of their titles until the new document is its top hit (or tied with it: a copy
-of the same text under an earlier prefix scores the same): ``found_s`` is the time from the ingest's
+``/search`` for each of 20 of their titles until the new document is in its top 10 (a scale db holds
+~100 perturbed copies of each text, which can outrank it): ``found_s`` is the time from the ingest's
 end to the last of them found (the rows are not in the ANN index yet: LanceDB scans them). Then
 ``embedpipe index`` folds them into the indexes (``index_s``; each shard says ``updated``), the 20 are
 searched again, and with ``--rebuild-too`` ``embedpipe index --rebuild`` gives the full build's time on
@@ -70,10 +70,11 @@ def main() -> None:
     )  # fmt: skip
 
     def top(doc: dict) -> str | None:
-        r = requests.post(f"{url}/search", json={"query": doc["title"], "k": 5}, timeout=30)
-        hits = r.json()["results"] if r.ok else []
-        best = [h["doc_id"] for h in hits if h["score"] == hits[0]["score"]]
-        return doc["_id"] if doc["_id"] in best else best[0] if best else None
+        # In the top 10: a scale db holds ~100 perturbed copies of every text, and earlier runs' copies
+        # of these documents, which can outrank or tie with the new one.
+        r = requests.post(f"{url}/search", json={"query": doc["title"], "k": 10}, timeout=30)
+        hits = [h["doc_id"] for h in (r.json()["results"] if r.ok else [])]
+        return doc["_id"] if doc["_id"] in hits else hits[0] if hits else None
 
     try:
         _wait_ready(url, server, started)

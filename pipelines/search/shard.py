@@ -444,10 +444,12 @@ class Shard:
     Each table version is searched through its own table handle, pinned to it, so every answer is
     computed on exactly the version it reports, even while a refresh moves on to the next one. A
     shard without a vector index and with at most ``memory_rows`` rows is searched in memory by its
-    group (``MemoryShard``: LanceDB's exact rows and order); a filtered query, or any other shard, goes
-    through LanceDB: through the ANN index `embedpipe index` built and stored in the table (prewarmed
-    into LanceDB's index cache when a version brings a new one), rows added since it was built found
-    by LanceDB's scan of them. Safe to use from many threads.
+    group (``MemoryShard``: LanceDB's exact rows and order); an indexed shard's unfiltered queries go
+    through the in-memory codes `embedpipe index` stored (``pipelines.codes``; ``_codes_query``); a
+    filtered query, or any other shard, goes through LanceDB: through the ANN index `embedpipe index`
+    built and stored in the table (prewarmed into LanceDB's index cache when a version brings a new one
+    and no codes serve it), rows added since it was built found by LanceDB's scan of them. Safe to use
+    from many threads.
 
     Args:
         conn: an open LanceDB connection to the db.
