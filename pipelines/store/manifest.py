@@ -209,4 +209,5 @@ def drop(db: str | Path | Location, generation: int) -> Manifest:
         for name in [shard_name(i) for i in range(manifest.shards)] + [EMBED_CACHE]:
             if name in names:
                 conn.drop_table(name)
+        loc.delete_tree("_codes")  # the shards' in-memory codes (pipelines.codes.DIR)
     return manifest
