@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,10 @@ def score(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) ->
 
     # ranx rejects a query with an empty ranking; such a query simply scores 0.
     run = {qid: ranking or {"__none__": 0.0} for qid, ranking in run.items()}
-    scores = ranx_evaluate(Qrels(qrels), Run(run), METRICS, make_comparable=True)
+    with warnings.catch_warnings():
+        # numba compiles ranx's nDCG once per machine and warns about a uint64 cast inside ranx: noise
+        warnings.filterwarnings("ignore", message=".*unsafe cast from uint64 to int64")
+        scores = ranx_evaluate(Qrels(qrels), Run(run), METRICS, make_comparable=True)
     return {**{m: round(float(scores[m]), 4) for m in METRICS}, "queries": len(run)}
 
 
