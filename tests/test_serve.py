@@ -4,6 +4,7 @@ import json
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -690,3 +691,44 @@ def test_shard_group_deployments_answer_as_the_router_alone(served):
         assert bad.status_code == 400
     finally:
         serve.delete("groups")
+
+
+LEAN_PROBE = """
+import json, sys
+import ray
+from serve import lean
+
+ray.init(
+    address="local", num_cpus=1, include_dashboard=False,
+    runtime_env={"worker_process_setup_hook": lean.HOOK},
+)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def modules(self):
+        before = {m: m in sys.modules for m in ("pandas", "pyarrow")}
+        import ray.serve._private.utils as serve_utils  # imports pandas where it can
+        import lancedb, pyarrow.dataset  # the router's LanceDB still imports pyarrow
+        pandas = "pandas" in sys.modules
+        return {"before": before, "serve_pandas": serve_utils.pd is not None, "pandas": pandas}
+
+print(json.dumps(ray.get(Probe.remote().modules.remote())))
+"""
+
+
+def test_the_service_workers_load_neither_pandas_nor_arrow_for_ray():
+    """`embedpipe serve`'s worker setup hook (serve.lean): Ray's serialization context is set up
+    without pyarrow, Serve's utilities without pandas (~100 MB of RSS in each of Serve's own actors),
+    and LanceDB still imports pyarrow."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ep-") as short:  # Ray's socket paths must stay short
+        env = {**os.environ, "RAY_TMPDIR": short, "PYTHONPATH": str(Path(__file__).parents[1])}
+        probe = [sys.executable, "-c", LEAN_PROBE]
+        out = subprocess.run(probe, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"before": {"pandas": False, "pyarrow": False}, "serve_pandas": False, "pandas": False}
