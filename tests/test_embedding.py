@@ -307,3 +307,37 @@ def test_an_actor_reuses_what_it_computed_before_the_cache_writer_appends_it(tmp
     np.testing.assert_allclose(
         np.stack(again["vector"].to_numpy(zero_copy_only=False)), sent[0][1], atol=1e-6
     )
+
+
+def test_the_dynamic_model_runs_few_shapes_and_keeps_few(tmp_path, monkeypatch):
+    """Queries of every length would each leave OpenVINO kernels behind (a router grew ~850 MB in 400
+    batches): the dynamic model runs widths rounded to DYNAMIC_WIDTH_STEP, with the same vectors, and
+    OpenVINO keeps the kernels of RUNTIME_CACHE_SHAPES shapes at most."""
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
+    import openvino
+
+    files = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    configs, compile_model = [], openvino.Core.compile_model
+
+    def recording_compile(core, model, device, config):
+        configs.append(config)
+        return compile_model(core, model, device, config)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", recording_compile)
+    ov = backends.OpenVINOBackend(MODEL, files=files)
+    assert [c["CPU_RUNTIME_CACHE_CAPACITY"] for c in configs] == [backends.RUNTIME_CACHE_SHAPES]
+    widths = []
+    real_infer = ov.request.infer
+
+    class Recording:
+        def infer(self, feed):
+            widths.append(feed["input_ids"].shape[1])
+            return real_infer(feed)
+
+    texts = [f"query {'word ' * n}" for n in range(1, 30, 3)]
+    exact = ov.encode(texts)  # before the recording: the same request, the same rounding
+    ov.request = Recording()
+    for i in range(len(texts) - 1):
+        np.testing.assert_allclose(ov.encode(texts[i : i + 2]), exact[i : i + 2], atol=1e-5)
+    assert widths and all(w % backends.DYNAMIC_WIDTH_STEP == 0 for w in widths), widths
+    assert len(set(widths)) < len(texts) - 1  # fewer shapes than distinct batch widths
