@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from pipelines import codes, index, store
 from pipelines.config import IndexSettings
-from pipelines.search import ShardGroup, shard
+from pipelines.search import ShardGroup, combine, fetch_rows, shard
 from tests.test_index import DIM, _db
 
 SETTINGS = IndexSettings(exact_below_rows=1000, rows_per_partition=100, codes_rows_per_partition=50)
@@ -28,7 +28,7 @@ def _rowid(table, chunk_id):
     return found.to_arrow()["_rowid"][0].as_py()
 
 
-def test_codes_follow_new_deleted_and_compacted_rows(tmp_path):
+def test_codes_follow_new_deleted_and_compacted_rows(tmp_path, monkeypatch):
     db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
     [first] = index.build(db, settings=SETTINGS)
     assert first["codes"]["action"] == "built" and first["codes"]["rows"] == 3000
@@ -66,8 +66,15 @@ def test_codes_follow_new_deleted_and_compacted_rows(tmp_path):
         found = {c for top in _top(group, old_vectors) for c in top}
         assert not found & {f"{d}#0" for d in gone}  # deleted rows are never an answer
 
-    assert group.stats()[0]["codes"]["new"] == n  # the same codes, the new rows found by a scan of them
+    assert group.stats()[0]["codes"]["new"] == n  # the same codes, the new rows held beside them
+    assert len(group.snapshots()[0].fresh.rowids) == n
+    scans, search_shard_async = [], shard.search_shard_async
+    monkeypatch.setattr(
+        shard, "search_shard_async", lambda *a, **kw: scans.append(kw) or search_shard_async(*a, **kw)
+    )
     check()
+    assert scans == []  # searched in memory: a LanceDB scan filtered on _rowid reads every row, per query
+    monkeypatch.undo()
 
     # `embedpipe index` compacts (rows get new ids) and then brings the codes up to date.
     [second] = index.build(db, settings=SETTINGS)
@@ -109,3 +116,24 @@ def test_a_shard_back_to_exact_search_loses_its_codes(tmp_path):
     assert codes.pointer(loc, "shard_000") is not None
     index.build(db, settings=SETTINGS.model_copy(update={"exact_below_rows": 10_000}))
     assert codes.pointer(loc, "shard_000") is None and not loc.list(codes.DIR + "/")
+
+
+def test_a_few_queries_read_their_answers_rows_with_the_candidates(tmp_path, monkeypatch):
+    """A batch of a query or two reads the columns an answer shows with its candidates' vectors (one
+    LanceDB take a shard instead of two); the rows are those `fetch_rows` reads, and it reads nothing."""
+    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS)
+    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
+    columns = ["chunk_id", "doc_id", "title", "text"]
+    queries = centers[rng.choice(40, 12, replace=False)].astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    plain, ahead = group.search(queries[:2], [10, 10]), group.search(queries[:2], [10, 10], prefetch=columns)
+    assert not plain.rows and ahead.rows
+    hits = [combine([part], k=10) for part in ahead.answers]
+    want = fetch_rows(hits, plain.tables, columns)
+    takes, async_table = [], shard._async_table
+    monkeypatch.setattr(shard, "_async_table", lambda table: takes.append(table) or async_table(table))
+    got = fetch_rows(hits, ahead.tables, columns, None, ahead.rows)
+    assert takes == [] and all(g.equals(w) for g, w in zip(got, want, strict=True))
+    # Twelve queries have more candidates than are worth reading whole: their answers' rows come after.
+    assert not group.search(queries, [10] * 12, prefetch=columns).rows
