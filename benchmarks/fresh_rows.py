@@ -8,7 +8,7 @@ Starts ``embedpipe serve --db DB``, ingests ``--docs`` documents of the BEIR cor
 prefix, or ``--prefix``: a db that had them once needs another; their chunks are new rows), then asks
 ``/search`` for each of 20 of their titles until the new document is in its top 10 (a scale db holds
 ~100 perturbed copies of each text, which can outrank it): ``found_s`` is the time from the ingest's
-end to the last of them found (the rows are not in the ANN index yet: LanceDB scans them). Then
+end to the last of them found (the rows are not in the indexes yet: a shard holds them beside its codes). Then
 ``embedpipe index`` folds them into the indexes (``index_s``; each shard says ``updated``), the 20 are
 searched again, and with ``--rebuild-too`` ``embedpipe index --rebuild`` gives the full build's time on
 the same db.

@@ -495,22 +495,18 @@ class OpenVINOBackend:
         return out  # type: ignore[return-value]
 
     def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        request = self.request
+        # Padding is masked: the same vectors at any width. The dynamic model runs widths rounded up to
+        # DYNAMIC_WIDTH_STEP (few distinct shapes, see __init__); a single text runs on the smallest
+        # static model it fits, a model that never changes shape.
+        request, width = self.request, input_ids.shape[1]
+        target = max(width, min(self.max_length, -(-width // DYNAMIC_WIDTH_STEP) * DYNAMIC_WIDTH_STEP))
         if len(input_ids) == 1 and self._static:
-            fits = [n for n in self._static if n >= input_ids.shape[1]]
-            if fits:  # padding is masked: the same vector, on a model that never changes shape
-                request, width = self._static[fits[0]], fits[0]
-                pad = width - input_ids.shape[1]
-                input_ids = np.pad(input_ids, ((0, 0), (0, pad)), constant_values=self.pad_id)
-                attention_mask = np.pad(attention_mask, ((0, 0), (0, pad)))
-        elif input_ids.shape[1] % DYNAMIC_WIDTH_STEP:  # the dynamic model: few distinct shapes (see __init__)
-            width = max(
-                input_ids.shape[1],
-                min(self.max_length, -(-input_ids.shape[1] // DYNAMIC_WIDTH_STEP) * DYNAMIC_WIDTH_STEP),
-            )
-            pad = width - input_ids.shape[1]
-            input_ids = np.pad(input_ids, ((0, 0), (0, pad)), constant_values=self.pad_id)
-            attention_mask = np.pad(attention_mask, ((0, 0), (0, pad)))
+            fits = [n for n in self._static if n >= width]
+            if fits:
+                request, target = self._static[fits[0]], fits[0]
+        if target > width:
+            input_ids = np.pad(input_ids, ((0, 0), (0, target - width)), constant_values=self.pad_id)
+            attention_mask = np.pad(attention_mask, ((0, 0), (0, target - width)))
         out = request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
         return _unit(np.asarray(out[0], dtype=np.float32))
 

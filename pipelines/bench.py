@@ -188,6 +188,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
         threads: threads for the plain loops; default every core.
     """
     from pipelines import ingest
+    from pipelines.ray_session import ray_session
 
     corpus, beir = corpus_of(source)
     threads = threads or psutil.cpu_count() or 1
@@ -195,7 +196,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
     _fresh_db(db)
     result: dict[str, Any] = {"source": str(source), "machine": _machine()}
     started = time.time()
-    with ingest.ray_session(cfg.ray):
+    with ray_session(cfg.ray):
         result["ray_start_s"] = round(time.time() - started, 2)
         # Quantizing (int8) and measuring the backends (autotune) happen once per machine and are
         # cached; done here, they stay out of (c).

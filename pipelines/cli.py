@@ -356,8 +356,8 @@ def index_command(
     large, BM25 full-text indexes on title and text for hybrid search. One Ray task per shard: a
     cluster builds on all its nodes. An index that fits its shard takes new rows incrementally."""
     from pipelines import index as indexing
-    from pipelines import ingest as pipeline
     from pipelines import store
+    from pipelines.ray_session import ray_session
 
     started = time.time()
 
@@ -378,7 +378,7 @@ def index_command(
         loc = store.location(db, cfg.storage)
         loc.check()
         shards = store.read_manifest(loc).shards  # a missing db fails before Ray starts
-        with pipeline.ray_session(cfg.ray):
+        with ray_session(cfg.ray):
             summaries = indexing.build(
                 loc, settings=cfg.index, rebuild=rebuild, lock=cfg.storage, progress=progress
             )
@@ -796,6 +796,7 @@ def quantize_command(
     """
     from pipelines import backends, sources
     from pipelines import ingest as pipeline
+    from pipelines.ray_session import ray_session
 
     try:
         cfg = load_config(config, **{"ray.progress_bars": False})
@@ -804,7 +805,7 @@ def quantize_command(
         target = backends.int8_dir(backends.cache_root(cfg.embedding.model_cache), cfg.embedding.model)
         if force and target.exists():
             shutil.rmtree(target)
-        with pipeline.ray_session(cfg.ray):
+        with ray_session(cfg.ray):
             path, meta = pipeline.int8_model(source, cfg)
         if path is None:
             raise ValueError(meta["reason"])

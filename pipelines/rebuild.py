@@ -33,6 +33,7 @@ from pipelines import chunking, ingest, models, report, store
 from pipelines.chunking import CHUNK_SCHEMA, embed_input
 from pipelines.config import Config
 from pipelines.embedding import embedding_dim
+from pipelines.ray_session import ray_session
 from pipelines.sources import DOC_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def promote(*, db: str, generation: int, cfg: Config) -> dict[str, Any]:
                 locks = [lock]
                 if tables != loc:  # a generation of its own folder: no build of it may run meanwhile
                     locks.append(stack.enter_context(store.writer_lock(tables, run_id=run_id, **lease)))
-                stack.enter_context(ingest.ray_session(cfg.ray))
+                stack.enter_context(ray_session(cfg.ray))
                 builder = _Builder(loc, cfg, live=live, target=target, run_id=run_id)
                 caught_up = builder.sync(locks=tuple(locks))
                 builder.finish()
@@ -216,7 +217,7 @@ def _rebuild(
         for old in store.clean_staging(tables, keep=run_id):
             logger.info("resuming generation %d after run %s stopped", gen.generation, old)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(ingest.ray_session(cfg.ray))
+            stack.enter_context(ray_session(cfg.ray))
             log_path = stack.enter_context(ingest.run_log(loc, run_id))
             sampler = stack.enter_context(report.ResourceSampler())
             builder = _Builder(

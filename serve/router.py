@@ -497,9 +497,7 @@ class Router:
         timeout = self.settings.query_timeout_s
         if view.local is not None:
             search = view.local.search
-            found = await asyncio.to_thread(
-                search, vectors, depth, wheres, texts, timeout_s=timeout, prefetch=HIT_COLUMNS
-            )
+            found = await asyncio.to_thread(search, vectors, depth, wheres, texts, timeout_s=timeout)
             per_group, versions = [found.answers], found.versions
         else:
             deadline = time.monotonic() + timeout
@@ -544,8 +542,7 @@ class Router:
                 if all(pinned.held is not None for pinned in tables.values()):
                     rows = fetch_rows(hits, tables, HIT_COLUMNS, self.rows)  # all in memory: no I/O
                 else:
-                    known = found.rows if view.local is not None else None
-                    rows = await asyncio.to_thread(fetch_rows, hits, tables, HIT_COLUMNS, self.rows, known)
+                    rows = await asyncio.to_thread(fetch_rows, hits, tables, HIT_COLUMNS, self.rows)
             except ShardError as error:
                 rows = [error] * len(merged)
             for i, hits in zip(merged, rows, strict=True):

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from pipelines import codes, index, store
 from pipelines.config import IndexSettings
-from pipelines.search import ShardGroup, combine, fetch_rows, shard
+from pipelines.search import ShardGroup, shard
 from tests.test_index import DIM, _db
 
 SETTINGS = IndexSettings(exact_below_rows=1000, rows_per_partition=100, codes_rows_per_partition=50)
@@ -116,24 +116,3 @@ def test_a_shard_back_to_exact_search_loses_its_codes(tmp_path):
     assert codes.pointer(loc, "shard_000") is not None
     index.build(db, settings=SETTINGS.model_copy(update={"exact_below_rows": 10_000}))
     assert codes.pointer(loc, "shard_000") is None and not loc.list(codes.DIR + "/")
-
-
-def test_a_few_queries_read_their_answers_rows_with_the_candidates(tmp_path, monkeypatch):
-    """A batch of a query or two reads the columns an answer shows with its candidates' vectors (one
-    LanceDB take a shard instead of two); the rows are those `fetch_rows` reads, and it reads nothing."""
-    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
-    index.build(db, settings=SETTINGS)
-    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
-    columns = ["chunk_id", "doc_id", "title", "text"]
-    queries = centers[rng.choice(40, 12, replace=False)].astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    plain, ahead = group.search(queries[:2], [10, 10]), group.search(queries[:2], [10, 10], prefetch=columns)
-    assert not plain.rows and ahead.rows
-    hits = [combine([part], k=10) for part in ahead.answers]
-    want = fetch_rows(hits, plain.tables, columns)
-    takes, async_table = [], shard._async_table
-    monkeypatch.setattr(shard, "_async_table", lambda table: takes.append(table) or async_table(table))
-    got = fetch_rows(hits, ahead.tables, columns, None, ahead.rows)
-    assert takes == [] and all(g.equals(w) for g, w in zip(got, want, strict=True))
-    # Twelve queries have more candidates than are worth reading whole: their answers' rows come after.
-    assert not group.search(queries, [10] * 12, prefetch=columns).rows

@@ -59,7 +59,7 @@ def test_searches_during_an_ingest(ray_local, scifact, tmp_path):
         for vector in vectors:
             alive = run.is_alive()
             try:
-                (part,), versions, *_ = group.search(vector, [10])
+                (part,), versions, _ = group.search(vector, [10])
                 assert not isinstance(part, Exception), part
                 assert part.vector.num_rows == 10
             except Exception as exc:  # counted, not raised: the test reports how many failed

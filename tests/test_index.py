@@ -143,7 +143,7 @@ def test_new_rows_are_found_before_and_after_the_incremental_index_update(tmp_pa
     assert index.read_indexes(store.open_shards(db)["shard_000"]).unindexed_rows == n
 
     def top(i):
-        (part,), *_ = group.search(vectors[i], [1])
+        (part,), _, _ = group.search(vectors[i], [1])
         return part.vector["chunk_id"][0].as_py()
 
     assert [top(i) for i in range(0, n, 30)] == [f"new-{i}#0" for i in range(0, n, 30)]  # by the scan
@@ -164,7 +164,7 @@ def test_small_shards_stay_exact_and_text_search_works(tmp_path):
     db, *_ = _db(tmp_path, rows_per_shard=500)
     summaries = index.build(db, settings=IndexSettings())
     assert {s["vector_index"] for s in summaries} == {"exact"}
-    (part,), *_ = Searcher(db).group.search(None, [5], texts=["number 42"])  # BM25 alone
+    (part,), _, _ = Searcher(db).group.search(None, [5], texts=["number 42"])  # BM25 alone
     assert "s0-d42#0" in part.text["chunk_id"].to_pylist() or "s1-d42#0" in part.text["chunk_id"].to_pylist()
     # A second run finds nothing to build; dropping back to exact removes an ANN index.
     index.build(db, settings=IndexSettings(exact_below_rows=0))

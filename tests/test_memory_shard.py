@@ -101,7 +101,7 @@ def test_shard_searcher_follows_new_versions_and_filters(tmp_path):
         _search(shard, query, 5, "no_such_column = 1")
 
     # Batched: one call answers many queries, a bad filter fails only its own query.
-    answers, *_ = shard.search(np.stack([query, query]), [3, 3], [None, "no_such_column = 1"])
+    answers, _, _ = shard.search(np.stack([query, query]), [3, 3], [None, "no_such_column = 1"])
     assert _rows(answers[0])["chunk_id"][0].as_py() == "fresh#0"
     with pytest.raises(FilterError):
         _rows(answers[1])
@@ -142,7 +142,7 @@ def test_a_failing_query_fails_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(pipelines.search.shard, "search_shard_async", flaky)
     shard = ShardGroup(str(db), memory_rows=0)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-    answers, *_ = shard.search(_queries(rng, table, 2), [7, 3], [None, None])
+    answers, _, _ = shard.search(_queries(rng, table, 2), [7, 3], [None, None])
     with pytest.raises(ShardError, match="disk on fire"):
         _rows(answers[0])
     assert _rows(answers[1]).num_rows == 3
@@ -166,7 +166,7 @@ def test_a_slow_query_times_out_alone_and_a_failing_refresh_shows(tmp_path, monk
     shard = ShardGroup(str(db), memory_rows=0, refresh_s=0)
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
     vectors = _queries(rng, table, 2)
-    answers, *_ = shard.search(vectors, [7, 3], [None, "chunk_index >= 0"], timeout_s=0.3)
+    answers, _, _ = shard.search(vectors, [7, 3], [None, "chunk_index >= 0"], timeout_s=0.3)
     assert not slow_finished.is_set()  # answered at the deadline, while the slow query still ran
     release.set()
     with pytest.raises(QueryTimeout):
@@ -197,7 +197,7 @@ def test_a_failing_filter_runs_once_and_its_error_names_no_schema(tmp_path, monk
     counted = []
     monkeypatch.setattr(type(shard.snapshots()[0].table), "count_rows", lambda *a, **kw: counted.append(a))
     table = lancedb.connect(str(db)).open_table(store.shard_name(0))
-    answers, *_ = shard.search(_queries(rng, table, 1), [3], ["`doc_id` = 'x'"])
+    answers, _, _ = shard.search(_queries(rng, table, 1), [3], ["`doc_id` = 'x'"])
     with pytest.raises(FilterError) as error:
         _rows(answers[0])
     assert calls == ["`doc_id` = 'x'"] and counted == []  # run once; no second run to assign blame
@@ -219,8 +219,8 @@ def test_a_group_held_in_memory_answers_as_its_shards_through_lancedb(tmp_path, 
     assert [s["in_memory"] for s in held.stats()] == [True] * 3
     queries = _queries(rng, first, 20)
     queries[0] = np.asarray(copy.column("vector")[0].values, np.float32)
-    got, *_ = held.search(queries, [k] * len(queries))
-    want, *_ = lance.search(queries, [k] * len(queries))
+    got, _, _ = held.search(queries, [k] * len(queries))
+    want, _, _ = lance.search(queries, [k] * len(queries))
     for g, w in zip(got, want, strict=True):
         assert g.vector.column_names == w.vector.column_names and g.vector.num_rows == w.vector.num_rows
         np.testing.assert_allclose(g.vector["score"].to_numpy(), w.vector["score"].to_numpy(), atol=1e-5)
@@ -232,8 +232,8 @@ def test_a_group_held_in_memory_answers_as_its_shards_through_lancedb(tmp_path, 
         order = [(-r["score"], r["chunk_id"]) for r in g.vector.to_pylist()]
         assert order == sorted(order)
     assert {"a-tie#0", "s0-d0#0"} & set(got[0].vector["chunk_id"].to_pylist()[:2])
-    (filtered,), *_ = held.search(queries[1:2], [5], ["chunk_index >= 0"])
-    (exact,), *_ = lance.search(queries[1:2], [5])
+    (filtered,), _, _ = held.search(queries[1:2], [5], ["chunk_index >= 0"])
+    (exact,), _, _ = lance.search(queries[1:2], [5])
     assert filtered.vector["chunk_id"].to_pylist() == exact.vector["chunk_id"].to_pylist()
 
 

@@ -116,7 +116,7 @@ def test_rows_read_for_an_answer_are_the_rows_found(tmp_path, k):
     vectors = _indexed_db(tmp_path, 2000, shards=3)
     searcher = Searcher(tmp_path, index=SETTINGS)
     for v in vectors[::500]:
-        (part,), _, tables, _ = searcher.group.search(v, [k])
+        (part,), _, tables = searcher.group.search(v, [k])
         hits = searcher.search_vector(v, k=k)
         assert hits["chunk_id"].to_pylist() == part.vector["chunk_id"].to_pylist()
         assert hits["shard"].to_pylist() == part.vector["shard"].to_pylist()

@@ -44,13 +44,11 @@ class Partial(NamedTuple):
 
 class GroupAnswer(NamedTuple):
     """Each query's Partial (or the error that ended it), the table version of every shard, and every
-    shard's table at that version (``fetch_rows`` reads the answers' rows from them), and the rows
-    that a search read already (``fetch_rows``'s ``known``)."""
+    shard's table at that version (``fetch_rows`` reads the answers' rows from them)."""
 
     answers: list[Partial | Exception]
     versions: tuple[int, ...]
     tables: dict[str, Any] = {}
-    rows: dict[tuple[str, int, int], dict[str, Any]] = {}  # rows read with the candidates (prefetch)
 
 
 class ShardGroup:
@@ -151,7 +149,6 @@ class ShardGroup:
         *,
         exact: bool = False,
         timeout_s: float | None = None,
-        prefetch: list[str] | None = None,
     ) -> GroupAnswer:
         """Each query's top ``ks[i]`` hits (``pipelines.search.KEY_COLUMNS``) over the group's shards.
 
@@ -166,8 +163,6 @@ class ShardGroup:
             timeout_s: a query whose LanceDB searches are not all done by then gets QueryTimeout (the
                 other queries of the batch are answered; a LanceDB query cannot be stopped, so its
                 thread finishes on its own and its rows are dropped).
-            prefetch: columns an answer shows, read with the candidates where a shard's codes have
-                few of them (``Shard.vector_query``): the answer's ``rows``.
 
         Returns:
             Per query a Partial or the error that ended it (a bad filter, a shard's fault, the
@@ -189,7 +184,6 @@ class ShardGroup:
         from_memory: list[Any] = [None] * n
         # (who answers, the queries it answers, where each query's rows go, what to await)
         calls: list[tuple[str, list[int], Callable[[int, Any], None], Any]] = []
-        sinks: dict[int, dict[int, dict[str, Any]]] = {}  # shard -> row id -> prefetched values
         searched = range(n) if vectors is not None else range(0)
         plain = [i for i in searched if not wheres[i]] if memory is not None else []
         loop = search_loop()
@@ -201,14 +195,12 @@ class ShardGroup:
             together = [i for i in searched if i not in skip and not wheres[i]]
             if together:
                 tks = [ks[i] for i in together]
-                sink = sinks.setdefault(s, {}) if prefetch else None
-                ahead = (prefetch, sink) if prefetch and sink is not None else None
                 calls.append(
                     (
                         shard.name,
                         together,
                         place,
-                        shard.vector_query(snap, vectors[together], tks, None, exact, ahead),
+                        shard.vector_query(snap, vectors[together], tks, None, exact),
                     )
                 )
             for i in (i for i in searched if i not in skip and wheres[i]):
@@ -263,12 +255,7 @@ class ShardGroup:
             name: Pinned(snap.version, snap.table, memory if s in held else None)
             for s, (name, snap) in enumerate(zip(self.names, snaps, strict=True))
         }
-        rows = {
-            (self.names[s], snaps[s].version, rowid): values
-            for s, sink in sinks.items()
-            for rowid, values in sink.items()
-        }
-        return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables, rows)
+        return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
 
     def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
         """The group's held shards as one in memory, and the snapshot of each shard it holds; loaded

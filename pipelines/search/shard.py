@@ -34,12 +34,6 @@ RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "title", "text", "source"
 # there. The other RESULT_COLUMNS are read for the final top-k only (``fetch_rows``): a process that
 # searches never holds the text, title, source or metadata of rows that are not in an answer.
 KEY_COLUMNS = ["chunk_id", "score", "shard", "_rowid"]
-# A codes search of a few queries reads the columns an answer shows with its candidates' vectors (one
-# LanceDB take a shard instead of two: each costs ~1.5-2 ms of CPU however few its rows) where a shard
-# has at most this many candidates; beyond, the extra columns of the candidates cost more than the take
-# they save (measured on a 250k-row shard: 20 rows with the text 3.6 ms of CPU, without 2.3 ms; 300
-# rows 26 against 11 ms).
-PREFETCH_MAX_ROWS = 48
 # What a small shard held in memory keeps besides its vectors: the columns an answer of /search shows,
 # so that its answers read nothing from the table (a LanceDB take costs ~1.4 ms of CPU a shard here).
 HELD_COLUMNS = ["chunk_id", "doc_id", "title", "text"]
@@ -229,19 +223,17 @@ def fetch_rows(
     tables: Mapping[str, Pinned],
     columns: list[str] | None = None,
     cache: RowCache | None = None,
-    known: Mapping[tuple[str, int, int], dict[str, Any]] | None = None,
 ) -> list[pa.Table]:
     """The result rows of each hit list: ``columns`` (default RESULT_COLUMNS; chunk_id always) read from
-    the shard tables by row id, then ``score`` and ``shard``, in the hits' order. Rows the cache holds,
-    or ``known`` with every column, are not read again; the others are one LanceDB take per shard for
-    all the lists, the shards read side by side on the search loop.
+    the shard tables by row id, then ``score`` and ``shard``, in the hits' order. Rows the cache holds
+    are not read again; the others are one LanceDB take per shard for all the lists, the shards read
+    side by side on the search loop.
 
     Args:
         hits: tables of KEY_COLUMNS (a query's merged top-k each).
         tables: each shard's table at the version its hits were found on.
         columns: the columns to read (the same for every call that shares ``cache``).
         cache: rows of earlier answers.
-        known: rows the search read already, by (shard, version, row id) (``GroupAnswer.rows``).
     """
     columns = list(dict.fromkeys(["chunk_id", *(columns or RESULT_COLUMNS)]))
     keyed = [
@@ -253,7 +245,6 @@ def fetch_rows(
     for shard, _, rowid in {key for keys in keyed for key in keys}:
         by_shard.setdefault(shard, set()).add(rowid)
     found: dict[tuple[str, int, int], tuple] = {}
-    prefetched: dict[tuple[str, int, int], tuple] = {}  # answer rows the search read already
     wanted: dict[str, list[int]] = {}  # rows to read: neither held by their group nor cached
     for shard, rowids in by_shard.items():
         pinned, ordered = tables[shard], sorted(rowids)
@@ -263,15 +254,6 @@ def fetch_rows(
             continue
         if cache is not None:
             found.update(cache.get([(shard, pinned.version, r) for r in ordered]))
-        for r in ordered if known else []:
-            values = known.get((shard, pinned.version, r))
-            if (
-                values is not None
-                and (shard, pinned.version, r) not in found
-                and all(c in values for c in columns)
-            ):
-                prefetched[(shard, pinned.version, r)] = tuple(values[c] for c in columns)
-        found.update(prefetched)
         missing = [r for r in ordered if (shard, pinned.version, r) not in found]
         if missing:
             wanted[shard] = missing
@@ -283,7 +265,7 @@ def fetch_rows(
     async def take_all() -> list[pa.Table]:
         return await asyncio.gather(*(take(shard, rowids) for shard, rowids in wanted.items()))
 
-    read = dict(prefetched)  # answer rows: what the cache keeps
+    read = {}
     for shard, rows in zip(wanted, run_async(take_all()) if wanted else [], strict=True):
         values = zip(*(rows.column(c).to_pylist() for c in columns), strict=True)
         version = tables[shard].version
@@ -456,9 +438,10 @@ class FreshRows:
         return int(self.rowids.nbytes + self.vectors.nbytes)
 
     @classmethod
-    def read(cls, table: Any, new_from: int) -> FreshRows:
+    def read(cls, table: Any, new_from: int, limit: int) -> FreshRows:
+        """The rows from row id ``new_from`` on, at most ``limit`` of them (one scan of the table)."""
         rows = (
-            table.search().where(f"_rowid >= {new_from}").select(["vector"]).with_row_id(True).limit(None)
+            table.search().where(f"_rowid >= {new_from}").select(["vector"]).with_row_id(True).limit(limit)
         ).to_arrow()
         dim = rows.schema.field("vector").type.list_size
         flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -488,8 +471,11 @@ class Snapshot:
     rows: int
     in_memory: bool
     codes: ShardCodes | None = None  # the in-memory codes it is searched through (pipelines.codes)
-    new_rows: int = 0  # rows committed after its codes were built
-    fresh: FreshRows | None = None  # their row ids and unit vectors (read once per version)
+    fresh: FreshRows | None = None  # rows committed after its codes were built (read once per version)
+
+    @property
+    def new_rows(self) -> int:
+        return len(self.fresh.rowids) if self.fresh is not None else 0
 
 
 class Shard:
@@ -579,10 +565,8 @@ class Shard:
             pointer = shard_codes.pointer(self.codes_at, self.name)
             if (pointer and pointer["file"]) == (held.codes.file if held.codes else None):
                 return held
-            codes, new_rows, fresh = self._codes_for(held.table, version, held.rows)
-            return Snapshot(
-                version, held.table, held.indexes, held.rows, held.in_memory, codes, new_rows, fresh
-            )
+            codes, fresh = self._codes_for(held.table, version, held.rows)
+            return Snapshot(version, held.table, held.indexes, held.rows, held.in_memory, codes, fresh)
         table = self.conn.open_table(self.name)
         table.checkout(version)
         indexes = read_indexes(table)
@@ -590,9 +574,9 @@ class Shard:
         # Only shards without an ANN index are held (small ones: `embedpipe index` leaves shards under
         # index.exact_below_rows exact); an indexed shard is searched through its index on disk.
         in_memory = indexes.vector_kind == "exact" and 0 < rows <= self.memory_rows
-        codes, new_rows, fresh = None, 0, None
+        codes, fresh = None, None
         if self._codes_wanted(indexes):
-            codes, new_rows, fresh = self._codes_for(table, version, rows)
+            codes, fresh = self._codes_for(table, version, rows)
         if (
             codes is None
             and indexes.vector_index_name
@@ -609,35 +593,36 @@ class Shard:
                            self.name, rows)  # fmt: skip
         how = "in memory" if in_memory else f"codes v{codes.version}" if codes else indexes.vector_kind
         logger.info("%s: serving version %d (%s)", self.name, version, how)
-        return Snapshot(version, table, indexes, rows, in_memory, codes, new_rows, fresh)
+        return Snapshot(version, table, indexes, rows, in_memory, codes, fresh)
 
     def _codes_wanted(self, indexes: ShardIndexes) -> bool:
         return self.codes_at is not None and indexes.vector_kind != "exact" and self.index_settings.codes
 
-    def _codes_for(
-        self, table: Any, version: int, rows: int
-    ) -> tuple[ShardCodes | None, int, FreshRows | None]:
+    def _codes_for(self, table: Any, version: int, rows: int) -> tuple[ShardCodes | None, FreshRows | None]:
         """The codes to search ``version`` through (read when `embedpipe index` stored new ones, else
-        the ones held), how many rows were committed after them, and those rows (``FreshRows``);
-        (None, 0, None) when there are no codes that describe this version."""
+        the ones held) and the rows committed after them (``FreshRows``, None when there are none);
+        (None, None) when there are no codes that describe this version."""
         held = self._snapshot.codes if self._snapshot is not None else None
         pointer = shard_codes.pointer(self.codes_at, self.name)
         if pointer is None:
-            return None, 0, None
+            return None, None
         codes = held
         if pointer["version"] <= version and (held is None or held.file != pointer["file"]):
             found = shard_codes.read(self.codes_at, self.name)
             codes = found[0] if found is not None else held
         if codes is None or codes.version > version:
-            return None, 0, None
-        new_rows = table.count_rows(f"_rowid >= {codes.new_from}") if version > codes.version else 0
-        if new_rows > max(CODES_NEW_ROWS_MAX, rows // 5):
+            return None, None
+        if version == codes.version:
+            return codes, None
+        most = max(CODES_NEW_ROWS_MAX, rows // 5)
+        fresh = FreshRows.read(table, codes.new_from, limit=most + 1)
+        if len(fresh.rowids) > most:
             logger.warning(
-                "%s: %d of %d rows are newer than the in-memory codes (a compaction or a large ingest); "
-                "LanceDB's index serves until `embedpipe index` updates them", self.name, new_rows, rows
+                "%s: more than %d of %d rows are newer than the in-memory codes (a compaction or a large "
+                "ingest); LanceDB's index serves until `embedpipe index` updates them", self.name, most, rows
             )  # fmt: skip
-            return None, 0, None
-        return codes, new_rows, FreshRows.read(table, codes.new_from) if new_rows else None
+            return None, None
+        return codes, fresh if len(fresh.rowids) else None
 
     def stats(self) -> dict[str, Any]:
         """Rows, version and indexes served (as of the last refresh), and whether refreshes are
@@ -663,18 +648,15 @@ class Shard:
         ks: list[int],
         where: str | None,
         exact: bool = False,
-        prefetch: tuple[list[str], dict[int, dict[str, Any]]] | None = None,
     ) -> list[pa.Table | Exception]:
         """Each query vector's top ``ks[i]`` through LanceDB, one call for them all, or the error it
         raised (see ``_guarded``). A call that fails for a reason of the shard's is tried again one
-        query at a time, so that a query that breaks it fails alone. ``prefetch``: (columns, sink):
-        where the codes answer with at most PREFETCH_MAX_ROWS candidates, their values of these
-        columns go into sink by row id (``fetch_rows`` then reads nothing for them)."""
+        query at a time, so that a query that breaks it fails alone."""
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
 
         async def run(rows: list[int]) -> list[pa.Table] | Exception:
             if snap.codes is not None and where is None and not exact:
-                query = self._codes_query(snap, vectors[rows], [ks[i] for i in rows], prefetch)
+                query = self._codes_query(snap, vectors[rows], [ks[i] for i in rows])
                 return await self._guarded_async(query, None)
             k = max(ks[i] for i in rows)
             params = query_params(snap.indexes, k=k, settings=self.index_settings)
@@ -701,7 +683,6 @@ class Shard:
         snap: Snapshot,
         vectors: np.ndarray,
         ks: list[int],
-        prefetch: tuple[list[str], dict[int, dict[str, Any]]] | None = None,
     ) -> list[pa.Table]:
         """Each query's top ``ks[i]`` through the shard's in-memory codes: ``refine_factor`` * k
         candidates from the codes, and the best k of the rows committed after the codes were built
@@ -712,6 +693,8 @@ class Shard:
         top = max(ks)
         nprobe = shard_codes.nprobe_for(codes.partitions, settings)
         fresh = snap.fresh
+        qnorms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        units = vectors / np.where(qnorms > 0, qnorms, 1.0)
 
         def probe() -> list[np.ndarray]:
             found = [
@@ -719,28 +702,19 @@ class Shard:
             ]
             if fresh is None:
                 return found
-            qnorms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            newer = fresh.top(vectors / np.where(qnorms > 0, qnorms, 1.0), top)
+            newer = fresh.top(units, top)
             return [np.concatenate([row, new]) for row, new in zip(found, newer, strict=True)]
 
         candidates = await asyncio.to_thread(probe)
         wanted = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
-        extra = [c for c in prefetch[0] if c not in ("chunk_id", "vector")] if prefetch else []
-        extra = extra if 0 < len(wanted) <= PREFETCH_MAX_ROWS else []
-        take = _async_table(snap.table).take_row_ids(wanted.tolist()).select(["chunk_id", "vector", *extra])
+        take = _async_table(snap.table).take_row_ids(wanted.tolist()).select(["chunk_id", "vector"])
         rows = await (take.with_row_id().to_arrow() if len(wanted) else _no_rows(snap.table))
         rowids = rows.column("_rowid").to_numpy()
-        if extra and prefetch is not None:
-            columns = {c: rows.column(c).to_pylist() for c in ["chunk_id", *extra]}
-            prefetch[1].update(
-                {int(r): {c: values[j] for c, values in columns.items()} for j, r in enumerate(rowids)}
-            )
         dim = vectors.shape[1]
         flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         matrix = np.asarray(flat, np.float32).reshape(-1, dim)
         norms = np.linalg.norm(matrix, axis=1)
-        qnorms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        cosine = (vectors / np.where(qnorms > 0, qnorms, 1.0)) @ matrix.T / np.where(norms > 0, norms, 1.0)
+        cosine = units @ matrix.T / np.where(norms > 0, norms, 1.0)
         order = np.argsort(rowids)
         ordered = rowids[order]
         chunk_ids = rows.column("chunk_id").combine_chunks() if rows.num_rows else pa.array([], pa.string())
