@@ -229,7 +229,14 @@ class IndexSettings(_Strict):
         "vectors read from the table (pipelines/codes.py): ~10x less CPU per query than LanceDB's own ANN "
         "search here. Filtered queries, and shards without codes, use LanceDB's index.",
     )
-    codes_bits: int = Field(4, ge=1, le=8, description="Bits per dimension of the in-memory RaBitQ codes.")
+    codes_bits: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="Bits per dimension of the in-memory RaBitQ codes. None: by the shard's rows, 4 below "
+        "1M and 2 from 1M (re-ranking at least 5 x k candidates), so that 10M rows fit one node's memory "
+        '(pipelines/codes.py, README "Search past RAM").',
+    )
     codes_rows_per_partition: int = Field(
         128, ge=16, description="IVF partitions of the in-memory codes: one per this many rows."
     )

@@ -140,15 +140,17 @@ def query_params(indexes: ShardIndexes, *, k: int, settings: IndexSettings) -> d
     return params
 
 
-def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None) -> int:
+def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None, rows: int = 0) -> int:
     """What a serving process holds per row of a shard searched this way (the estimate ``embedpipe
     plan`` uses; /healthz reports what is held): a small exact shard's vectors, row ids and the
     columns an answer shows, held by its group; an indexed shard's in-memory codes and ids
     (``settings.codes``), or else its IVF index's codes and row ids in LanceDB's index cache. The
-    text of an indexed shard's rows is never held (an answer reads its top k rows from the table)."""
+    text of an indexed shard's rows is never held (an answer reads its top k rows from the table).
+    ``rows``: the shard's, which pick the codes' bits when ``settings.codes_bits`` is None."""
     settings = settings or IndexSettings()
     if kind != "exact" and settings.codes:  # the in-memory codes (pipelines.codes), not LanceDB's index
-        return codes.bytes_per_row(dim, settings.codes_bits, settings.codes_rows_per_partition)
+        bits = codes.bits_for(rows, settings)
+        return codes.bytes_per_row(dim, bits, settings.codes_rows_per_partition)
     if kind == "exact":
         # float32 vector and norm, row id and position, tie rank, and the columns an answer shows
         # (ids, title, text: ~1 KB for a SciFact chunk, up to ~1.5 KB for a full 256-token one)

@@ -226,7 +226,7 @@ def serving_memory(
 
     per_shard = math.ceil(rows / shards)
     kind = index.plan_vector_index(per_shard, dim=dim, settings=settings).kind
-    per_row = index.bytes_per_row(kind, dim=dim, settings=settings)
+    per_row = index.bytes_per_row(kind, dim=dim, settings=settings, rows=per_shard)
     per_node = math.ceil(shards / nodes) * per_shard
     return {
         "rows_per_shard": per_shard,

@@ -2,6 +2,7 @@
 searched with an exact re-rank, rows committed after them found by a scan, deleted rows never returned,
 and brought up to date after a compaction gave every row a new id, without building them again."""
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -116,3 +117,28 @@ def test_a_shard_back_to_exact_search_loses_its_codes(tmp_path):
     assert codes.pointer(loc, "shard_000") is not None
     index.build(db, settings=SETTINGS.model_copy(update={"exact_below_rows": 10_000}))
     assert codes.pointer(loc, "shard_000") is None and not loc.list(codes.DIR + "/")
+
+
+def test_large_shards_get_fewer_bits_a_two_level_kmeans_and_a_graph_of_centroids(tmp_path, monkeypatch):
+    """Past codes.LARGE_SHARD_ROWS a shard's codes take 2 bits a dimension and a query re-ranks 5 x k
+    candidates; with many partitions they are trained in two levels and found through an HNSW graph.
+    The thresholds are lowered here so that 3,000 rows (60 partitions) cross all three."""
+    monkeypatch.setattr(codes, "LARGE_SHARD_ROWS", 2000)
+    monkeypatch.setattr(codes, "TWO_LEVEL_FROM", 16)
+    monkeypatch.setattr(codes, "HNSW_QUANTIZER_FROM", 16)
+    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS)
+    held = codes.read(store.location(db), "shard_000")[0]
+    assert held.bits == 2 and held.partitions == 60
+    assert isinstance(faiss.downcast_index(held.index.quantizer), faiss.IndexHNSWFlat)
+    asked = []
+    search = codes.ShardCodes.search
+    monkeypatch.setattr(codes.ShardCodes, "search", lambda s, v, c, n: asked.append(c) or search(s, v, c, n))
+    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
+    queries = centers[rng.integers(0, 40, 30)] + 0.3 * rng.normal(size=(30, DIM))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    assert _recall(group, queries) >= 0.9
+    assert asked and set(asked) == {10 * codes.LARGE_BITS_REFINE}
+    assert index.bytes_per_row("IVF_RQ", dim=384, settings=SETTINGS, rows=3000) < index.bytes_per_row(
+        "IVF_RQ", dim=384, settings=SETTINGS, rows=1000
+    )

@@ -278,8 +278,11 @@ def test_serving_memory_per_node_follows_the_index_and_the_nodes():
     from pipelines.plan import SERVE_BASE_BYTES, serving_memory
 
     big = serving_memory(rows=10_000_000, shards=8, dim=384, nodes=1, settings=IndexSettings())
-    assert (big["vector_index"], big["rows_per_shard"], big["bytes_per_row"]) == ("IVF_RQ", 1_250_000, 240)
-    assert big["node_bytes"] == round(SERVE_BASE_BYTES + 10_000_000 * 240)  # in-memory codes and ids, no text
+    # 1.25M-row shards: 2-bit in-memory codes and their ids, no text (4 bits below 1M rows a shard)
+    assert (big["vector_index"], big["rows_per_shard"], big["bytes_per_row"]) == ("IVF_RQ", 1_250_000, 144)
+    assert big["node_bytes"] == round(SERVE_BASE_BYTES + 10_000_000 * 144)
+    mid = serving_memory(rows=1_000_000, shards=4, dim=384, nodes=1, settings=IndexSettings())
+    assert mid["bytes_per_row"] == 240
     two = serving_memory(rows=10_000_000, shards=8, dim=384, nodes=2, settings=IndexSettings())
     assert two["rows_per_node"] == 5_000_000 and two["node_bytes"] < big["node_bytes"]
     small = serving_memory(rows=40_000, shards=4, dim=384, nodes=1, settings=IndexSettings())

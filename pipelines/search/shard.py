@@ -685,10 +685,10 @@ class Shard:
         ks: list[int],
     ) -> list[pa.Table]:
         """Each query's top ``ks[i]`` through the shard's in-memory codes: ``refine_factor`` * k
-        candidates from the codes, and the best k of the rows committed after the codes were built
-        (``FreshRows``, searched exactly in memory), all scored by exact cosine with their vectors
-        read from the table (one take for the batch; rows deleted since are not returned), so that
-        every score is computed alike."""
+        candidates from the codes (more from 2-bit codes: pipelines.codes.refine_for), and the best k
+        of the rows committed after the codes were built (``FreshRows``, searched exactly in memory),
+        all scored by exact cosine with their vectors read from the table (one take for the batch;
+        rows deleted since are not returned), so that every score is computed alike."""
         codes, settings = snap.codes, self.index_settings
         top = max(ks)
         nprobe = shard_codes.nprobe_for(codes.partitions, settings)
@@ -698,7 +698,8 @@ class Shard:
 
         def probe() -> list[np.ndarray]:
             found = [
-                row[row >= 0] for row in codes.search(vectors, top * (settings.refine_factor or 1), nprobe)
+                row[row >= 0]
+                for row in codes.search(vectors, top * shard_codes.refine_for(codes.bits, settings), nprobe)
             ]
             if fresh is None:
                 return found
