@@ -236,6 +236,7 @@ def update(table: Any, at: Location, *, settings: IndexSettings, rebuild: bool =
             if len(positions):
                 _hnsw_ef(index, HNSW_EF_ADD)
                 index.add_with_ids(_vectors(table, rowids[new]), positions)
+                _hnsw_ef(index, HNSW_EF_SEARCH)
             all_keys = np.concatenate([old_keys, keys[new]])
             where = dict(zip(keys.tolist(), rowids.tolist(), strict=True))
             mapped = np.fromiter((where.get(k, -1) for k in all_keys.tolist()), np.int64, len(all_keys))
