@@ -3,7 +3,7 @@ db's shards: small unindexed shards held in memory, the others through the ANN i
 built), over BEIR queries embedded by the query embedder Serve uses.
 
 python benchmarks/ann_recall.py ../shared/datasets/scifact --db DB [--queries 100] [--k 10] [--config C]
-    [--grid nprobes=20,32,64 refine=2,5,10]
+    [--grid nprobes=20,32,64 refine=2,5,10 low_refine=3,5]
 
 Exact search is one streamed pass over every shard's vectors (numpy, the queries at once: at 10M rows a
 LanceDB scan per query would take hours), cosine as LanceDB computes it. Per setting it prints recall@k,
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--config", type=Path, default=None, help="YAML config (its index: settings)")
     parser.add_argument(
-        "--grid", nargs="*", default=[], help="query settings to try: nprobes=A,B refine=C,D (index: keys)"
+        "--grid",
+        nargs="*",
+        default=[],
+        help="query settings to try: nprobes=A,B refine=C,D low_refine=E,F (2-bit codes' candidates)",
     )
     args = parser.parse_args()
 
@@ -55,13 +58,17 @@ def main() -> None:
     )
     open_s = time.perf_counter() - started
 
-    grid = {"nprobes": [None], "refine": [cfg.index.refine_factor]}
+    grid = {
+        "nprobes": [None],
+        "refine": [cfg.index.refine_factor],
+        "low_refine": [cfg.index.codes_low_bits_refine],
+    }
     for item in args.grid:
         name, values = item.split("=")
         grid[name] = [int(v) for v in values.split(",")]
     results = []
-    for nprobes, refine in itertools.product(grid["nprobes"], grid["refine"]):
-        changes = {"refine_factor": refine}
+    for nprobes, refine, low in itertools.product(grid["nprobes"], grid["refine"], grid["low_refine"]):
+        changes = {"refine_factor": refine, "codes_low_bits_refine": low}
         if nprobes is not None:  # every shard probes this many partitions
             changes.update(probe_factor=1e-9, min_nprobes=nprobes)
         settings = cfg.index.model_copy(update=changes)
@@ -86,6 +93,7 @@ def main() -> None:
         snap = served.snapshots()[0]
         results.append({
             "query_params": query_params(snap.indexes, k=args.k, settings=settings),
+            "low_bits_refine": low,
             f"recall@{args.k}": round(statistics.mean(found), 4),
             "p50_ms": round(statistics.median(took), 2),
             "batch16_ms_per_query": round(batched, 2),

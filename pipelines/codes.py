@@ -54,10 +54,12 @@ TWO_LEVEL_FROM = 4096
 HNSW_QUANTIZER_FROM = 4096
 HNSW_M, HNSW_EF_ADD, HNSW_EF_SEARCH = 32, 32, 128
 # codes_bits left to the shard's size (None): 4 bits a dimension below LARGE_SHARD_ROWS rows, 2 bits
-# from there (10M rows on one node fit its memory only so), re-ranking more candidates: 2-bit codes gave
-# recall@10 0.957 with 2 x k candidates and 0.989 with 5 x k at 1M rows (README, "Search past RAM").
+# from there (10M rows on one node fit its memory only so), re-ranking index.codes_low_bits_refine x k
+# candidates (README, "Search past RAM"). A shard whose codes have other bits keeps them while its rows
+# stay within BITS_MARGIN of the line, so that one hovering at it is not built again at every index.
 LARGE_SHARD_ROWS = 1_000_000
-SMALL_BITS, LARGE_BITS, LARGE_BITS_REFINE = 4, 2, 5
+SMALL_BITS, LARGE_BITS = 4, 2
+BITS_MARGIN = 0.1
 TAKE_ROWS = 8192  # rows per LanceDB take when reading new rows' vectors
 REBUILD_SHARE = 0.5  # more rows changed than this share of the codes: built again, not updated
 
@@ -73,17 +75,22 @@ def nprobe_for(partitions: int, settings: IndexSettings) -> int:
     return int(min(partitions, wanted))
 
 
-def bits_for(rows: int, settings: IndexSettings) -> int:
-    """Bits a dimension of a shard's codes: ``settings.codes_bits``, or by the shard's rows when None."""
+def bits_for(rows: int, settings: IndexSettings, held: int | None = None) -> int:
+    """Bits a dimension of a shard's codes: ``settings.codes_bits``, or by the shard's rows when None
+    (``held``: the bits of its current codes, kept near the line)."""
     if settings.codes_bits is not None:
         return settings.codes_bits
+    if held is not None and abs(rows - LARGE_SHARD_ROWS) <= BITS_MARGIN * LARGE_SHARD_ROWS:
+        return held
     return LARGE_BITS if rows >= LARGE_SHARD_ROWS else SMALL_BITS
 
 
 def refine_for(bits: int, settings: IndexSettings) -> int:
-    """Candidates a query re-ranks exactly, per result wanted, from codes of ``bits`` bits."""
-    refine = settings.refine_factor or 1
-    return max(refine, LARGE_BITS_REFINE) if bits <= LARGE_BITS else refine
+    """Candidates a query re-ranks exactly, per result wanted, from codes of ``bits`` bits:
+    ``codes_low_bits_refine`` for 2 bits or fewer, else ``refine_factor``."""
+    if bits <= LARGE_BITS:
+        return settings.codes_low_bits_refine
+    return settings.refine_factor or 1
 
 
 def bytes_per_row(dim: int, bits: int, rows_per_partition: int = 128) -> int:
@@ -126,7 +133,7 @@ class ShardCodes:
     def nbytes(self) -> int:
         ivf = self.index
         codes = ivf.ntotal * (ivf.code_size + 8)  # each code and faiss's id for it
-        graph = ivf.nlist * 2 * HNSW_M * 4 if ivf.nlist >= HNSW_QUANTIZER_FROM else 0  # HNSW links
+        graph = ivf.nlist * 2 * HNSW_M * 4 if _hnsw(ivf) is not None else 0  # the HNSW quantizer's links
         return codes + ivf.nlist * ivf.d * 4 + graph + self.rowids.nbytes  # and the centroids
 
     def search(self, vectors: np.ndarray, candidates: int, nprobe: int) -> np.ndarray:
@@ -136,6 +143,10 @@ class ShardCodes:
         faiss.omp_set_num_threads(1)  # one thread a search (OpenMP's idle threads spin and cost CPU)
         params = faiss.IVFRaBitQSearchParameters()
         params.nprobe = nprobe
+        if _hnsw(self.index) is not None:  # the graph must return every partition probed
+            graph = faiss.SearchParametersHNSW()
+            graph.efSearch = max(HNSW_EF_SEARCH, nprobe)
+            params.quantizer_params = graph
         _, positions = self.index.search(np.ascontiguousarray(vectors, np.float32), candidates, params=params)
         found = np.where(positions >= 0, self.rowids[np.maximum(positions, 0)], -1)
         return found
@@ -203,7 +214,7 @@ def drop(at: Location, shard: str) -> None:
 def update(table: Any, at: Location, *, settings: IndexSettings, rebuild: bool = False) -> dict[str, Any]:
     """Bring ``table``'s codes up to its current version: add new rows, remove deleted ones, follow
     the new row ids of a compaction; or build them whole (none yet, ``rebuild``, a partition count
-    the rows have outgrown, or most rows changed).
+    the rows have outgrown, bits the shard's size no longer calls for, or most rows changed).
 
     Returns:
         What was done: ``action`` (built or updated), rows, rows added and removed, seconds.
@@ -217,8 +228,9 @@ def update(table: Any, at: Location, *, settings: IndexSettings, rebuild: bool =
     keys = row_keys(scan.column("chunk_id").to_pylist(), scan.column("content_hash").to_pylist())
     del scan
     rows = len(rowids)
-    partitions, bits = partitions_for(rows, settings), bits_for(rows, settings)
     previous = None if rebuild else read(at, shard, keys=True)
+    partitions = partitions_for(rows, settings)
+    bits = bits_for(rows, settings, held=previous[0].bits if previous is not None else None)
     action, added, removed = "built", rows, 0
     if previous is not None and len(np.unique(keys)) == rows:
         codes, old_keys = previous
@@ -273,7 +285,6 @@ def build(vectors: np.ndarray, partitions: int, bits: int) -> Any:
     """faiss's IVF index of ``bits``-bit RaBitQ codes of unit ``vectors`` (ids: their positions), its
     partitions trained by k-means on a sample (in two levels from TWO_LEVEL_FROM partitions)."""
     import faiss
-    from faiss.contrib.clustering import two_level_clustering
 
     rows, dim = vectors.shape
     graph = f"_HNSW{HNSW_M}" if partitions >= HNSW_QUANTIZER_FROM else ""
@@ -281,12 +292,10 @@ def build(vectors: np.ndarray, partitions: int, bits: int) -> Any:
     picked = np.random.default_rng(0).choice(rows, min(rows, TRAIN_PER_PARTITION * partitions), replace=False)
     sample = vectors[np.sort(picked)]
     if partitions >= TWO_LEVEL_FROM:
-        # min_points_per_centroid=1: a small first-level cluster is split into few parts, not warned about.
-        first = math.isqrt(partitions)
-        centroids, _ = two_level_clustering(sample, first, partitions, min_points_per_centroid=1)
-        norms = np.linalg.norm(centroids, axis=1, keepdims=True)  # unit centroids: inner product = nearest
-        index.quantizer.add(np.ascontiguousarray(centroids / np.where(norms > 0, norms, 1.0), np.float32))
-        index.quantizer.is_trained = True
+        centroids = _two_level_centroids(sample, partitions)
+        if centroids is not None:
+            index.quantizer.add(centroids)
+            index.quantizer.is_trained = True
     index.train(sample)  # the codes' own training; the quantizer's too when it has no centroids yet
     _hnsw_ef(index, HNSW_EF_ADD)
     index.add_with_ids(vectors, np.arange(rows, dtype=np.int64))
@@ -294,12 +303,35 @@ def build(vectors: np.ndarray, partitions: int, bits: int) -> Any:
     return index
 
 
-def _hnsw_ef(index: Any, ef: int) -> None:
-    """Set the search breadth of an HNSW quantizer (a flat one has none)."""
+def _two_level_centroids(sample: np.ndarray, partitions: int) -> np.ndarray | None:
+    """Unit centroids of a two-level k-means of ``sample``, or None where it cannot split it (a
+    first-level cluster too small for a centroid of its own: the caller trains in one level)."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    try:
+        # min_points_per_centroid=1: small second-level runs are not warned about on the console.
+        centroids, _ = two_level_clustering(
+            sample, math.isqrt(partitions), partitions, min_points_per_centroid=1
+        )
+    except RuntimeError as exc:  # faiss refuses a k-means of 0 centroids
+        logger.info("two-level k-means of %d partitions failed (%s); training in one level", partitions, exc)
+        return None
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)  # unit centroids: inner product = nearest
+    return np.ascontiguousarray(centroids / np.where(norms > 0, norms, 1.0), np.float32)
+
+
+def _hnsw(index: Any) -> Any:
+    """The HNSW quantizer of an IVF index, or None (a flat one)."""
     import faiss
 
     quantizer = faiss.downcast_index(index.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def _hnsw_ef(index: Any, ef: int) -> None:
+    """Set the default search breadth of an HNSW quantizer (a flat one has none)."""
+    quantizer = _hnsw(index)
+    if quantizer is not None:
         quantizer.hnsw.efSearch = ef
 
 

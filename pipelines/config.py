@@ -237,6 +237,12 @@ class IndexSettings(_Strict):
         "1M and 2 from 1M (re-ranking at least 5 x k candidates), so that 10M rows fit one node's memory "
         '(pipelines/codes.py, README "Search past RAM").',
     )
+    codes_low_bits_refine: int = Field(
+        5,
+        gt=0,
+        description="Candidates per result re-ranked exactly from codes of 2 bits or fewer (refine_factor is "
+        "for the others): 5 x k gave recall@10 0.989 at 1M rows and 0.998 at 10M here, 2 x k 0.957 at 1M.",
+    )
     codes_rows_per_partition: int = Field(
         128, ge=16, description="IVF partitions of the in-memory codes: one per this many rows."
     )

@@ -138,7 +138,48 @@ def test_large_shards_get_fewer_bits_a_two_level_kmeans_and_a_graph_of_centroids
     queries = centers[rng.integers(0, 40, 30)] + 0.3 * rng.normal(size=(30, DIM))
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     assert _recall(group, queries) >= 0.9
-    assert asked and set(asked) == {10 * codes.LARGE_BITS_REFINE}
+    assert asked and set(asked) == {10 * SETTINGS.codes_low_bits_refine} != {10 * SETTINGS.refine_factor}
     assert index.bytes_per_row("IVF_RQ", dim=384, settings=SETTINGS, rows=3000) < index.bytes_per_row(
         "IVF_RQ", dim=384, settings=SETTINGS, rows=1000
     )
+
+
+def test_an_hnsw_quantizer_returns_every_partition_a_query_probes(tmp_path, monkeypatch):
+    """A query that probes more partitions than the graph's default breadth still gets them all: with
+    every partition probed, the codes searched are the same as with a breadth far beyond it."""
+    monkeypatch.setattr(codes, "HNSW_QUANTIZER_FROM", 16)
+    monkeypatch.setattr(codes, "HNSW_EF_SEARCH", 4)
+    db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS.model_copy(update={"codes_rows_per_partition": 16}))
+    held = codes.read(store.location(db), "shard_000")[0]
+    assert held.partitions == 188 and codes._hnsw(held.index).hnsw.efSearch == 4
+    queries = rng.normal(size=(20, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    found = held.search(queries, 30, nprobe=held.partitions)
+    codes._hnsw(held.index).hnsw.efSearch = 10_000
+    params = faiss.IVFRaBitQSearchParameters()
+    params.nprobe = held.partitions
+    _, every = held.index.search(queries, 30, params=params)
+    assert np.array_equal(found, held.rowids[every])
+
+
+def test_codes_bits_follow_the_shard_with_a_margin_and_the_build_survives_a_failed_two_level_kmeans(
+    monkeypatch,
+):
+    auto = IndexSettings()
+    line = codes.LARGE_SHARD_ROWS
+    assert [codes.bits_for(rows, auto) for rows in (line - 1, line)] == [4, 2]
+    assert codes.bits_for(int(line * 1.05), auto, held=4) == 4  # near the line: the codes keep their bits
+    assert codes.bits_for(int(line * 1.2), auto, held=4) == 2
+    assert codes.bits_for(10, auto.model_copy(update={"codes_bits": 3}), held=4) == 3
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Error: 'clus.k > 0' failed")
+
+    monkeypatch.setattr("faiss.contrib.clustering.two_level_clustering", refuse)
+    monkeypatch.setattr(codes, "TWO_LEVEL_FROM", 16)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    built = codes.build(vectors, 20, 4)  # trained in one level instead
+    assert built.is_trained and built.quantizer.ntotal == 20 and built.ntotal == 2000
