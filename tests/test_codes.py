@@ -29,6 +29,14 @@ def _rowid(table, chunk_id):
     return found.to_arrow()["_rowid"][0].as_py()
 
 
+def _build_here(monkeypatch):
+    """index.build in this process, not in Ray tasks (an earlier test may have left Ray running): the
+    thresholds a test lowers on the module apply only here."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
 def test_codes_follow_new_deleted_and_compacted_rows(tmp_path, monkeypatch):
     db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
     [first] = index.build(db, settings=SETTINGS)
@@ -123,6 +131,7 @@ def test_large_shards_get_fewer_bits_a_two_level_kmeans_and_a_graph_of_centroids
     """Past codes.LARGE_SHARD_ROWS a shard's codes take 2 bits a dimension and a query re-ranks 5 x k
     candidates; with many partitions they are trained in two levels and found through an HNSW graph.
     The thresholds are lowered here so that 3,000 rows (60 partitions) cross all three."""
+    _build_here(monkeypatch)
     monkeypatch.setattr(codes, "LARGE_SHARD_ROWS", 2000)
     monkeypatch.setattr(codes, "TWO_LEVEL_FROM", 16)
     monkeypatch.setattr(codes, "HNSW_QUANTIZER_FROM", 16)
@@ -147,6 +156,7 @@ def test_large_shards_get_fewer_bits_a_two_level_kmeans_and_a_graph_of_centroids
 def test_an_hnsw_quantizer_returns_every_partition_a_query_probes(tmp_path, monkeypatch):
     """A query that probes more partitions than the graph's default breadth still gets them all: with
     every partition probed, the codes searched are the same as with a breadth far beyond it."""
+    _build_here(monkeypatch)
     monkeypatch.setattr(codes, "HNSW_QUANTIZER_FROM", 16)
     monkeypatch.setattr(codes, "HNSW_EF_SEARCH", 4)
     db, rng, centers = _db(tmp_path, rows_per_shard=3000, shards=1)
