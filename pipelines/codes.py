@@ -246,9 +246,7 @@ def update(table: Any, at: Location, *, settings: IndexSettings, rebuild: bool =
                 index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(gone).astype(np.int64)))
             positions = np.arange(len(codes.rowids), len(codes.rowids) + int(new.sum()), dtype=np.int64)
             if len(positions):
-                _hnsw_ef(index, HNSW_EF_ADD)
-                index.add_with_ids(_vectors(table, rowids[new]), positions)
-                _hnsw_ef(index, HNSW_EF_SEARCH)
+                _add(index, _vectors(table, rowids[new]), positions)
             all_keys = np.concatenate([old_keys, keys[new]])
             where = dict(zip(keys.tolist(), rowids.tolist(), strict=True))
             mapped = np.fromiter((where.get(k, -1) for k in all_keys.tolist()), np.int64, len(all_keys))
@@ -297,9 +295,7 @@ def build(vectors: np.ndarray, partitions: int, bits: int) -> Any:
             index.quantizer.add(centroids)
             index.quantizer.is_trained = True
     index.train(sample)  # the codes' own training; the quantizer's too when it has no centroids yet
-    _hnsw_ef(index, HNSW_EF_ADD)
-    index.add_with_ids(vectors, np.arange(rows, dtype=np.int64))
-    _hnsw_ef(index, HNSW_EF_SEARCH)
+    _add(index, vectors, np.arange(rows, dtype=np.int64))
     return index
 
 
@@ -316,8 +312,7 @@ def _two_level_centroids(sample: np.ndarray, partitions: int) -> np.ndarray | No
     except RuntimeError as exc:  # faiss refuses a k-means of 0 centroids
         logger.info("two-level k-means of %d partitions failed (%s); training in one level", partitions, exc)
         return None
-    norms = np.linalg.norm(centroids, axis=1, keepdims=True)  # unit centroids: inner product = nearest
-    return np.ascontiguousarray(centroids / np.where(norms > 0, norms, 1.0), np.float32)
+    return np.ascontiguousarray(unit_rows(centroids), np.float32)  # unit: inner product = nearest
 
 
 def _hnsw(index: Any) -> Any:
@@ -333,6 +328,20 @@ def _hnsw_ef(index: Any, ef: int) -> None:
     quantizer = _hnsw(index)
     if quantizer is not None:
         quantizer.hnsw.efSearch = ef
+
+
+def _add(index: Any, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Add codes of ``vectors``: their partitions found by a narrow search of an HNSW quantizer, whose
+    default breadth is the queries' again afterwards."""
+    _hnsw_ef(index, HNSW_EF_ADD)
+    index.add_with_ids(vectors, ids)
+    _hnsw_ef(index, HNSW_EF_SEARCH)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` with every row scaled to norm 1 (a zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def _quantizer(bits: int) -> str:
@@ -357,8 +366,7 @@ def _vectors(table: Any, rowids: np.ndarray) -> np.ndarray:
         flat = got.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         block = np.asarray(flat, np.float32).reshape(-1, dim)
         out[start : start + len(part)] = block[[order[int(r)] for r in part]]
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norms > 0, norms, 1.0)
+    return unit_rows(out)
 
 
 def _write(

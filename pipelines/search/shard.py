@@ -445,9 +445,7 @@ class FreshRows:
         ).to_arrow()
         dim = rows.schema.field("vector").type.list_size
         flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = np.array(flat, np.float32).reshape(-1, dim)  # a copy of its own, normalized in place
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors /= np.where(norms > 0, norms, 1.0)
+        vectors = shard_codes.unit_rows(np.asarray(flat, np.float32).reshape(-1, dim))
         return cls(rows.column("_rowid").to_numpy().astype(np.int64), vectors)
 
     def top(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
@@ -642,12 +640,7 @@ class Shard:
         }
 
     async def vector_query(
-        self,
-        snap: Snapshot,
-        vectors: np.ndarray,
-        ks: list[int],
-        where: str | None,
-        exact: bool = False,
+        self, snap: Snapshot, vectors: np.ndarray, ks: list[int], where: str | None, exact: bool = False
     ) -> list[pa.Table | Exception]:
         """Each query vector's top ``ks[i]`` through LanceDB, one call for them all, or the error it
         raised (see ``_guarded``). A call that fails for a reason of the shard's is tried again one
@@ -678,12 +671,7 @@ class Shard:
         alone = [await run([i]) for i in range(len(vectors))]
         return [answer if isinstance(answer, Exception) else answer[0] for answer in alone]
 
-    async def _codes_query(
-        self,
-        snap: Snapshot,
-        vectors: np.ndarray,
-        ks: list[int],
-    ) -> list[pa.Table]:
+    async def _codes_query(self, snap: Snapshot, vectors: np.ndarray, ks: list[int]) -> list[pa.Table]:
         """Each query's top ``ks[i]`` through the shard's in-memory codes: ``refine_factor`` * k
         candidates from the codes (more from 2-bit codes: pipelines.codes.refine_for), and the best k
         of the rows committed after the codes were built (``FreshRows``, searched exactly in memory),
@@ -693,8 +681,7 @@ class Shard:
         top = max(ks)
         nprobe = shard_codes.nprobe_for(codes.partitions, settings)
         fresh = snap.fresh
-        qnorms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        units = vectors / np.where(qnorms > 0, qnorms, 1.0)
+        units = shard_codes.unit_rows(vectors)
 
         def probe() -> list[np.ndarray]:
             found = [
