@@ -193,3 +193,25 @@ def test_codes_bits_follow_the_shard_with_a_margin_and_the_build_survives_a_fail
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     built = codes.build(vectors, 20, 4)  # trained in one level instead
     assert built.is_trained and built.quantizer.ntotal == 20 and built.ntotal == 2000
+
+
+def test_new_rows_held_beside_the_codes_are_bounded_by_a_count_not_by_the_shard(tmp_path, monkeypatch):
+    """Past CODES_NEW_ROWS_MAX new rows (here 100 of a 3,000-row shard: a tenth, less than the fifth the
+    bound once allowed), the shard holds none of them and LanceDB's index serves it, new rows included."""
+    db, rng, _ = _db(tmp_path, rows_per_shard=3000, shards=1)
+    index.build(db, settings=SETTINGS)
+    monkeypatch.setattr(shard, "CODES_NEW_ROWS_MAX", 100)
+    table = store.open_shards(db)["shard_000"]
+    n = 300
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    new = table.to_arrow().slice(0, n).set_column(0, "chunk_id", pa.array([f"new-{i}#0" for i in range(n)]))
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM)
+    new = new.set_column(
+        new.schema.get_field_index("vector"), "vector", column.cast(new.schema.field("vector").type)
+    )
+    table.add(new)
+    group = ShardGroup(str(db), refresh_s=0, index=SETTINGS)
+    assert group.stats()[0]["codes"] is None and group.snapshots()[0].fresh is None
+    assert group.memory()["bytes_held"] < 3300 * 4 * DIM  # no vectors of the new rows held
+    assert [top[0] for top in _top(group, vectors[::30], k=1)] == [f"new-{i}#0" for i in range(0, n, 30)]

@@ -38,9 +38,10 @@ KEY_COLUMNS = ["chunk_id", "score", "shard", "_rowid"]
 # so that its answers read nothing from the table (a LanceDB take costs ~1.4 ms of CPU a shard here).
 HELD_COLUMNS = ["chunk_id", "doc_id", "title", "text"]
 SCAN_WARN_ROWS = 100_000  # an unindexed shard this large costs every query a scan worth a warning
-# Rows committed since a shard's codes were built are found by a LanceDB scan of them alone; past this
-# many (and a fifth of the shard), or after a compaction gave every row a new id, the codes are set
-# aside and LanceDB's own index serves until `embedpipe index` brings them up to date.
+# Rows committed since a shard's codes were built are held in memory beside them (FreshRows: ~1.5 KB a
+# 384-dim row, so at most ~77 MB a shard whatever its size); past this many, or after a compaction gave
+# every row a new id, the codes are set aside and LanceDB's own index serves until `embedpipe index`
+# brings them up to date.
 CODES_NEW_ROWS_MAX = 50_000
 KEY_SCHEMA = pa.schema(
     [("chunk_id", pa.string()), ("score", pa.float32()), ("shard", pa.string()), ("_rowid", pa.uint64())]
@@ -426,9 +427,9 @@ class MemoryShard:
 @dataclass(frozen=True)
 class FreshRows:
     """The rows of a shard committed after its codes were built: row ids and unit float32 vectors, read
-    once per table version and searched exactly in memory (at most ``CODES_NEW_ROWS_MAX`` or a fifth of
-    the shard's rows). A LanceDB scan filtered on ``_rowid`` costs 150-230 ms a query on a 250k-row
-    shard however few rows match: it evaluates the filter over every row."""
+    once per table version and searched exactly in memory (at most ``CODES_NEW_ROWS_MAX``). A LanceDB
+    scan filtered on ``_rowid`` costs 150-230 ms a query on a 250k-row shard however few rows match:
+    it evaluates the filter over every row."""
 
     rowids: np.ndarray
     vectors: np.ndarray
@@ -612,7 +613,7 @@ class Shard:
             return None, None
         if version == codes.version:
             return codes, None
-        most = max(CODES_NEW_ROWS_MAX, rows // 5)
+        most = CODES_NEW_ROWS_MAX  # a bound of its own: a share of a 10M-row db's shards would be GBs
         fresh = FreshRows.read(table, codes.new_from, limit=most + 1)
         if len(fresh.rowids) > most:
             logger.warning(
