@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     args = parser.parse_args()
 
-    from pipelines.embedding import Embedder, cpu_has_native_bf16
+    from pipelines.embedding import Embedder
+    from pipelines.embedding.backends import cpu_has_native_bf16
 
     with args.corpus.open() as f:
         docs = [json.loads(line) for _, line in zip(range(args.limit), f, strict=False)]

@@ -99,7 +99,7 @@ def main() -> None:
 
     import boto3
 
-    from pipelines.autotune import cpu_signature
+    from pipelines.embedding.autotune import cpu_signature
 
     if args.config:
         CONFIG.extend(["--config", str(args.config.resolve())])

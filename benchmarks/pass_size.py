@@ -27,7 +27,8 @@ def one(corpus: Path, budget: int, limit: int, rounds: int) -> dict:
     import numpy as np
     import psutil
 
-    from pipelines import backends, batching, models
+    from pipelines import models
+    from pipelines.embedding import backends, batching
 
     with corpus.open() as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(limit), f, strict=False)]

@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
 
-    from pipelines import backends, evaluate
+    from pipelines import evaluate
+    from pipelines.embedding import backends
     from pipelines.search import Searcher, query
 
     queries, qrels = evaluate.load_beir(args.beir_dir)

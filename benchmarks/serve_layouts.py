@@ -54,7 +54,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        from pipelines.autotune import cpu_signature
+        from pipelines.embedding.autotune import cpu_signature
 
         args.json.write_text(json.dumps({"cpu": cpu_signature(), "rows": rows}, indent=2))
 

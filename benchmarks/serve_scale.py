@@ -77,7 +77,7 @@ def main() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
         os.unlink(config)
-    from pipelines.autotune import cpu_signature
+    from pipelines.embedding.autotune import cpu_signature
 
     result = {
         "cpu": cpu_signature(),

@@ -67,11 +67,11 @@ def main() -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from pipelines import dashboard
     from pipelines.config import ServeSettings
+    from pipelines.reporting import pages
     from serve.app import ServeConfig, build_app
 
-    runs = dashboard.list_runs(db=args.db)
+    runs = pages.list_runs(db=args.db)
     if not runs:
         raise SystemExit(f"no run reports under {args.db}/_runs: ingest something first")
     os.environ.pop("EMBEDPIPE_API_KEY", None)

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from pipelines import backends, models, store
+from pipelines import models, store
 from pipelines.config import Config
+from pipelines.embedding import backends
 
 REGRESSION = 0.10  # a figure worse than the baseline by more than this is flagged
 PLAIN_BATCH = 32  # sentence-transformers' default batch size
@@ -85,7 +86,7 @@ def flops_per_text(model: Any, lengths: list[int]) -> float:
 
 
 def _read_back(db: Path) -> tuple[list[str], list[int], list[str]]:
-    from pipelines.chunking import embed_input
+    from pipelines.models import embed_input
 
     texts: list[str] = []
     lengths: list[int] = []
@@ -244,7 +245,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
     del st_model
     plain = [_plain_row("fp32", "torch", seconds_a, rss_a, tokens, scorer(vectors_a) if scorer else None)]
     if device == "cpu":
-        from pipelines import autotune
+        from pipelines.embedding import autotune
 
         pairs = autotune.candidates(
             int8=used.get("int8_model") is not None, openvino=backends.openvino_available()

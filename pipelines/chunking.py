@@ -166,11 +166,6 @@ def chunk_id(doc_id: str, index: int) -> str:
     return f"{doc_id}#{index}"
 
 
-def embed_input(title: str, text: str) -> str:
-    """What the model reads for a chunk: the document title gives every chunk its context."""
-    return f"{title} {text}" if title else text
-
-
 def chunk_docs(
     batch: pa.Table, *, model: str, max_tokens: int | None = None, overlap_tokens: int = 32
 ) -> pa.Table:
@@ -258,7 +253,7 @@ def chunk_docs(
     todo = [row for row in rows if row["status"] == "ok"]
     if todo:
         encoder = models.load_embedding_tokenizer(model)
-        encoded = encoder.encode_batch([embed_input(row["title"], row["text"]) for row in todo])
+        encoded = encoder.encode_batch([models.embed_input(row["title"], row["text"]) for row in todo])
         for row, enc in zip(todo, encoded, strict=True):
             row["input_ids"] = enc.ids
     return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)

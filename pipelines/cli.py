@@ -165,7 +165,7 @@ def ingest(
     their chunks replaced in one commit per shard.
     """
     from pipelines import ingest as pipeline
-    from pipelines.report import summary_table
+    from pipelines.reporting.report import summary_table
 
     try:
         cfg = load_config(config, shards=shards, **{"ray.address": address, **(ctx.obj or {}).get("ray", {})})
@@ -758,8 +758,8 @@ def report_command(
 
     With neither --html nor --png, print the run's headline numbers.
     """
-    from pipelines import dashboard
-    from pipelines.report import summary_table
+    from pipelines.reporting import pages
+    from pipelines.reporting.report import summary_table
 
     try:
         report = json.loads(run_json.read_text())
@@ -770,11 +770,11 @@ def report_command(
             return
         if html is not None:
             html.parent.mkdir(parents=True, exist_ok=True)
-            html.write_text(dashboard.run_page(report))
+            html.write_text(pages.run_page(report))
             console.print(f"wrote {html}", highlight=False)
         if png is not None:
             png.parent.mkdir(parents=True, exist_ok=True)
-            dashboard.write_png(report, png)
+            pages.write_png(report, png)
             console.print(f"wrote {png}", highlight=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise _fail(f"cannot render {run_json}: {exc}") from exc
@@ -794,8 +794,9 @@ def quantize_command(
     It is cached (embedding.model_cache, $EMBEDPIPE_CACHE or ~/.cache/embedpipe) for every later run.
     Ingest does this by itself on first use; run it ahead to keep the first ingest's time clean.
     """
-    from pipelines import backends, sources
     from pipelines import ingest as pipeline
+    from pipelines import sources
+    from pipelines.embedding import backends
     from pipelines.ray_session import ray_session
 
     try:

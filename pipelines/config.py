@@ -74,9 +74,10 @@ class EmbeddingConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["auto", "torch", "openvino"] = Field(
         "auto",
-        description="What runs the model on a CPU. auto: measured once per machine (pipelines/autotune.py) "
-        "with dtype auto choosing the precision too: the fastest whose vectors stay within cosine 0.995 "
-        "of fp32. int8 always runs on OpenVINO; a GPU always on torch.",
+        description="What runs the model on a CPU. auto: measured once per machine "
+        "(pipelines/embedding/autotune.py) with dtype auto choosing the precision too: the fastest "
+        "whose vectors stay within cosine 0.995 of fp32. int8 always runs on OpenVINO; a GPU always on "
+        "torch.",
     )
     openvino_streams: int = Field(
         2, gt=0, description="OpenVINO inference streams per CPU actor (throughput mode); 1: latency mode."

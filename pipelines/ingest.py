@@ -19,11 +19,13 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines import NOTICE, autotune, backends, chunking, embed_cache, models, report, sources, store
-from pipelines.chunking import embed_input
+from pipelines import NOTICE, chunking, models, sources, store
 from pipelines.config import Config
-from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, embedding_dim
+from pipelines.embedding import Embedder, actor_options, autoscaler_gpus, autotune, backends, embedding_dim
+from pipelines.embedding import cache as embed_cache
+from pipelines.models import embed_input
 from pipelines.ray_session import ray_session
+from pipelines.reporting import report
 
 logger = logging.getLogger(__name__)
 

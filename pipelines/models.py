@@ -1,4 +1,5 @@
-"""Where a model's files come from, and the facts about it that other stages need."""
+"""Where a model's files come from, its tokenizer, and the text it reads for a chunk: what chunking and
+embedding both need, here so that neither stage imports the other."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def resolve_model(name: str) -> str:
 def model_id(name: str) -> str:
     """The stable name recorded in tables and reports (the bundled default keeps its hub id)."""
     return "sentence-transformers/all-MiniLM-L6-v2" if name in _BUNDLED else name
+
+
+def embed_input(title: str, text: str) -> str:
+    """What the model reads for a chunk: the document title gives every chunk its context."""
+    return f"{title} {text}" if title else text
 
 
 @functools.cache

@@ -29,11 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines import chunking, ingest, models, report, store
-from pipelines.chunking import CHUNK_SCHEMA, embed_input
+from pipelines import chunking, ingest, models, store
+from pipelines.chunking import CHUNK_SCHEMA
 from pipelines.config import Config
 from pipelines.embedding import embedding_dim
+from pipelines.models import embed_input
 from pipelines.ray_session import ray_session
+from pipelines.reporting import report
 from pipelines.sources import DOC_SCHEMA
 
 logger = logging.getLogger(__name__)

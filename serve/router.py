@@ -224,7 +224,7 @@ def _query_embedder(model: str, dtype: str, settings: ServeSettings, vectors: st
     """The query embedder (``pipelines.search.query_embedder``, as ``embedpipe query`` uses it): on
     the GPU the replica reserved (serve.router_gpus), else on the CPU. A replica that reserved no GPU
     never uses one, even on a GPU node: another process may own it."""
-    from pipelines import backends
+    from pipelines.embedding import backends
 
     device = "cuda" if settings.router_gpus > 0 else "cpu"
     if device == "cuda":

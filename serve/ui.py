@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.responses import HTMLResponse
 
-from pipelines import dashboard
+from pipelines.reporting import pages
 from pipelines.store import Location
 
 STATIC = Path(__file__).with_name("static")
@@ -45,7 +45,7 @@ def _page(
     attrs = f'data-auth="{"required" if auth else "none"}"'
     if source:
         attrs += f' data-source="{html.escape(source)}"'
-    document = dashboard.page(
+    document = pages.page(
         title=title, body=_asset("key.html") + body, script=script, css=_asset("ui.css"), attrs=attrs
     )
     headers = {
@@ -81,7 +81,7 @@ def run_page(*, run_id: str, auth: bool) -> HTMLResponse:
     """One run's dashboard (its data comes from GET /api/runs/{run_id}); 404 for an impossible id."""
     error = '<div id="error" class="error" role="alert" hidden></div>'
     try:
-        dashboard.check_run_id(run_id)
+        pages.check_run_id(run_id)
     except ValueError as exc:
         body = f'<h1>No such run</h1><div class="error" role="alert">{html.escape(str(exc))}</div>'
         return _page(title="embedpipe: no such run", body=body, script="runs.js", auth=auth, status=404)
@@ -93,8 +93,8 @@ def run_page(*, run_id: str, auth: bool) -> HTMLResponse:
 
 def runs_data(*, db: str | Location | None) -> dict[str, Any]:
     """GET /api/runs: every run's headline numbers, and the same as an HTML table for the page."""
-    rows = dashboard.list_runs(db=db) if db else []
-    return {"runs": rows, "html": dashboard.runs_table(rows)}
+    rows = pages.list_runs(db=db) if db else []
+    return {"runs": rows, "html": pages.runs_table(rows)}
 
 
 def run_data(*, db: str | Location | None, run_id: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def run_data(*, db: str | Location | None, run_id: str) -> dict[str, Any]:
     try:
         if not db:
             raise FileNotFoundError(f"No run {run_id!r}: this service was started without a db path.")
-        report = dashboard.load_run(db=db, run_id=run_id)
+        report = pages.load_run(db=db, run_id=run_id)
     except (ValueError, FileNotFoundError) as exc:
         raise HTTPException(404, str(exc)) from None
-    return {"run": report, "html": dashboard.run_fragment(report)}
+    return {"run": report, "html": pages.run_fragment(report)}

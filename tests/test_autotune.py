@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines import autotune, backends
+from pipelines.embedding import autotune, backends
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipelines.batching import TokenBudget, is_out_of_memory, max_tokens, plan_batches
 from pipelines.embedding import Embedder
+from pipelines.embedding.batching import TokenBudget, is_out_of_memory, max_tokens, plan_batches
 from tests.conftest import scifact_docs
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -203,7 +203,7 @@ def test_cuda_free_memory_counts_the_cache_as_free(monkeypatch):
     """torch keeps freed blocks reserved; mem_get_info counts them as taken, the budget must not."""
     import torch
 
-    from pipelines import batching
+    from pipelines.embedding import batching
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 * gib, 10 * gib))

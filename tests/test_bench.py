@@ -34,7 +34,7 @@ def test_bench_then_plan(ray_local, mini_beir, tmp_path):
     ):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     # A plain loop per backend this CPU runs (autotune's candidates), each scored on its own vectors.
-    from pipelines import autotune, backends
+    from pipelines.embedding import autotune, backends
 
     pairs = {(r["dtype"], r["engine"]) for r in figures["plain"]}
     int8 = figures["pipeline"]["embeddings"]["computed"] > 0 and "int8_model" in figures

@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 import pytest
 from typer.testing import CliRunner
 
-from pipelines import dashboard
 from pipelines.cli import app
-from pipelines.report import build_report
+from pipelines.reporting import pages
+from pipelines.reporting.report import build_report
 
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
@@ -66,7 +66,7 @@ def _svgs(text: str) -> list[ET.Element]:
 
 
 def test_run_page_draws_every_chart_as_svg():
-    page = dashboard.run_page(_report())
+    page = pages.run_page(_report())
     assert (
         page.startswith("<!doctype html>") and "<script" not in page and "http" not in page.split("<main>")[0]
     )
@@ -91,7 +91,7 @@ def test_run_page_draws_every_chart_as_svg():
 
 def test_batching_timeline_is_drawn_when_present():
     timeline = [{"t": t, "token_budget": 4096 + 512 * t, "batch_rows": 32 + t, "note": "x"} for t in range(8)]
-    page = dashboard.run_page(_report(batching={"timeline": timeline}))
+    page = pages.run_page(_report(batching={"timeline": timeline}))
     svgs = _svgs(page)
     assert len(svgs) == 5
     assert "Batch size / token budget over time (token budget, batch rows)" in page
@@ -100,7 +100,7 @@ def test_batching_timeline_is_drawn_when_present():
 
 def test_report_text_is_escaped():
     report = _report(run_id="r1", model=EVIL, source=EVIL)
-    page = dashboard.run_page(report)
+    page = pages.run_page(report)
     assert "<script" not in page and "<img" not in page
     assert html.escape(EVIL) in page
     assert set(_tags(page)) <= {
@@ -111,22 +111,22 @@ def test_report_text_is_escaped():
     rows = page.split('<table id="failures">')[1]
     assert rows.count('<tr class="failure">') == 2 and "bad &lt;script&gt;" in rows
     assert "MapBatches(&lt;lambda&gt;)" in page  # a stage name in an SVG label
-    table = dashboard.runs_table([dashboard.run_summary({**report, "run_id": EVIL})])
+    table = pages.runs_table([pages.run_summary({**report, "run_id": EVIL})])
     assert "<script" not in table and "<a " not in table  # an id that is not a run id gets no link
 
 
 @pytest.mark.parametrize("report", [{}, {"run_id": "x"}, {"run_id": "x", "resources": {}, "stages": None}])
 def test_missing_optional_fields_are_tolerated(report):
-    page = dashboard.run_page(report)
+    page = pages.run_page(report)
     assert len(_svgs(page)) == 4 and "no samples in this report" in page and "no stage times" in page
     assert "No document failed." in page
-    summary = dashboard.run_summary(report)
+    summary = pages.run_summary(report)
     assert summary["docs_seen"] is None and summary["peak_rss_mb"] is None
-    assert "–" in dashboard.runs_table([summary])
+    assert "–" in pages.runs_table([summary])
 
 
 def test_throughput_is_a_rate_over_equal_bins():
-    data = dashboard.chart_data({"progress": [{"t": 10, "docs": 10, "chunks": 20}, {"t": 20, "docs": 30}]})
+    data = pages.chart_data({"progress": [{"t": 10, "docs": 10, "chunks": 20}, {"t": 20, "docs": 30}]})
     assert data["throughput"]["docs/s"] == [(5.0, 1.0), (15.0, 2.0)]
     assert data["throughput"]["chunks/s"] == [(5.0, 2.0), (15.0, 0.0)]  # the second point has no chunks
 
@@ -138,18 +138,18 @@ def test_runs_are_listed_newest_first_and_ids_are_checked(tmp_path):
         (runs / f"{run_id}.json").write_text(json.dumps(_report(run_id=run_id, started_at=started)))
     (runs / "20250103T000000Z-cccccc.json").write_text("{not json")
     (runs / ".hidden.json").write_text("{}")
-    rows = dashboard.list_runs(db=tmp_path)
+    rows = pages.list_runs(db=tmp_path)
     assert [r["run_id"] for r in rows] == ["20250102T000000Z-bbbbbb", "20250101T000000Z-aaaaaa"]
     assert rows[0]["docs_seen"] == 100 and rows[0]["docs_failed"] == 2 and rows[0]["cost_per_doc_usd"] > 0
-    assert dashboard.load_run(db=tmp_path, run_id="20250101T000000Z-aaaaaa")["started_at"] == 100.0
-    assert dashboard.list_runs(db=tmp_path / "nowhere") == []
+    assert pages.load_run(db=tmp_path, run_id="20250101T000000Z-aaaaaa")["started_at"] == 100.0
+    assert pages.list_runs(db=tmp_path / "nowhere") == []
     for bad in ("../secret", ".hidden", "a/b", "", "x" * 200):
         with pytest.raises(ValueError, match="Invalid run id"):
-            dashboard.load_run(db=tmp_path, run_id=bad)
+            pages.load_run(db=tmp_path, run_id=bad)
     with pytest.raises(FileNotFoundError, match="No run"):
-        dashboard.load_run(db=tmp_path, run_id="20250109T000000Z-000000")
+        pages.load_run(db=tmp_path, run_id="20250109T000000Z-000000")
     with pytest.raises(ValueError, match="not valid JSON"):
-        dashboard.load_run(db=tmp_path, run_id="20250103T000000Z-cccccc")
+        pages.load_run(db=tmp_path, run_id="20250103T000000Z-cccccc")
 
 
 def test_report_command_writes_html_and_png(tmp_path):

@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import backends, models
-from pipelines.chunking import chunk_docs, embed_input
-from pipelines.embedding import Embedder, actor_options, embedding_dim, resolve_dtype
+from pipelines import models
+from pipelines.chunking import chunk_docs
+from pipelines.embedding import Embedder, actor_options, backends, embedding_dim
+from pipelines.embedding.backends import resolve_dtype
+from pipelines.models import embed_input
 from pipelines.sources import DOC_SCHEMA, _doc
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -76,7 +78,7 @@ def test_actor_pool_follows_the_cluster():
 def test_openvino_fp32_runs_in_fp32_on_every_cpu(embedder, tmp_path):
     """OpenVINO would run an fp32 model in bf16 on AVX512-BF16/AMX CPUs; the query path (Serve) must
     give torch fp32's vectors (`embedpipe query`) wherever it runs."""
-    from pipelines import backends
+    from pipelines.embedding import backends
 
     exported = backends.openvino_fp32_model(MODEL, root=tmp_path)
     ov = Embedder(model=MODEL, device="cpu", dtype="fp32", openvino_model=str(exported))
@@ -88,7 +90,7 @@ def test_openvino_fp32_runs_in_fp32_on_every_cpu(embedder, tmp_path):
 
 def test_fp16_vectors_are_float32_unit_vectors_close_to_fp32(embedder):
     """fp16 (a GPU's default) normalizes in fp32: run here with torch's fp16 kernels on the CPU."""
-    from pipelines.backends import TorchBackend
+    from pipelines.embedding.backends import TorchBackend
 
     fp16 = TorchBackend(MODEL, device="cpu", dtype="fp16")
     texts = ["Vitamin D and bone density in older women.", "galaxy rotation curves", "x " * 200]
@@ -104,7 +106,7 @@ def test_token_ids_from_the_chunker_give_the_vectors_of_the_text(embedder, tmp_p
     only pads those ids, on torch and on OpenVINO, and gets the vectors of tokenizing the text."""
     from sentence_transformers import SentenceTransformer
 
-    from pipelines import backends
+    from pipelines.embedding import backends
     from tests.conftest import scifact_docs
 
     docs = [_doc(d["_id"], source="s", title=d["title"], text=d["text"]) for d in scifact_docs(30)]
@@ -144,7 +146,7 @@ def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
         launch = pf.Popen._launch
         pf.Popen._launch = lambda self, obj: (forks.append(1), launch(self, obj))[1]
         import lancedb
-        from pipelines import backends
+        from pipelines.embedding import backends
         assert backends.openvino_available()
         backend = backends.OpenVINOBackend(
             "sentence-transformers/all-MiniLM-L6-v2",
@@ -249,7 +251,7 @@ def _chunk_ids(n_docs: int, max_tokens: int = 128):
 
 def test_openvino_streams_give_the_vectors_of_one_pass_at_a_time(embedder, tmp_path):
     """Throughput mode runs a batch's passes side by side on two inference streams."""
-    from pipelines import backends
+    from pipelines.embedding import backends
 
     exported = str(backends.openvino_fp32_model(MODEL, root=tmp_path))
     texts, lengths, ids = _chunk_ids(30)
@@ -266,7 +268,7 @@ def test_openvino_streams_give_the_vectors_of_one_pass_at_a_time(embedder, tmp_p
 
 
 def test_openvino_bf16_runs_in_bf16_where_the_cpu_has_it(embedder, tmp_path):
-    from pipelines import backends
+    from pipelines.embedding import backends
 
     if not backends.cpu_has_native_bf16():
         pytest.skip("no AVX512-BF16 or AMX on this CPU: bf16 is not offered here")
@@ -283,7 +285,7 @@ def test_an_actor_reuses_what_it_computed_before_the_cache_writer_appends_it(tmp
     """The run's cache writer appends every few seconds; a text repeated in the next batch is not
     embedded again meanwhile. (The writer here only records what it is sent: the unit under test
     is the actor.)"""
-    from pipelines import embed_cache
+    from pipelines.embedding import cache as embed_cache
 
     sent = []
 

@@ -8,9 +8,10 @@ import lancedb
 import numpy as np
 import pytest
 
-from pipelines import embed_cache, ingest, store
+from pipelines import ingest, store
 from pipelines.config import load_config
 from pipelines.embedding import Embedder
+from pipelines.embedding import cache as embed_cache
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs
 

@@ -182,8 +182,8 @@ def test_one_db_never_mixes_vector_formats_unasked(ray_local, tmp_path, scifact)
 
 def test_fp32_on_openvino_in_the_pipeline_stores_torch_fp32_vectors(ray_local, tmp_path, scifact):
     """engine: openvino runs the fp32 export in throughput mode (two streams) in the actors."""
-    from pipelines.chunking import embed_input
     from pipelines.embedding import Embedder
+    from pipelines.models import embed_input
 
     db = tmp_path / "db"
     overrides = {"embedding.dtype": "fp32", "embedding.engine": "openvino", "ray.progress_bars": False}

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pipelines.plan import DEFAULT_QPS_PER_REPLICA, format_plan, latest_report, plan
-from pipelines.report import build_report
+from pipelines.reporting.report import build_report
 
 EMBED_STAGE = "MapBatches(mark_unchanged)->MapBatches(chunk_docs)->MapBatches(Embedder)"
 

@@ -537,7 +537,7 @@ def test_search_and_local_query_embed_alike_in_every_precision(served, precision
     fp32 as bf16; int8 is the cached quantized model)."""
     from ray import serve
 
-    from pipelines import backends
+    from pipelines.embedding import backends
     from serve.app import ServeConfig, build_app
 
     url, db, docs, *_ = served
@@ -570,7 +570,7 @@ def test_search_and_local_query_embed_alike_in_every_precision(served, precision
 
 
 def test_queries_follow_the_documents_precision(monkeypatch):
-    from pipelines import backends
+    from pipelines.embedding import backends
     from pipelines.search import query, query_precision
 
     monkeypatch.setattr(query, "_int8_model", lambda model: "/cached/int8")

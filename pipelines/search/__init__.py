@@ -85,7 +85,7 @@ class Searcher:
     @property
     def embedder(self):
         if self._embedder is None:
-            from pipelines.backends import resolve_device
+            from pipelines.embedding.backends import resolve_device
 
             self._embedder = query_embedder(
                 self.manifest.model, vectors=self.manifest.vectors, device=resolve_device(self._device),

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines import backends
-from pipelines.embedding import Embedder
+from pipelines.embedding import Embedder, backends
 
 logger = logging.getLogger(__name__)
 

@@ -203,7 +203,7 @@ def drop(db: str | Path | Location, generation: int) -> Manifest:
         loc.delete_tree(manifest.path)
     else:  # generation 1: its tables sit at the root, beside the run reports and the error table
         conn = loc.connect()
-        from pipelines.embed_cache import TABLE as EMBED_CACHE
+        from pipelines.embedding.cache import TABLE as EMBED_CACHE
 
         names = set(conn.list_tables().tables)
         for name in [shard_name(i) for i in range(manifest.shards)] + [EMBED_CACHE]:

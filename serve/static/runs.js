@@ -14,7 +14,7 @@
       EP.showError(errorBox, result);
       return;
     }
-    // Rendered by pipelines/dashboard.py, which escapes every string taken from a report.
+    // Rendered by pipelines/reporting/pages.py, which escapes every string taken from a report.
     target.innerHTML = result.data.html;
   }
 

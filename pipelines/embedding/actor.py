@@ -13,18 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import backends, batching, embed_cache, models
-from pipelines.backends import cpu_has_native_bf16, resolve_device, resolve_dtype
-from pipelines.chunking import embed_input
-
-__all__ = [
-    "Embedder",
-    "actor_options",
-    "cpu_has_native_bf16",
-    "embedding_dim",
-    "resolve_dtype",
-    "vector_array",
-]
+from pipelines import models
+from pipelines.embedding import backends, batching
+from pipelines.embedding import cache as embed_cache
+from pipelines.embedding.backends import resolve_device, resolve_dtype
+from pipelines.models import embed_input
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import NOTICE, backends, batching, models
+from pipelines import NOTICE, models
+from pipelines.embedding import backends, batching
 
 logger = logging.getLogger(__name__)
 

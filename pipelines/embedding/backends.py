@@ -4,8 +4,8 @@
 - ``OpenVINOBackend``: an int8 OpenVINO model made by ``quantize`` (static post-training
   quantization with NNCF, calibrated on texts of the corpus being embedded). No optimum needed.
 
-Batching is the caller's job (pipelines/batching.py): ``encode`` embeds exactly the texts it is given
-in one pass, so the caller controls padding and memory.
+Batching is the caller's job (``batching``): ``encode`` embeds exactly the texts it is given in one pass,
+so the caller controls padding and memory.
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ class OpenVINOBackend:
         model can differ in the last bits, enough to swap two near-tied results."""
         from importlib.metadata import version
 
-        from pipelines import autotune
+        from pipelines.embedding import autotune
 
         key = {
             "cpu": autotune.cpu_signature(), "weights": meta.get("weights_hash"),
