@@ -142,7 +142,7 @@ def text_search_shard(
     if not columns:
         raise NoTextIndexError(f"{shard} has no full-text index; run `embedpipe index --db DIR` first.")
     match = MatchQuery(text, columns[0]) if len(columns) == 1 else MultiMatchQuery(text, list(columns))
-    query = table.search(match, query_type="fts").select(["chunk_id"]).with_row_id(True).limit(k)
+    query = table.search(match, query_type="fts").select(["chunk_id", "_score"]).with_row_id(True).limit(k)
     if where:
         query = query.where(where, prefilter=True)
     hits = query.to_arrow()
