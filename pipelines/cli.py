@@ -7,12 +7,16 @@ Exit codes: 0 success; 1 fatal error (nothing committed by the failing step); 2 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
+import gc
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +68,21 @@ ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number o
 def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _short_lived() -> Iterator[None]:
+    """For a command that ends in a second or two: no cyclic garbage collection while it imports
+    (~0.2 s of LanceDB's import) and none at exit (the interpreter's last collection, ~0.25 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -207,28 +226,42 @@ def query(
 
     The score is the cosine similarity in vector mode and the fused rank score in hybrid mode.
     """
-    from pipelines import store
-    from pipelines.filters import TABLE_COLUMNS, compile_filter
-    from pipelines.search import Searcher
+    from concurrent.futures import ThreadPoolExecutor
 
-    try:
-        cfg = load_config(config, **{"serve.default_mode": mode})
-        # The db's owner may filter on every column, in the grammar /search checks.
-        where = compile_filter(where, columns=TABLE_COLUMNS) if where else None
-        loc = store.location(db, cfg.storage)
-        loc.check()
-        searcher = Searcher(loc, index=cfg.index, dtype=cfg.serve.query_dtype)
-        if exact:
-            if cfg.serve.default_mode != "vector":
+    from pipelines import store
+    from pipelines.embedding.query import query_embedder
+
+    with _short_lived(), ThreadPoolExecutor(1, thread_name_prefix="embed-query") as pool:
+        try:
+            cfg = load_config(config, **{"serve.default_mode": mode})
+            if exact and cfg.serve.default_mode != "vector":
                 raise ValueError("--exact applies to vector mode only.")
-            hits = searcher.search_vector(searcher.embed([text])[0], k=k, where=where, exact=True)
-        else:
-            hits = searcher.search(
-                text, k=k, where=where, mode=cfg.serve.default_mode,
-                candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
-            )  # fmt: skip
-    except _user_errors() as exc:
-        raise _fail(str(exc)) from exc
+            if where:
+                from pipelines.filters import TABLE_COLUMNS, compile_filter
+
+                # The db's owner may filter on every column, in the grammar /search checks.
+                where = compile_filter(where, columns=TABLE_COLUMNS)
+            loc = store.location(db, cfg.storage)
+            loc.check()
+            manifest = store.read_manifest(loc)
+            manifest.require_ready(repr(loc.uri))
+            # The query is embedded while LanceDB is imported (~1 s) and the shards open.
+            embedder = functools.partial(
+                query_embedder, manifest.model, vectors=manifest.vectors, dtype=cfg.serve.query_dtype
+            )
+            vector = pool.submit(lambda: embedder().encode([text])[0])
+            from pipelines.search import Searcher
+
+            searcher = Searcher(loc, index=cfg.index, generation=manifest.generation)
+            if exact:
+                hits = searcher.search_vector(vector.result(), k=k, where=where, exact=True)
+            else:
+                hits = searcher.search(
+                    text, k=k, where=where, mode=cfg.serve.default_mode, vector=vector.result(),
+                    candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
+                )  # fmt: skip
+        except _user_errors() as exc:
+            raise _fail(str(exc)) from exc
     rows = hits.select(["chunk_id", "doc_id", "title", "text", "score", "shard"]).to_pylist()
     if as_json:
         typer.echo(json.dumps({"query": text, "results": rows}, ensure_ascii=False, indent=2))

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines import store
 from pipelines.config import IndexSettings, ServeSettings
+from pipelines.embedding.query import query_embedder
 from pipelines.filters import FilterError, allowed_columns, compile_filter
 from pipelines.search import (
     NoTextIndexError,
@@ -34,7 +35,6 @@ from pipelines.search import (
     ShardGroup,
     combine,
     fetch_rows,
-    query_embedder,
 )
 from serve import ui
 from serve.cache import QueryCache
@@ -221,7 +221,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def _query_embedder(model: str, dtype: str, settings: ServeSettings, vectors: str | None = None):
-    """The query embedder (``pipelines.search.query_embedder``, as ``embedpipe query`` uses it): on
+    """The query embedder (``pipelines.embedding.query``, as ``embedpipe query`` uses it): on
     the GPU the replica reserved (serve.router_gpus), else on the CPU. A replica that reserved no GPU
     never uses one, even on a GPU node: another process may own it."""
     from pipelines.embedding import backends
@@ -277,7 +277,7 @@ class Router:
         settings: serve settings (limits, batching, cache, hybrid fusion).
         api_key: when set, every endpoint but /healthz and the pages' HTML shells needs
             ``Authorization: Bearer <key>``.
-        dtype: the query embedder's precision (auto: ``pipelines.search.query_precision``).
+        dtype: the query embedder's precision (auto: ``pipelines.embedding.query.query_precision``).
         db: the db: its generations, and the run reports the /runs pages show.
         index: index settings (ANN query parameters), for the shards held here.
     """
@@ -339,7 +339,7 @@ class Router:
         """A generation ready to answer: its query embedder loaded and warmed up (the first pass
         compiles kernels: not on a user's query), and on one node its shards open."""
         embedder = _query_embedder(manifest.model, self.dtype, self.settings, manifest.vectors)
-        embedder.encode(["warm up"])
+        embedder.warm_up()
         local = pinned = None
         if not self.groups:
             local = ShardGroup(

@@ -168,10 +168,11 @@ def test_openvino_sends_no_telemetry_and_forks_nothing(tmp_path):
     assert "fork support is experimental" not in out.stderr
 
 
-def test_a_query_embedder_imports_no_torch(tmp_path):
+def test_a_query_embedder_imports_no_torch_lancedb_or_ray(tmp_path):
     """The service's query model runs on OpenVINO with the tokenizers library: importing torch (via
-    transformers' tokenizer or the export step) would add ~0.2 GB to every router replica. Run in a
-    fresh interpreter, with the exported model already on disk as a replica finds it."""
+    transformers' tokenizer or the export step) would add ~0.2 GB to every router replica. Nor does it
+    import LanceDB or Ray: `embedpipe query` embeds its query while LanceDB's import (~1 s) runs. Run
+    in a fresh interpreter, with the exported model already on disk as a replica finds it."""
     import os
     import subprocess
     import sys
@@ -181,10 +182,11 @@ def test_a_query_embedder_imports_no_torch(tmp_path):
     script = textwrap.dedent(
         """
         import sys
-        from pipelines.search import query_embedder
+        from pipelines.embedding.query import query_embedder
         embedder = query_embedder("sentence-transformers/all-MiniLM-L6-v2", engine="openvino")
         print("SHAPE", embedder.encode(["vitamin D and the heart"]).shape)
         print("TORCH", "torch" in sys.modules, "transformers" in sys.modules)
+        print("STORE", "lancedb" in sys.modules, "ray" in sys.modules)
         """
     )
     out = subprocess.run(
@@ -193,6 +195,7 @@ def test_a_query_embedder_imports_no_torch(tmp_path):
     )  # fmt: skip
     assert "SHAPE (1, 384)" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     assert "TORCH False False" in out.stdout
+    assert "STORE False False" in out.stdout
 
 
 @pytest.mark.parametrize("pays", [True, False])
@@ -202,7 +205,7 @@ def test_single_texts_give_the_same_vectors_on_static_and_dynamic_models(tmp_pat
     monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", lambda self, static, length: pays)
     files = backends.openvino_fp32_model(MODEL, root=tmp_path)
     ov = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32, 64))
-    assert sorted(ov._static) == ([16, 32, 64] if pays else [])
+    assert ov.static_lengths == ((16, 32, 64) if pays else ())
     texts = ["vitamin D", "a longer query about the effect of statins on " * 3, "x " * 70]
     batch = ov.encode(texts)
     single = np.concatenate([ov.encode([t]) for t in texts])
@@ -223,9 +226,40 @@ def test_the_static_choice_is_measured_once_per_machine_and_kept(tmp_path, monke
     monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", measured)
     first = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32))
     second = backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32))
-    assert calls == [32] and sorted(first._static) == sorted(second._static) == [16, 32]
+    assert calls == [32] and first.static_lengths == second.static_lengths == (16, 32)
     (kept,) = (tmp_path / "cache" / "openvino-static").glob("*.json")
     assert json.loads(kept.read_text())["static"] is True
+
+
+def test_a_query_compiles_only_the_model_it_runs(tmp_path, monkeypatch):
+    """`embedpipe query` embeds one text: it compiles that text's static model and nothing else; a
+    service compiles every model at start (``warm_up``), and then lets the model's files go."""
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends.OpenVINOBackend, "_static_pays", lambda self, static, length: True)
+    import openvino
+
+    files = backends.openvino_fp32_model(MODEL, root=tmp_path)
+    backends.OpenVINOBackend(MODEL, files=files, static_lengths=(16, 32, 64))  # measures, keeps the choice
+    shapes, compile_model = [], openvino.Core.compile_model
+
+    def recording_compile(core, model, device, config):
+        shapes.append(str(model.inputs[0].get_partial_shape()))
+        return compile_model(core, model, device, config)
+
+    monkeypatch.setattr(openvino.Core, "compile_model", recording_compile)
+    query = Embedder(
+        model=MODEL, device="cpu", dtype="fp32", openvino_model=str(files), static_lengths=(16, 32, 64)
+    )
+    one = query.encode(["vitamin D and the heart"])
+    assert shapes == ["[1,16]"]
+    service = Embedder(
+        model=MODEL, device="cpu", dtype="fp32", openvino_model=str(files), static_lengths=(16, 32, 64)
+    )
+    service.warm_up()
+    assert sorted(shapes[1:]) == ["[1,16]", "[1,32]", "[1,64]", "[?,?]"]
+    assert service.backend._files is None  # every model compiled: the files are let go
+    np.testing.assert_allclose(service.encode(["vitamin D and the heart"]), one, atol=1e-6)
+    assert len(shapes) == 5  # nothing compiled after the warm-up
 
 
 def test_static_models_are_kept_only_where_they_are_faster(tmp_path, monkeypatch):
@@ -327,9 +361,9 @@ def test_the_dynamic_model_runs_few_shapes_and_keeps_few(tmp_path, monkeypatch):
 
     monkeypatch.setattr(openvino.Core, "compile_model", recording_compile)
     ov = backends.OpenVINOBackend(MODEL, files=files)
-    assert [c["CPU_RUNTIME_CACHE_CAPACITY"] for c in configs] == [backends.RUNTIME_CACHE_SHAPES]
     widths = []
     real_infer = ov.request.infer
+    assert [c["CPU_RUNTIME_CACHE_CAPACITY"] for c in configs] == [backends.RUNTIME_CACHE_SHAPES]
 
     class Recording:
         def infer(self, feed):

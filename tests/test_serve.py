@@ -570,8 +570,8 @@ def test_search_and_local_query_embed_alike_in_every_precision(served, precision
 
 
 def test_queries_follow_the_documents_precision(monkeypatch):
-    from pipelines.embedding import backends
-    from pipelines.search import query, query_precision
+    from pipelines.embedding import backends, query
+    from pipelines.embedding.query import query_precision
 
     monkeypatch.setattr(query, "_int8_model", lambda model: "/cached/int8")
     monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: True)

@@ -5,6 +5,7 @@
 - ``batching``: forward passes sized by padded tokens, and the budget that adapts to free memory.
 - ``autotune``: which precision and engine embed fastest on this CPU at fp32's fidelity, cached.
 - ``cache``: the db's ``_embed_cache`` table, so that an unchanged text is never embedded twice.
+- ``query``: the query embedder, one backend and precision for ``embedpipe query`` and Serve alike.
 """
 
 from pipelines.embedding.actor import Embedder, actor_options, autoscaler_gpus, embedding_dim

@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from pipelines import models
 from pipelines.embedding import backends, batching
-from pipelines.embedding import cache as embed_cache
 from pipelines.embedding.backends import resolve_device, resolve_dtype
 from pipelines.models import embed_input
 
@@ -117,7 +116,11 @@ class Embedder:
             adapt=adapt_batch,
             free_memory=free,
         )
-        self.cache = embed_cache.EmbeddingCache(cache_db, self.dim) if cache_db else None
+        self.cache = None
+        if cache_db:  # imported here: a process that embeds only queries needs neither Ray nor the table
+            from pipelines.embedding import cache as embed_cache
+
+            self.cache = embed_cache.EmbeddingCache(cache_db, self.dim)
         self.cache_writer = cache_writer  # an embed_cache.CacheWriter; None: write in place
         self._recent: dict[str, np.ndarray] = {}  # key -> vector, the last RECENT_ROWS computed here
         self.namespace = backends.model_key(model, self.dtype)
@@ -132,6 +135,21 @@ class Embedder:
             if self._backend.dim != self.dim:
                 raise ValueError(f"model gives {self._backend.dim}-d vectors, expected {self.dim}")
         return self._backend
+
+    def _cache_keys(self, inputs: list[str]) -> list[str]:
+        if self.cache is None:
+            return []
+        from pipelines.embedding.cache import keys
+
+        return keys(self.namespace, inputs)
+
+    def warm_up(self) -> None:
+        """Load and compile everything a query may run, and run one, so that no later call waits (a
+        service's replica at start; `embedpipe query` skips this and compiles only what it uses)."""
+        compile_all = getattr(self.backend, "compile_all", None)
+        if compile_all is not None:
+            compile_all()
+        self.encode(["warm up"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 vectors, one row per text, in passes of ``encode_batch_size``."""
@@ -287,7 +305,7 @@ class Embedder:
         n_tokens = batch.column("n_tokens").to_pylist()
         inputs = [embed_input(titles[i], texts[i]) for i in todo]
         vectors = np.zeros((len(todo), self.dim), dtype=np.float32)
-        keys = embed_cache.keys(self.namespace, inputs) if self.cache else []
+        keys = self._cache_keys(inputs)
         # What this actor computed lately first: the writer may not have appended it yet.
         hits = {k: self._recent[k] for k in keys if k in self._recent}
         if self.cache:

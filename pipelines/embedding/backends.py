@@ -124,8 +124,8 @@ def no_openvino_telemetry() -> None:
 
 
 def resolve_device(device: str) -> str:
-    if device == "cpu":
-        return device
+    if device == "cpu" or (device == "auto" and not _cuda_may_be_here()):
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -134,6 +134,15 @@ def resolve_device(device: str) -> str:
         logger.warning("device=cuda was asked for but no CUDA device is visible; using the CPU")
         return "cpu"
     return device
+
+
+def _cuda_may_be_here() -> bool:
+    """False where no NVIDIA driver is visible, known without importing torch (~1.4 s and ~220 MB
+    in a process that embeds one query); torch decides wherever a driver might be."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    signs = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")  # /dev/dxg: WSL2
+    return any(Path(sign).exists() for sign in signs)
 
 
 def require_cuda(why: str) -> None:
@@ -391,24 +400,59 @@ class OpenVINOBackend:
             # A model compiled once (each static length, each config) loads from here on the next
             # start: a service's replica or a CLI query does not compile it again.
             config["CACHE_DIR"] = compiled_cache
-        self.compiled = core.compile_model(network, "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self._queue = ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
+        self._core, self._config, self._files, self._weights = core, config, files, weights
+        self._network = network
+        # Every model is compiled when first used: `embedpipe query` runs one static model (or only the
+        # dynamic one), a service compiles them all at start (``compile_all``).
         self._static: dict[int, Any] = {}  # length -> infer request of a model compiled for [1, length]
-        lengths = sorted({min(n, self.max_length) for n in static_lengths})
-
-        def compile_static(length: int) -> Any:
-            fixed = core.read_model(model=files["xml"].decode("utf-8"), weights=weights)
-            fixed.reshape({port.get_any_name(): [1, length] for port in fixed.inputs})
-            return core.compile_model(fixed, "CPU", config).create_infer_request()
+        # Single texts up to these lengths run on static models, where they pay on this machine.
+        self.static_lengths = tuple(sorted({min(n, self.max_length) for n in static_lengths}))
 
         def measure() -> bool:
-            probe = min(lengths, key=lambda n: abs(n - STATIC_PROBE_LENGTH))
-            return self._static_pays(compile_static(probe), probe)
+            probe = min(self.static_lengths, key=lambda n: abs(n - STATIC_PROBE_LENGTH))
+            return self._static_pays(self._static_request(probe), probe)
 
-        if lengths and self._static_choice(files["meta"], measure):
-            self._static = {n: compile_static(n) for n in lengths}
+        if self.static_lengths and not self._static_choice(files["meta"], measure):
+            self.static_lengths, self._static = (), {}
+            self._drop_sources(dynamic="compiled" in self.__dict__)
         self.device = "cpu"
+
+    @functools.cached_property
+    def compiled(self) -> Any:
+        """The dynamic model, compiled on first use (batches, and single texts past the static lengths)."""
+        compiled = self._core.compile_model(self._network, "CPU", self._config)
+        self._drop_sources(dynamic=True)
+        return compiled
+
+    @functools.cached_property
+    def request(self) -> Any:
+        return self.compiled.create_infer_request()
+
+    @functools.cached_property
+    def _queue(self) -> Any:
+        import openvino as ov
+
+        return ov.AsyncInferQueue(self.compiled, self.streams) if self.streams > 1 else None
+
+    def _static_request(self, length: int) -> Any:
+        if length not in self._static:
+            fixed = self._core.read_model(model=self._files["xml"].decode("utf-8"), weights=self._weights)
+            fixed.reshape({port.get_any_name(): [1, length] for port in fixed.inputs})
+            self._static[length] = self._core.compile_model(fixed, "CPU", self._config).create_infer_request()
+            self._drop_sources(dynamic="compiled" in self.__dict__)
+        return self._static[length]
+
+    def _drop_sources(self, *, dynamic: bool) -> None:
+        # The model's files stay in memory only until every model that may run has been compiled.
+        if dynamic and set(self._static) >= set(self.static_lengths):
+            self._files = self._weights = self._network = None
+
+    def compile_all(self) -> None:
+        """Compile every model now (the dynamic one and each static length), as a service does at start
+        so that no query waits for a compilation."""
+        _ = self.request
+        for length in self.static_lengths:
+            self._static_request(length)
 
     def _static_choice(self, meta: dict[str, Any], measure: Callable[[], bool]) -> bool:
         """Whether single texts run on static models on this machine: measured once (``measure``)
@@ -498,12 +542,13 @@ class OpenVINOBackend:
         # Padding is masked: the same vectors at any width. The dynamic model runs widths rounded up to
         # DYNAMIC_WIDTH_STEP (few distinct shapes, see __init__); a single text runs on the smallest
         # static model it fits, a model that never changes shape.
-        request, width = self.request, input_ids.shape[1]
-        target = max(width, min(self.max_length, -(-width // DYNAMIC_WIDTH_STEP) * DYNAMIC_WIDTH_STEP))
-        if len(input_ids) == 1 and self._static:
-            fits = [n for n in self._static if n >= width]
-            if fits:
-                request, target = self._static[fits[0]], fits[0]
+        width = input_ids.shape[1]
+        fits = [n for n in self.static_lengths if n >= width] if len(input_ids) == 1 else []
+        if fits:
+            request, target = self._static_request(fits[0]), fits[0]
+        else:
+            request = self.request
+            target = max(width, min(self.max_length, -(-width // DYNAMIC_WIDTH_STEP) * DYNAMIC_WIDTH_STEP))
         if target > width:
             input_ids = np.pad(input_ids, ((0, 0), (0, target - width)), constant_values=self.pad_id)
             attention_mask = np.pad(attention_mask, ((0, 0), (0, target - width)))

@@ -6,8 +6,10 @@ One code path for ``embedpipe query``, eval and Serve:
   table versions; hits are ids, scores and row ids, and ``fetch_rows`` reads the final top-k's text;
 - ``group.py``: shards searched side by side in one process, each query's rows merged (``ShardGroup``),
   and the merge of several groups' answers (``combine``);
-- ``merge.py``: the top-k merge and reciprocal rank fusion, pure functions on Arrow tables;
-- ``query.py``: the query embedder, the same backend and precision for the CLI and Serve.
+- ``merge.py``: the top-k merge and reciprocal rank fusion, pure functions on Arrow tables.
+
+The query embedder (the same backend and precision for the CLI and Serve) is
+``pipelines.embedding.query``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import pyarrow as pa
 
 from pipelines import store
 from pipelines.config import IndexSettings
+from pipelines.embedding.query import query_embedder
 from pipelines.search.group import GroupAnswer, Partial, PinnedTables, ShardGroup, combine
 from pipelines.search.merge import merge_topk, rrf_fuse
-from pipelines.search.query import query_embedder, query_precision
 from pipelines.search.shard import (
     KEY_COLUMNS,
     RESULT_COLUMNS,
@@ -41,7 +43,7 @@ from pipelines.search.shard import (
 __all__ = [
     "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
     "Pinned", "PinnedTables", "QueryTimeout", "RowCache", "Searcher", "Shard", "ShardError", "ShardGroup",
-    "combine", "fetch_rows", "merge_topk", "query_embedder", "query_precision", "rrf_fuse", "search_shard",
+    "combine", "fetch_rows", "merge_topk", "rrf_fuse", "search_shard",
     "search_shard_async", "text_search_shard",
 ]  # fmt: skip
 
@@ -85,12 +87,9 @@ class Searcher:
     @property
     def embedder(self):
         if self._embedder is None:
-            from pipelines.embedding.backends import resolve_device
-
             self._embedder = query_embedder(
-                self.manifest.model, vectors=self.manifest.vectors, device=resolve_device(self._device),
-                dtype=self._dtype,
-            )  # fmt: skip
+                self.manifest.model, vectors=self.manifest.vectors, device=self._device, dtype=self._dtype
+            )
         return self._embedder
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -24,7 +24,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.index import BTree
 
 from pipelines.store.location import Location, LocationError, is_uri, location  # noqa: F401  (re-exported)
 from pipelines.store.lock import LockLost, LockTimeout, WriterLock, writer_lock  # noqa: F401  (re-exported)
@@ -313,6 +312,8 @@ class Staging:
         else:
             table.add(reader)
         # Later runs look documents up by id to skip unchanged ones.
+        from lancedb.index import BTree
+
         table.create_index("doc_id", config=BTree(), replace=True)
         logger.info("committed %d rows to %s (version %d)", rows, name, table.version)
         return rows

@@ -43,7 +43,7 @@ def query_embedder(
     model: str,
     *,
     vectors: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "auto",
     engine: str = "auto",
     threads: int | None = None,
@@ -57,11 +57,12 @@ def query_embedder(
     Args:
         model: the db's model.
         vectors: the precision of the db's vectors (the manifest's ``vectors``).
-        device: cpu or cuda (resolved).
+        device: auto, cpu or cuda.
         dtype: auto, fp32, bf16, fp16 or int8.
         engine: auto, torch or openvino (CPU fp32/bf16 only).
         threads: CPU threads for a forward pass.
     """
+    device = backends.resolve_device(device)
     precision = query_precision(vectors=vectors, device=device, dtype=dtype, model=model)
     if precision == "int8":
         found = _int8_model(model)
