@@ -154,6 +154,23 @@ def _script_errors(driver) -> list[str]:
     ]
 
 
+# The page's sideways scroll, the smallest chart text's height (px), and any chart text outside its chart.
+CHART_TEXT = """
+const outside = [];
+let smallest = Infinity;
+for (const svg of document.querySelectorAll("figure.chart svg")) {
+  const box = svg.getBoundingClientRect();
+  for (const text of svg.querySelectorAll("text")) {
+    const r = text.getBoundingClientRect();
+    smallest = Math.min(smallest, r.height);
+    if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+      outside.push(text.textContent);
+  }
+}
+return [document.documentElement.scrollWidth, window.innerWidth, smallest, outside];
+"""
+
+
 def test_search_by_keyboard_shows_the_top_result(browser, site):
     url, doc = site["url"], site["docs"][3]
     expected = requests.post(f"{url}/search", json={"query": doc["title"], "k": 10}, timeout=60).json()
@@ -230,11 +247,22 @@ def test_runs_page_lists_the_run_and_its_charts_render(browser, site):
     assert captions[:4] == [
         "Throughput over time", "Time per stage", "Memory over time (RSS, MB)", "CPU use over time (%)"
     ]  # fmt: skip
-    for svg in browser.find_elements(*_by("figure.chart svg")):
+    svgs = browser.find_elements(*_by("figure.chart svg"))
+    for svg in svgs:
         assert svg.size["width"] > 100 and svg.size["height"] > 50
-    bars = browser.find_elements(*_by("figure.chart svg rect.bar"))
+    assert [svg.accessible_name for svg in svgs[:4]] == [
+        "Documents and chunks per second", "Wall time of each pipeline stage",
+        "Memory in MB", "CPU use in percent",
+    ]  # fmt: skip
+    bars = browser.find_elements(*_by('figure.chart svg g[id^="stages-bar-"] path'))
     assert bars and all(bar.size["width"] > 0 for bar in bars)
-    assert browser.find_elements(*_by("figure.chart svg polyline.series"))
+    assert browser.find_elements(*_by('figure.chart svg g[id*="-series-"] path'))
+    browser.set_window_size(390, 900)  # a phone: the charts shrink to the column, their text stays inside
+    try:
+        scroll, inner, smallest, outside = browser.execute_script(CHART_TEXT)
+        assert scroll <= inner and smallest >= 9 and outside == []
+    finally:
+        browser.set_window_size(1280, 1000)
     failures = browser.find_elements(*_by("#failures tr.failure"))
     assert len(failures) == 2 and all(XSS in row.text and "duplicate doc_id" in row.text for row in failures)
     assert not browser.find_elements(*_by("#failures img"))
