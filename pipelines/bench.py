@@ -189,6 +189,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
         threads: threads for the plain loops; default every core.
     """
     from pipelines import ingest
+    from pipelines.embedding import actor_options, setup
     from pipelines.ray_session import ray_session
 
     corpus, beir = corpus_of(source)
@@ -202,7 +203,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
         # Quantizing (int8) and measuring the backends (autotune) happen once per machine and are
         # cached; done here, they stay out of (c).
         started = time.time()
-        pool = ingest.actor_options(
+        pool = actor_options(
             cluster_gpus=_cluster_gpus(),
             device=cfg.embedding.device,
             dtype=cfg.embedding.dtype,
@@ -211,7 +212,7 @@ def run(source: Path, *, workdir: Path, cfg: Config, threads: int | None = None)
             max_actors=1,
         )
         device = "cuda" if pool["num_gpus"] else "cpu"
-        ingest.choose_backend(str(corpus.resolve()), cfg, device=device, stored=None)
+        setup.choose_backend(ingest.sample(str(corpus.resolve()), cfg), cfg, device=device, stored=None)
         result["setup_s"] = round(time.time() - started, 2)
         report_c = ingest.build(source=corpus, db=db, cfg=cfg)
         report_d = ingest.build(source=corpus, db=db, cfg=cfg)

@@ -829,7 +829,7 @@ def quantize_command(
     """
     from pipelines import ingest as pipeline
     from pipelines import sources
-    from pipelines.embedding import backends
+    from pipelines.embedding import backends, setup
     from pipelines.ray_session import ray_session
 
     try:
@@ -840,7 +840,7 @@ def quantize_command(
         if force and target.exists():
             shutil.rmtree(target)
         with ray_session(cfg.ray):
-            path, meta = pipeline.int8_model(source, cfg)
+            path, meta = setup.int8_model(pipeline.sample(source, cfg), cfg)
         if path is None:
             raise ValueError(meta["reason"])
     except _user_errors() as exc:

@@ -32,7 +32,7 @@ import ray
 from pipelines import chunking, ingest, models, store
 from pipelines.chunking import CHUNK_SCHEMA
 from pipelines.config import Config
-from pipelines.embedding import embedding_dim
+from pipelines.embedding import embedding_dim, setup
 from pipelines.models import embed_input
 from pipelines.ray_session import ray_session
 from pipelines.reporting import report
@@ -334,8 +334,8 @@ class _Builder:
             run_id,
         )
         self.commit_every_s, self.progress = commit_every_s, progress
-        self.embedding: ingest.EmbeddingSetup | None = None
-        self.totals = ingest.EmbedTotals(time.time())
+        self.embedding: setup.EmbeddingSetup | None = None
+        self.totals = setup.EmbedTotals(time.time())
         self.passes = 0
 
     @property
@@ -389,8 +389,11 @@ class _Builder:
         )
         if not self.copy:
             if self.embedding is None:
-                sample = _sample_texts(store.tables_of(self.loc, self.live), self.live)
-                self.embedding = ingest.setup_embedding(sample, cfg, tables=tables, manifest=self.target)
+                sample = setup.Sample(
+                    name="the stored chunks",
+                    texts=_sample_texts(store.tables_of(self.loc, self.live), self.live),
+                )
+                self.embedding = setup.setup_embedding(sample, cfg, tables=tables, manifest=self.target)
             ds = ds.map_batches(
                 fit_chunks,
                 batch_format="pyarrow",
@@ -401,7 +404,7 @@ class _Builder:
                     "overlap_tokens": cfg.chunking.overlap_tokens,
                 },
             )
-            ds = ingest.embed_chunks(ds, self.embedding, cfg, batch_size=None)
+            ds = setup.embed_chunks(ds, self.embedding, cfg, batch_size=None)
         ds = ds.map_batches(
             store.write_chunks,
             batch_format="pyarrow",

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines import ingest, store
 from pipelines.config import load_config
-from pipelines.embedding import Embedder
+from pipelines.embedding import Embedder, setup
 from pipelines.embedding import cache as embed_cache
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs
@@ -174,7 +174,7 @@ def test_int8_backend_end_to_end(ray_local, tmp_path, scifact):
     cfg = load_config(None, shards=2, **{"embedding.dtype": "int8", "ray.progress_bars": False})
     report = ingest.build(source=source, db=tmp_path / "db", cfg=cfg)
     assert report["backend"]["dtype"] == "int8"
-    assert report["backend"]["int8"]["calibration_texts"] >= ingest.MIN_CALIBRATION
+    assert report["backend"]["int8"]["calibration_texts"] >= setup.MIN_CALIBRATION
     assert report["embeddings"]["computed"] == report["chunks"]["written"]
     rows = []
     for table in store.open_shards(tmp_path / "db").values():

@@ -1,5 +1,7 @@
 """The embedding stage: chunks in, unit vectors out.
 
+- ``setup``: how a run embeds (precision, engine, actor pool, model files, cache writer), decided once
+  by the driver; the Ray Data stage that runs the actors, and the totals of their stats.
 - ``actor``: ``Embedder``, the callable class Ray Data runs on an actor pool (one per GPU, else CPU).
 - ``backends``: one forward pass on torch or OpenVINO (fp32, bf16, fp16, int8), and the model exports.
 - ``batching``: forward passes sized by padded tokens, and the budget that adapts to free memory.
