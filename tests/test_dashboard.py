@@ -102,6 +102,15 @@ def test_run_page_draws_every_chart_as_svg():
     assert len(_groups(stages, "stages-bar-")) == 3
     assert {"ReadJsonl", "35.2 s", "2.5 s"} <= set(_texts(stages))
     assert len(_groups(memory, "memory-series-")) == 1 and len(_groups(cpu, "cpu-series-")) == 1
+    # Each bar and line tells its value under the pointer (its group's <title>, the browser's tooltip).
+    tips = [g.find(f"{NS}title").text for g in _groups(stages, "stages-bar-")]
+    assert tips == [
+        "ReadJsonl: 0.8 s",
+        "MapBatches(chunk_docs)->MapBatches(Embedder): 35.2 s",
+        "MapBatches(<lambda>): 2.5 s",
+    ]
+    (memory_line,) = _groups(memory, "memory-series-")
+    assert memory_line.find(f"{NS}title").text == "RSS MB: last 1780, peak 1780"
     # Round ticks: the y axis up to the first above the highest value (1,780 MB), the x axis to the
     # last sample (39 s); then the axis title.
     x_ticks, y_ticks = ["0", "10", "20", "30"], ["0", "500", "1000", "1500", "2000"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import html
 import io
 import math
 import re
@@ -78,12 +79,25 @@ class Chart:
         rows = sum(len(_wrap(name)) * 1.15 + 1.85 for name, _ in self.bars) if self.bars else 3.0
         return round(0.1 + rows * FONT_PT * 1.2 / 72, 2)  # a text line is 1.2 font sizes tall
 
+    def tooltips(self) -> dict[str, str]:
+        """What each line or bar says when the pointer rests on it, by the id ``draw`` gives it."""
+        if self.bars is not None:
+            return {
+                f"{self.key}-bar-{i}": f"{name}: {_fmt(value)} s" for i, (name, value) in enumerate(self.bars)
+            }
+        drawn = [(name, points) for name, points in self.lines.items() if points]
+        return {f"{self.key}-series-{i}": _summary(name, points) for i, (name, points) in enumerate(drawn)}
+
     def draw(self, fig: FigureBase) -> None:
         """Draw into ``fig``, a matplotlib figure or subfigure."""
         if self.bars is None:
             _line(fig, self.lines, key=self.key)
         else:
             _bars(fig, self.bars, key=self.key)
+
+
+def _summary(name: str, points: list[tuple[float, float]]) -> str:
+    return f"{name}: last {_fmt(max(points)[1])}, peak {_fmt(max(y for _, y in points))}"
 
 
 def charts(report: dict[str, Any]) -> list[Chart]:
@@ -119,7 +133,7 @@ def svg(chart: Chart) -> str:
         chart.draw(fig)
         metadata = {"Title": chart.label, "Date": None, "Creator": None, "Format": None, "Type": None}
         fig.savefig(out, format="svg", metadata=metadata)
-    return _inline(out.getvalue(), key=chart.key)
+    return _inline(out.getvalue(), key=chart.key, tooltips=chart.tooltips())
 
 
 def write_png(report: dict[str, Any], path: str | Path) -> None:
@@ -157,8 +171,9 @@ def _drawing(*, salt: str) -> Iterator[None]:
         yield
 
 
-def _inline(text: str, *, key: str) -> str:
-    """matplotlib's SVG file made fit to sit in a page beside other charts, and smaller."""
+def _inline(text: str, *, key: str, tooltips: dict[str, str]) -> str:
+    """matplotlib's SVG file made fit to sit in a page beside other charts, and smaller; each named line
+    or bar gets its ``<title>`` (the browser's tooltip)."""
     text = text[text.index("<svg") :]  # no XML prolog or DOCTYPE inside HTML
     # The RDF metadata names outside vocabularies (the title stays, as <title>); a <style> in an inline
     # SVG would style the whole page (the root's attributes below do its job).
@@ -179,6 +194,9 @@ def _inline(text: str, *, key: str) -> str:
             if not part.endswith("/>"):
                 groups.append(plain)
             out.append("" if plain else part)  # keep only the groups this module named
+            named = re.match(r'<g id="([^"]+)"', part)
+            if named and named.group(1) in tooltips and not part.endswith("/>"):
+                out.append(f"<title>{html.escape(tooltips[named.group(1)])}</title>")
         elif part == "</g>":
             out.append("" if groups.pop() else part)
         else:
