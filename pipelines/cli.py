@@ -874,6 +874,14 @@ def bench_command(
     fail_on_regression: Annotated[
         bool, typer.Option("--fail-on-regression", help="Exit 4 when a figure is >10% below the baseline.")
     ] = False,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            "--repeat",
+            min=1,
+            help="Run every phase N times in a row; the ratios are the medians, with their range.",
+        ),
+    ] = 1,
 ) -> None:
     """Time (a) a plain fp32 encode loop, (b) the same loop in the pipeline's dtype, (c) the full
     pipeline and (d) a re-ingest of the unchanged corpus, on the same texts; print the ratios."""
@@ -892,7 +900,7 @@ def bench_command(
                 for _, line in zip(range(limit), src, strict=False):
                     dst.write(line)
             source = sample.resolve()
-        result = bench.run(source, workdir=workdir, cfg=cfg)
+        result = bench.run_repeated(source, workdir=workdir, cfg=cfg, repeat=repeat)
         if baseline is not None:
             result["regressions"] = bench.compare(result, json.loads(baseline.read_text()))
     except _user_errors() as exc:

@@ -59,9 +59,27 @@ def test_bench_then_plan(ray_local, mini_beir, tmp_path):
     }
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(better))
-    again = runner.invoke(app, [*args, "--limit", "40", "--baseline", str(baseline), "--fail-on-regression"])
+    again = runner.invoke(
+        app, [*args, "--limit", "40", "--baseline", str(baseline), "--fail-on-regression", "--repeat", "2"]
+    )
     assert again.exit_code == 4, again.output
     assert "regression: c.docs_per_s" in again.output
+    # Repeated, each ratio is the median of the runs (of two: their mean), with the runs' range.
+    repeated = json.loads(out_json.read_text())
+    assert repeated["repeats"] == 2 and len(repeated["runs"]) == 2
+    for key in ("ratio_vs_plain_best", "ratio_vs_plain_best_with_ray_start", "reingest_speedup"):
+        values = [run[key] for run in repeated["runs"]]
+        assert repeated["spread"][key] == [min(values), max(values)]
+        assert repeated[key] == pytest.approx(sum(values) / 2, abs=1e-3)
+    # Ray's start counted in (none here: the test's Ray is up already), against the same plain loop.
+    assert repeated["ratio_vs_plain_best_with_ray_start"] <= repeated["ratio_vs_plain_best"]
+    best_wall = next(
+        r["wall_s"] for r in figures["plain"]
+        if (r["dtype"], r["engine"]) == (figures["plain_best"]["dtype"], figures["plain_best"]["engine"])
+    )  # fmt: skip
+    c_and_start = figures["phases"]["c"]["wall_s"] + figures["ray_start_s"]
+    assert figures["ratio_vs_plain_best_with_ray_start"] == pytest.approx(best_wall / c_and_start, abs=2e-3)
+    assert "median of 2 runs" in again.output
 
     plan = runner.invoke(app, ["plan", "--docs", "1000000", "--db", str(tmp_path / "work" / "db"), "--json"])
     assert plan.exit_code == 0, plan.output
