@@ -55,7 +55,8 @@ def test_searches_during_an_ingest(ray_local, scifact, tmp_path):
     during = 0
     seen |= set(zip(group.names, group.search(vectors[0], [10]).versions, strict=True))  # before it starts
     run.start()
-    while run.is_alive():
+    deadline = time.monotonic() + 600
+    while run.is_alive() and time.monotonic() < deadline:
         for vector in vectors:
             alive = run.is_alive()
             try:
@@ -68,7 +69,8 @@ def test_searches_during_an_ingest(ray_local, scifact, tmp_path):
             seen |= set(zip(group.names, versions, strict=True))
             during += alive
             time.sleep(0.01)
-    run.join()
+    run.join(timeout=max(1.0, deadline - time.monotonic()))
+    assert not run.is_alive(), "the ingest did not finish within 600 s"
     seen |= set(zip(group.names, group.search(vectors[0], [10]).versions, strict=True))  # after the commits
 
     print(f"\n{during} searches during the ingest, {len(errors)} errors; table versions seen: {sorted(seen)}")

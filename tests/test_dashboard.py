@@ -236,6 +236,20 @@ def test_report_command_writes_html_and_png(tmp_path):
     assert summary.exit_code == 0 and "100 seen: 95 ingested, 3 unchanged, 2 failed" in summary.output
 
 
+def test_the_summary_says_when_a_logical_gpu_stood_in(tmp_path):
+    """With EMBEDPIPE_LOGICAL_GPUS (tests), the plan says cuda while the CPU computes: the summary says so."""
+    stood_in = {"device": "cpu", "dtype": "fp32", "logical_gpu": True, "cuda_visible_devices": "0"}
+    embeddings = {"computed": 300, "cache_hits": 0, "oom_splits": 0, "actor_devices": {"11": stood_in}}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_report(embeddings=embeddings, backend={"dtype": "fp16", "device": "cuda"})))
+    summary = CliRunner().invoke(app, ["report", str(run)], terminal_width=300)
+    assert summary.exit_code == 0, summary.output
+    assert "1 actor(s) held a logical GPU and computed fp32 on cpu" in " ".join(summary.output.split())
+    real = {**embeddings, "actor_devices": {"11": {**stood_in, "device": "cuda", "logical_gpu": False}}}
+    run.write_text(json.dumps(_report(embeddings=real, backend={"dtype": "fp16", "device": "cuda"})))
+    assert "logical GPU" not in CliRunner().invoke(app, ["report", str(run)], terminal_width=300).output
+
+
 def test_report_command_names_a_bad_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")

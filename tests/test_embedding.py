@@ -231,6 +231,17 @@ def test_the_static_choice_is_measured_once_per_machine_and_kept(tmp_path, monke
     assert json.loads(kept.read_text())["static"] is True
 
 
+def test_the_suite_keeps_its_own_cache():
+    """conftest points EMBEDPIPE_CACHE at a temporary folder for the whole suite: no test quantizes,
+    measures or compiles into the user's ~/.cache/embedpipe."""
+    import tempfile
+    from pathlib import Path
+
+    root = backends.cache_root().resolve()
+    assert root.is_relative_to(Path(tempfile.gettempdir()).resolve()), root
+    assert not root.is_relative_to((Path.home() / ".cache").resolve()), root
+
+
 def test_a_query_compiles_only_the_model_it_runs(tmp_path, monkeypatch):
     """`embedpipe query` embeds one text: it compiles that text's static model and nothing else; a
     service compiles every model at start (``warm_up``), and then lets the model's files go."""

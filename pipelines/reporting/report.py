@@ -170,6 +170,16 @@ def write_report(report: dict[str, Any], *paths: Path) -> None:
         tmp.replace(path)
 
 
+def _stood_in(embeddings: dict[str, Any]) -> str:
+    """Where logical GPUs (EMBEDPIPE_LOGICAL_GPUS, tests) stood in: the plan says cuda, the CPU computed."""
+    devices = (embeddings.get("actor_devices") or {}).values()
+    logical = [d for d in devices if d.get("logical_gpu")]
+    if not logical:
+        return ""
+    ran = ", ".join(sorted({f"{d.get('dtype', '?')} on {d.get('device', '?')}" for d in logical}))
+    return f"; {len(logical)} actor(s) held a logical GPU and computed {ran}"
+
+
 def summary_table(report: dict[str, Any]):
     """A short rich table of a run's headline numbers."""
     from rich.table import Table
@@ -200,6 +210,7 @@ def summary_table(report: dict[str, Any]):
                     f"{report.get('backend', {}).get('engine', 'torch')}/"
                     f"{report.get('backend', {}).get('device', '?')}, "
                     f"{report['embeddings']['oom_splits']} OOM splits"
+                    + _stood_in(report["embeddings"])
                     + (
                         f", model busy {report['embeddings']['busy_fraction']:.0%} of the actors' time"
                         if report["embeddings"].get("busy_fraction") is not None
