@@ -105,7 +105,7 @@ class Embedder:
         if preload:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._loading = ThreadPoolExecutor(1, thread_name_prefix="embed-load").submit(self._load)
+            self._loading = ThreadPoolExecutor(1, thread_name_prefix="embed-load").submit(self._load_compiled)
         self.dim = embedding_dim(model)
         self.encode_batch_size = encode_batch_size
         free = batching.cuda_free_fraction if self.device == "cuda" else batching.host_free_fraction
@@ -142,6 +142,15 @@ class Embedder:
         from pipelines.embedding.cache import keys
 
         return keys(self.namespace, inputs)
+
+    def _load_compiled(self) -> backends.TorchBackend | backends.OpenVINOBackend:
+        """The backend with every model it may run compiled (OpenVINO compiles on first use otherwise):
+        a pipeline actor preloads it while its first batch is read and chunked."""
+        backend = self._load()
+        compile_all = getattr(backend, "compile_all", None)
+        if compile_all is not None:
+            compile_all()
+        return backend
 
     def warm_up(self) -> None:
         """Load and compile everything a query may run, and run one, so that no later call waits (a
