@@ -88,6 +88,27 @@ def test_bad_config_is_reported(tmp_path):
     assert "shards" in result.output
 
 
+def test_quantize_calibrates_int8_on_the_corpus_and_refuses_too_little(
+    ray_local, mini_beir, tmp_path, monkeypatch
+):
+    """`embedpipe quantize` makes the int8 model from the corpus's first chunks (once per machine); a corpus
+    too small to calibrate on is one clear error."""
+    monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(
+        "".join(
+            json.dumps({"_id": str(i), "title": "T", "text": f"Short text {i}."}) + "\n" for i in range(3)
+        )
+    )
+    refused = runner.invoke(app, ["quantize", str(tiny)])
+    assert refused.exit_code == 1 and "int8 needs 64 chunks" in " ".join(refused.output.split())
+    result = runner.invoke(app, ["quantize", str(mini_beir / "corpus.jsonl")])
+    assert result.exit_code == 0, result.output
+    (meta,) = (tmp_path / "cache").glob("int8/**/meta.json")
+    calibrated = json.loads(meta.read_text())["calibration_texts"]
+    assert calibrated >= 64 and f"calibrated on {calibrated} chunks" in " ".join(result.output.split())
+
+
 def test_sample_corpus(tmp_path):
     result = runner.invoke(app, ["sample-corpus", str(tmp_path / "topics")])
     assert result.exit_code == 0
