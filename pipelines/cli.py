@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import gc
 import json
 import logging
@@ -246,10 +245,12 @@ def query(
             manifest = store.read_manifest(loc)
             manifest.require_ready(repr(loc.uri))
             # The query is embedded while LanceDB is imported (~1 s) and the shards open.
-            embedder = functools.partial(
-                query_embedder, manifest.model, vectors=manifest.vectors, dtype=cfg.serve.query_dtype
+            # Choosing the embedder imports OpenVINO and reads the model: in the thread too.
+            vector = pool.submit(
+                lambda: query_embedder(
+                    manifest.model, vectors=manifest.vectors, dtype=cfg.serve.query_dtype
+                ).encode([text])[0]
             )
-            vector = pool.submit(lambda: embedder().encode([text])[0])
             from pipelines.search import Searcher
 
             searcher = Searcher(loc, index=cfg.index, generation=manifest.generation)

@@ -147,17 +147,13 @@ class Embedder:
         """The backend with every model it may run compiled (OpenVINO compiles on first use otherwise):
         a pipeline actor preloads it while its first batch is read and chunked."""
         backend = self._load()
-        compile_all = getattr(backend, "compile_all", None)
-        if compile_all is not None:
-            compile_all()
+        getattr(backend, "compile_all", lambda: None)()
         return backend
 
     def warm_up(self) -> None:
         """Load and compile everything a query may run, and run one, so that no later call waits (a
         service's replica at start; `embedpipe query` skips this and compiles only what it uses)."""
-        compile_all = getattr(self.backend, "compile_all", None)
-        if compile_all is not None:
-            compile_all()
+        getattr(self.backend, "compile_all", lambda: None)()
         self.encode(["warm up"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
