@@ -180,6 +180,56 @@ class RayConfig(_Strict):
     )
 
 
+STEM_LANGUAGES = (
+    "Arabic", "Danish", "Dutch", "English", "Finnish", "French", "German", "Greek", "Hungarian", "Italian",
+    "Norwegian", "Portuguese", "Romanian", "Russian", "Spanish", "Swedish", "Tamil", "Turkish",
+)  # fmt: skip
+
+
+class TextIndexSettings(_Strict):
+    """How the keyword (BM25) index splits text into terms: LanceDB's full-text index options, under the
+    same names. The same settings tokenize queries and the term statistics (pipelines/bm25.py)."""
+
+    base_tokenizer: Literal["simple", "whitespace", "ngram"] = Field(
+        "simple",
+        description="simple: words split at punctuation and spaces; whitespace: at spaces only; ngram: "
+        "overlapping character n-grams (Chinese, Japanese, Korean and other scripts without spaces).",
+    )
+    language: str = Field(
+        "English",
+        description=f"Stemming and stop words: one of {', '.join(STEM_LANGUAGES)}.",
+    )
+    stem: bool = Field(True, description="Reduce words to their stem (running -> run).")
+    remove_stop_words: bool = Field(True, description="Drop the language's stop words (the, and, of).")
+    ascii_folding: bool = Field(True, description="Fold accents away (café -> cafe).")
+    lower_case: bool = Field(True, description="Match regardless of case.")
+    max_token_length: int = Field(40, gt=0, description="Longer terms are dropped.")
+    ngram_min_length: int = Field(2, gt=0, description="ngram only: the shortest n-gram.")
+    ngram_max_length: int = Field(2, gt=0, description="ngram only: the longest n-gram.")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        for known in STEM_LANGUAGES:
+            if value.lower() == known.lower():
+                return known
+        raise ValueError(f"Unsupported language: {value!r}. Supported: {', '.join(STEM_LANGUAGES)}.")
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> TextIndexSettings:
+        if self.ngram_min_length > self.ngram_max_length:
+            raise ValueError("ngram_min_length must be at most ngram_max_length")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The options as LanceDB's FTS index and ``lancedb.tokenize`` take them (the n-gram lengths
+        at LanceDB's defaults unless the tokenizer is ngram, so that they never differ for nothing)."""
+        options = self.model_dump()
+        if self.base_tokenizer != "ngram":
+            options.update(ngram_min_length=3, ngram_max_length=3)
+        return options
+
+
 class IndexSettings(_Strict):
     exact_below_rows: int = Field(
         20_000,
@@ -205,7 +255,13 @@ class IndexSettings(_Strict):
         "partitions, 71 of 1,250 (benchmarks/ann_recall.py: recall@10 0.97-0.99 at 1M and 10M rows here).",
     )
     min_nprobes: int = Field(20, gt=0, description="IVF partitions a query searches at the least.")
-    fts: bool = Field(True, description="Full-text (BM25) indexes on title and text, for hybrid search.")
+    fts: bool = Field(
+        True, description="Full-text (BM25) indexes on title and text, for text and hybrid search."
+    )
+    text: TextIndexSettings = Field(
+        default_factory=TextIndexSettings,
+        description="How the full-text indexes split text into terms (language, stemming, n-grams).",
+    )
     refine_factor: int | None = Field(
         2,
         gt=0,

@@ -20,8 +20,8 @@ from typing import Any
 
 from lancedb.index import FTS, HnswSq, IvfPq, IvfRq, IvfSq
 
-from pipelines import codes, store
-from pipelines.config import IndexSettings, StorageConfig
+from pipelines import bm25, codes, store
+from pipelines.config import IndexSettings, StorageConfig, TextIndexSettings
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,20 @@ def read_indexes(table: Any) -> ShardIndexes:
     return ShardIndexes(vector_kind, partitions, tuple(c for c in FTS_COLUMNS if c in fts), name, unindexed)
 
 
+def _fts_options(table: Any) -> dict[str, dict[str, Any]]:
+    """Each full-text index's tokenizer options, by column (as TextIndexSettings names them)."""
+    keys = TextIndexSettings.model_fields
+    found = {}
+    for index in table.list_indices():
+        if index.index_type == "FTS":
+            details = dict(index.index_details or {})
+            # LanceDB reports the n-gram bounds under other names than it takes them.
+            details.setdefault("ngram_min_length", details.get("min_ngram_length"))
+            details.setdefault("ngram_max_length", details.get("max_ngram_length"))
+            found[index.columns[0]] = {key: details.get(key) for key in keys}
+    return found
+
+
 def _fits(have: ShardIndexes, plan: VectorPlan) -> bool:
     """Whether the index a shard has can take its new rows incrementally: the planned kind, and a
     partition count within REBUILD_RATIO of the plan's (rows grew or shrank by less than that)."""
@@ -236,9 +250,12 @@ def index_shard(
     else:
         action = "updated" if have.unindexed_rows else "kept"
     if settings.fts:
+        options = settings.text.options()
+        built_with = _fts_options(table)
         for column in FTS_COLUMNS:
-            if rebuild or column not in have.fts_columns:
-                table.create_index(column, config=FTS(), replace=True)
+            # Built again when it splits text otherwise than the config says (index.text changed).
+            if rebuild or column not in have.fts_columns or built_with.get(column) != options:
+                table.create_index(column, config=FTS(**options), replace=True)
     # Rows added since an index was built are searched by a scan until they are folded in here.
     table.optimize()
     now = read_indexes(table)
@@ -249,6 +266,13 @@ def index_shard(
             codes_done = codes.update(table, codes_at, settings=settings, rebuild=rebuild)
         elif codes.pointer(codes_at, table.name) is not None:
             codes.drop(codes_at, table.name)
+    # The term statistics that score BM25 alike in every shard (pipelines.bm25), at this version.
+    terms = None
+    if codes_at is not None:
+        if now.fts_columns:
+            terms = bm25.update(table, codes_at, now.fts_columns, settings.text.options())
+        elif bm25.pointer(codes_at, table.name) is not None:
+            bm25.drop(codes_at, table.name)
     return {
         "shard": table.name,
         "rows": rows,
@@ -259,6 +283,7 @@ def index_shard(
         "fts": list(now.fts_columns),
         "query_params": query_params(now, k=10, settings=settings),
         "codes": codes_done,
+        "bm25": terms,
         "version": table.version,
         "seconds": round(time.perf_counter() - started, 2),
     }

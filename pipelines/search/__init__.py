@@ -6,7 +6,10 @@ One code path for ``embedpipe query``, eval and Serve:
   table versions; hits are ids, scores and row ids, and ``fetch_rows`` reads the final top-k's text;
 - ``group.py``: shards searched side by side in one process, each query's rows merged (``ShardGroup``),
   and the merge of several groups' answers (``combine``);
-- ``merge.py``: the top-k merge and reciprocal rank fusion, pure functions on Arrow tables.
+- ``merge.py``: the top-k merge and the fusions (convex, reciprocal rank), pure functions on Arrow tables.
+
+BM25 scores use the statistics of the whole generation (``pipelines.bm25``), so that a chunk's keyword
+score does not depend on the shard count.
 
 The query embedder (the same backend and precision for the CLI and Serve) is
 ``pipelines.embedding.query``.
@@ -22,8 +25,8 @@ import pyarrow as pa
 from pipelines import store
 from pipelines.config import IndexSettings
 from pipelines.embedding.query import query_embedder
-from pipelines.search.group import GroupAnswer, Partial, PinnedTables, ShardGroup, combine
-from pipelines.search.merge import merge_topk, rrf_fuse
+from pipelines.search.group import FUSIONS, MODES, GroupAnswer, Partial, PinnedTables, ShardGroup, combine
+from pipelines.search.merge import convex_fuse, merge_topk, rrf_fuse
 from pipelines.search.shard import (
     KEY_COLUMNS,
     RESULT_COLUMNS,
@@ -41,6 +44,7 @@ from pipelines.search.shard import (
 )
 
 __all__ = [
+    "FUSIONS", "MODES", "check_request", "collapse_docs", "convex_fuse",
     "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
     "Pinned", "PinnedTables", "QueryTimeout", "RowCache", "Searcher", "Shard", "ShardError", "ShardGroup",
     "combine", "fetch_rows", "merge_topk", "rrf_fuse", "search_shard",
@@ -95,11 +99,26 @@ class Searcher:
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(texts)
 
-    def _one(self, answer: GroupAnswer, *, k: int, depth: int | None = None, rrf_k: int = 60) -> pa.Table:
+    def _one(
+        self,
+        answer: GroupAnswer,
+        *,
+        k: int,
+        depth: int | None = None,
+        fusion: str = "rrf",
+        weight: float = 0.5,
+        rrf_k: int = 60,
+        collapse: str | None = None,
+    ) -> pa.Table:
         (part,) = answer.answers
         if isinstance(part, Exception):
             raise part
-        (rows,) = fetch_rows([combine([part], k=k, depth=depth, rrf_k=rrf_k)], answer.tables)
+        top = combine(
+            [part], k=depth if collapse else k, depth=depth, fusion=fusion, weight=weight, rrf_k=rrf_k
+        )
+        if collapse:
+            top = collapse_docs(top, answer.tables, k=k)
+        (rows,) = fetch_rows([top], answer.tables)
         return rows
 
     def search_vector(
@@ -116,26 +135,64 @@ class Searcher:
         where: str | None = None,
         mode: str = "vector",
         candidates: int = 100,
+        fusion: str = "rrf",
+        weight: float = 0.5,
         rrf_k: int = 60,
+        collapse: str | None = None,
         vector: np.ndarray | None = None,
     ) -> pa.Table:
         """The global top-k chunks for ``text``, best first.
 
         Args:
             text: the query.
-            k: chunks to return.
+            k: chunks to return (documents, with ``collapse``).
             where: an optional SQL predicate over metadata columns.
-            mode: ``vector`` (cosine) or ``hybrid`` (vector and BM25 fused by reciprocal rank).
-            candidates: hybrid only: candidates taken from each ranking before fusion.
-            rrf_k: hybrid only: the fusion constant.
+            mode: ``vector`` (cosine), ``text`` (BM25 with the generation's statistics) or ``hybrid``
+                (both, fused).
+            candidates: hybrid (and collapse) only: rows taken from each ranking before fusion.
+            fusion: hybrid only: ``convex`` (weighted normalized scores) or ``rrf`` (reciprocal rank).
+            weight: convex only: the vector ranking's weight in [0, 1].
+            rrf_k: rrf only: the fusion constant.
+            collapse: ``doc_id``: the best chunk of each document, k documents (None: chunks).
             vector: the query's embedding, when already computed.
         """
-        if mode not in ("vector", "hybrid"):
-            raise ValueError(f"Unsupported search mode: {mode!r}. Supported: vector, hybrid.")
-        if vector is None:
-            vector = self.embed([text])[0]
-        if mode == "vector":
-            return self.search_vector(vector, k=k, where=where)
-        depth = max(k, candidates)
-        answer = self.group.search(vector, [depth], [where], [text])
-        return self._one(answer, k=k, depth=depth, rrf_k=rrf_k)
+        check_request(mode=mode, fusion=fusion, weight=weight, collapse=collapse)
+        depth = max(k, candidates) if mode == "hybrid" or collapse else k
+        if mode == "text":
+            answer = self.group.search(None, [depth], [where], [text])
+        else:
+            if vector is None:
+                vector = self.embed([text])[0]
+            answer = self.group.search(vector, [depth], [where], [text] if mode == "hybrid" else None)
+        return self._one(
+            answer, k=k, depth=depth, fusion=fusion, weight=weight, rrf_k=rrf_k, collapse=collapse
+        )
+
+
+def check_request(*, mode: str, fusion: str, weight: float, collapse: str | None) -> None:
+    """A clear error for a mode, fusion, weight or collapse outside what search takes."""
+    if mode not in MODES:
+        raise ValueError(f"Unsupported search mode: {mode!r}. Supported: {', '.join(MODES)}.")
+    if fusion not in FUSIONS:
+        raise ValueError(f"Unsupported fusion: {fusion!r}. Supported: {', '.join(FUSIONS)}.")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    if collapse not in (None, "doc_id"):
+        raise ValueError(f"Unsupported collapse: {collapse!r}. Supported: doc_id.")
+
+
+def collapse_docs(hits: pa.Table, tables: dict[str, Pinned], *, k: int) -> pa.Table:
+    """The best row of each document among ``hits`` (KEY_COLUMNS, best first), k documents at most: the
+    rows' doc_id read by row id first."""
+    if not hits.num_rows:
+        return hits
+    (ids,) = fetch_rows([hits], tables, columns=["doc_id"])
+    seen: set[str] = set()
+    keep = []
+    for row, doc_id in enumerate(ids.column("doc_id").to_pylist()):
+        if doc_id not in seen:
+            seen.add(doc_id)
+            keep.append(row)
+            if len(keep) == k:
+                break
+    return hits.take(pa.array(keep, pa.int64()))

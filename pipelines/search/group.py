@@ -18,9 +18,9 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-from pipelines import store
+from pipelines import bm25, store
 from pipelines.config import IndexSettings
-from pipelines.search.merge import merge_topk, rrf_fuse
+from pipelines.search.merge import convex_fuse, merge_topk, rrf_fuse
 from pipelines.search.shard import (
     MemoryShard,
     Pinned,
@@ -28,6 +28,8 @@ from pipelines.search.shard import (
     Shard,
     ShardError,
     Snapshot,
+    _async_table,
+    run_async,
     search_loop,
 )
 
@@ -99,6 +101,14 @@ class ShardGroup:
             for name in names
         ]
         self.names = names
+        # The BM25 statistics of every shard of the generation, not only the group's.
+        self.tables_at = tables
+        self.all_names = [store.shard_name(i) for i in range(self.manifest.shards)]
+        self.refresh_s = refresh_s
+        self._stats: bm25.GenerationStats | None = None
+        self._stats_files: dict[str, str | None] | None = None
+        self._stats_checked = float("-inf")
+        self._stats_lock = threading.Lock()
         # (key: held shards and versions, the memory, the snapshots it holds by shard)
         self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None, dict[int, Snapshot]] = (
             (),
@@ -206,10 +216,10 @@ class ShardGroup:
             for i in (i for i in searched if i not in skip and wheres[i]):
                 call = shard.vector_query(snap, vectors[i : i + 1], [ks[i]], wheres[i], exact)
                 calls.append((shard.name, [i], place, call))
-            for i in (i for i in range(n) if texts[i] is not None):
-                # BM25 through LanceDB's synchronous API, in the pool beside the vector searches.
-                call = loop.run_in_executor(self.pool, shard.text_query, snap, texts[i], ks[i], wheres[i])
-                calls.append((shard.name, [i], lambda i, hits, s=s: found_text[i].__setitem__(s, hits), call))
+        for i in (i for i in range(n) if texts[i] is not None):
+            # BM25 over the group's shards with the generation's statistics (pipelines.bm25).
+            call = self._text_search(snaps, texts[i], ks[i], wheres[i])
+            calls.append(("bm25", [i], lambda i, hits: found_text[i].__setitem__(0, hits), call))
         # The LanceDB searches run on the search loop while the held shards are scanned here.
         running = None
         if calls:  # none when held shards answer every query: no hop to the loop
@@ -241,12 +251,12 @@ class ShardGroup:
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
             vector_parts = vector_parts if vectors is not None else []
-            text_parts = found_text[i] if texts[i] is not None else []
+            text_parts = found_text[i][:1] if texts[i] is not None else []
             error = next((p for p in [*vector_parts, *text_parts] if isinstance(p, Exception)), None)
             if error is not None:
                 answers.append(error)
                 continue
-            text = merge_topk(text_parts, k=ks[i]) if texts[i] is not None else None
+            text = text_parts[0] if texts[i] is not None else None
             vector = None
             if vectors is not None:
                 vector = vector_parts[0] if len(vector_parts) == 1 else merge_topk(vector_parts, k=ks[i])
@@ -256,6 +266,80 @@ class ShardGroup:
             for s, (name, snap) in enumerate(zip(self.names, snaps, strict=True))
         }
         return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
+
+    async def _text_search(self, snaps: list[Snapshot], text: str, k: int, where: str | None) -> Any:
+        """One query's BM25 top-k over the group's shards, scored with the statistics of the whole
+        generation (``pipelines.bm25``), or the error that ended it: each shard's LanceDB top-k in the
+        pool side by side, then the rescoring (and any deeper asks) in one pool thread."""
+        loop = asyncio.get_running_loop()
+        shards = dict(zip(self.names, zip(self.shards, snaps, strict=True), strict=True))
+        local = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.pool, shard.text_query, snap, text, k, where)
+                for shard, snap in shards.values()
+            )
+        )
+        error = next((hits for hits in local if isinstance(hits, Exception)), None)
+        if error is not None:
+            return error
+        stats = self.text_stats()
+        if stats is None:  # no statistics stored yet (`embedpipe index` writes them): each shard's own
+            return merge_topk(local, k=k)
+
+        def search(name: str, depth: int) -> pa.Table:
+            shard, snap = shards[name]
+            hits = shard.text_query(snap, text, depth, where)
+            if isinstance(hits, Exception):
+                raise hits
+            return hits
+
+        def read(name: str, rowids: list[int], columns: list[str]) -> dict[int, dict[str, Any]]:
+            query = _async_table(shards[name][1].table).take_row_ids(rowids).select(columns).with_row_id()
+            rows = run_async(query.to_arrow())
+            found = rows.to_pylist()
+            return {row.pop("_rowid"): row for row in found}
+
+        columns = snaps[0].indexes.fts_columns
+        run = lambda: bm25.global_top(  # noqa: E731
+            text,
+            depth=k,
+            stats=stats,
+            first=dict(zip(self.names, local, strict=True)),
+            columns=columns,
+            search=search,
+            read=read,
+        )
+        try:
+            return await loop.run_in_executor(self.pool, run)
+        except Exception as exc:  # noqa: BLE001 - this query's answer
+            logger.error("bm25: search failed", exc_info=exc)
+            return ShardError(f"bm25: {type(exc).__name__}")
+
+    def text_stats(self) -> bm25.GenerationStats | None:
+        """The generation's BM25 statistics, read again when `embedpipe index` stored new ones (looked
+        for at most every refresh_s, at least 2 s apart); None while a shard has none."""
+        now = time.monotonic()
+        if now - self._stats_checked < max(2.0, self.refresh_s):
+            return self._stats
+        with self._stats_lock:
+            if now - self._stats_checked < max(2.0, self.refresh_s):
+                return self._stats
+            files = {}
+            for name in self.all_names:
+                found = bm25.pointer(self.tables_at, name)
+                files[name] = found["file"] if found else None
+            if files != self._stats_files:
+                try:
+                    self._stats = bm25.GenerationStats.load(self.tables_at, self.all_names)
+                except Exception:  # the last good ones keep serving
+                    logger.exception("bm25: statistics could not be read")
+                else:
+                    self._stats_files = files
+                    if self._stats is None:
+                        logger.warning("bm25: a shard has no term statistics; keyword scores are each "
+                                       "shard's own until `embedpipe index` runs")  # fmt: skip
+            self._stats_checked = time.monotonic()
+            return self._stats
 
     def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
         """The group's held shards as one in memory, and the snapshot of each shard it holds; loaded
@@ -343,22 +427,40 @@ def _memory(memory: MemoryShard, vectors: np.ndarray, ks: list[int], rows: list[
     return memory.search(vectors[rows], [ks[i] for i in rows])
 
 
-def combine(parts: list[Partial], *, k: int, depth: int | None = None, rrf_k: int = 60) -> pa.Table:
-    """One query's global top-k from its answers of every group: the merged vector rows, or for a
-    hybrid query the vector and BM25 rankings (each merged over the groups first) fused by
-    reciprocal rank.
+def combine(
+    parts: list[Partial],
+    *,
+    k: int,
+    depth: int | None = None,
+    fusion: str = "rrf",
+    weight: float = 0.5,
+    rrf_k: int = 60,
+) -> pa.Table:
+    """One query's global top-k from its answers of every group: the merged vector rows, the merged
+    BM25 rows, or for a hybrid query both rankings (each merged over the groups first) fused.
 
     Args:
         parts: the query's Partial from each group.
         k: rows to return.
         depth: hybrid only: the rows each ranking was searched to (the candidates fused); default k.
-        rrf_k: hybrid only: the fusion constant.
+        fusion: hybrid only: ``rrf`` (reciprocal rank) or ``convex`` (weighted normalized scores).
+        weight: convex only: the vector ranking's weight in [0, 1].
+        rrf_k: rrf only: the fusion constant.
     """
     depth = max(k, depth or k)
-    vectors = [p.vector for p in parts]
-    if parts[0].text is None:
-        return vectors[0].slice(0, k) if len(parts) == 1 else merge_topk(vectors, k=k)
-    texts = [p.text for p in parts]
-    vector = vectors[0] if len(parts) == 1 else merge_topk(vectors, k=depth)
-    text = texts[0] if len(parts) == 1 else merge_topk(texts, k=depth)
+    vectors = [p.vector for p in parts if p.vector is not None]
+    texts = [p.text for p in parts if p.text is not None]
+    if not texts or not vectors:
+        ranked = vectors or texts
+        return ranked[0].slice(0, k) if len(ranked) == 1 else merge_topk(ranked, k=k)
+    vector = vectors[0] if len(vectors) == 1 else merge_topk(vectors, k=depth)
+    text = texts[0] if len(texts) == 1 else merge_topk(texts, k=depth)
+    if fusion == "convex":
+        return convex_fuse(vector, text, k=k, weight=weight)
+    if fusion != "rrf":
+        raise ValueError(f"Unsupported fusion: {fusion!r}. Supported: {', '.join(FUSIONS)}.")
     return rrf_fuse([vector, text], k=k, rrf_k=rrf_k)
+
+
+MODES = ("vector", "text", "hybrid")
+FUSIONS = ("convex", "rrf")

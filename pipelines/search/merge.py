@@ -1,4 +1,5 @@
-"""Merge per-shard search results into the global top-k: a pure function on Arrow tables."""
+"""Merge per-shard search results into the global top-k, and fuse a vector and a keyword ranking:
+pure functions on Arrow tables."""
 
 from __future__ import annotations
 
@@ -52,6 +53,53 @@ def rrf_fuse(rankings: list[pa.Table], *, k: int, rrf_k: int = 60) -> pa.Table:
         for rank, chunk_id in enumerate(table.column("chunk_id").to_pylist(), start=1):
             fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (rrf_k + rank)
             first.setdefault(chunk_id, (which, rank - 1))
+    return _fused_rows(rankings, fused, first, k)
+
+
+# The lowest score each ranking can give (cosine similarity, BM25): convex fusion scales a ranking's
+# scores from there to its best (Bruch et al., "An Analysis of Fusion Functions for Hybrid Retrieval",
+# TOIS 2023: the theoretical minimum is more robust than the observed one).
+SCORE_FLOOR = {"vector": -1.0, "text": 0.0}
+
+
+def convex_fuse(vector: pa.Table, text: pa.Table, *, k: int, weight: float) -> pa.Table:
+    """A convex combination of normalized scores: ``weight`` * vector + (1 - ``weight``) * text, each
+    ranking's scores scaled to [0, 1] from its floor (``SCORE_FLOOR``) to its best; a row absent from
+    a ranking scores 0 there.
+
+    Args:
+        vector: the vector ranking (cosine ``score``), best first.
+        text: the BM25 ranking, best first; the same columns.
+        k: how many rows to keep.
+        weight: the vector ranking's weight, in [0, 1].
+
+    Returns:
+        At most k rows, ``score`` replaced by the fused score, best first, ties broken by chunk_id.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    fused: dict[str, float] = {}
+    first: dict[str, tuple[int, int]] = {}
+    for which, (table, share, floor) in enumerate(
+        [(vector, weight, SCORE_FLOOR["vector"]), (text, 1.0 - weight, SCORE_FLOOR["text"])]
+    ):
+        scores = table.column("score").to_pylist()
+        if not scores:
+            continue
+        span = max(scores) - floor
+        chunk_ids = table.column("chunk_id").to_pylist()
+        for row, (chunk_id, score) in enumerate(zip(chunk_ids, scores, strict=True)):
+            norm = (score - floor) / span if span > 0 else 1.0
+            fused[chunk_id] = fused.get(chunk_id, 0.0) + share * norm
+            first.setdefault(chunk_id, (which, row))
+    return _fused_rows([vector, text], fused, first, k)
+
+
+def _fused_rows(
+    rankings: list[pa.Table], fused: dict[str, float], first: dict[str, tuple[int, int]], k: int
+) -> pa.Table:
     best = sorted(fused, key=lambda c: (-fused[c], c))[:k]
     if not best:
         return rankings[0].slice(0, 0) if rankings else pa.table({"chunk_id": [], "score": []})

@@ -1,0 +1,142 @@
+"""BM25 with the generation's statistics: the same keyword answers for 1 and 4 shards, the same scores
+as LanceDB's own on one shard, statistics that follow new rows, and other languages (real LanceDB
+shards on tmp_path; SciFact texts, synthetic vectors: no model)."""
+
+import json
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+from lancedb.query import MultiMatchQuery
+
+from pipelines import bm25, index, store
+from pipelines.config import IndexSettings, TextIndexSettings
+from pipelines.search import Searcher
+from tests.conftest import SCIFACT, scifact_docs
+
+DIM = 8
+
+
+def _rows(docs: list[dict], rng: np.random.Generator) -> pa.Table:
+    n = len(docs)
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [d["_id"] for d in docs]
+    return pa.table(
+        {
+            "chunk_id": [f"{d}#0" for d in ids],
+            "doc_id": ids,
+            "chunk_index": pa.array([0] * n, pa.int32()),
+            "title": [d.get("title", "") for d in docs],
+            "text": [d["text"] for d in docs],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+            "n_tokens": pa.array([5] * n, pa.int32()),
+            "char_start": pa.array([0] * n, pa.int32()),
+            "char_end": pa.array([5] * n, pa.int32()),
+            "source": ["test"] * n,
+            "content_hash": ids,
+            "metadata": ["{}"] * n,
+            "model": ["test"] * n,
+            "run_id": ["r"] * n,
+        }
+    ).cast(store.table_schema(DIM))
+
+
+def _db(path, docs: list[dict], shards: int, settings: IndexSettings | None = None):
+    """A db of ``docs`` (one chunk each) in ``shards`` shards, indexed; the same vectors whatever the
+    shard count."""
+    manifest = store.init_db(path, store.Manifest(shards=shards, model="test", dim=DIM))
+    rows = _rows(docs, np.random.default_rng(0))
+    which = np.array([store.shard_of(d["_id"], shards) for d in docs])
+    conn = lancedb.connect(str(path))
+    for s in range(manifest.shards):
+        conn.open_table(store.shard_name(s)).add(rows.filter(pa.array(which == s)))
+    index.build(path, settings=settings or IndexSettings())
+    return path
+
+
+def _queries(n: int) -> list[str]:
+    with (SCIFACT / "queries.jsonl").open() as f:
+        return [json.loads(line)["text"] for _, line in zip(range(n), f, strict=False)]
+
+
+def _top(searcher: Searcher, query: str, mode: str = "text") -> list[tuple[str, float]]:
+    vector = np.full(DIM, DIM**-0.5, np.float32)
+    found = searcher.search(query, k=10, mode=mode, vector=vector)
+    return list(zip(found.column("chunk_id").to_pylist(), found.column("score").to_pylist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory, scifact):
+    docs = scifact_docs(1500)
+    return {n: _db(tmp_path_factory.mktemp(f"bm25-{n}"), docs, n) for n in (1, 4)}
+
+
+def test_keyword_answers_do_not_depend_on_the_shard_count(dbs):
+    one, four = Searcher(dbs[1]), Searcher(dbs[4])
+    for query in _queries(40):
+        for mode in ("text", "hybrid"):
+            a, b = _top(one, query, mode), _top(four, query, mode)
+            assert [c for c, _ in a] == [c for c, _ in b], (query, mode)
+            np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=0, atol=1e-4)
+
+
+def test_one_shard_scores_as_lancedb_does(dbs):
+    # One shard: the generation's statistics are the shard's, so LanceDB's own BM25 is the reference.
+    table = lancedb.connect(str(dbs[1])).open_table("shard_000")
+    searcher = Searcher(dbs[1])
+    for query in _queries(10):
+        own = table.search(MultiMatchQuery(query, ["title", "text"]), query_type="fts")
+        own = own.select(["chunk_id", "_score"]).limit(10).to_arrow()
+        ours = dict(_top(searcher, query))
+        for chunk_id, score in zip(own["chunk_id"].to_pylist(), own["_score"].to_pylist(), strict=True):
+            if chunk_id in ours:
+                assert ours[chunk_id] == pytest.approx(score, rel=1e-5)
+        assert len(set(own["chunk_id"].to_pylist()) & set(ours)) >= 8
+
+
+def test_statistics_follow_new_rows(tmp_path, scifact):
+    docs = scifact_docs(400)
+    db = _db(tmp_path, docs[:300], 2)
+    before = bm25.GenerationStats.load(store.tables_of(store.location(db), store.read_manifest(db)),
+                                       ["shard_000", "shard_001"])  # fmt: skip
+    assert before.columns["text"].rows == 300
+    rows = _rows(docs[300:], np.random.default_rng(1))
+    which = np.array([store.shard_of(d["_id"], 2) for d in docs[300:]])
+    conn = lancedb.connect(str(db))
+    for s in range(2):
+        conn.open_table(store.shard_name(s)).add(rows.filter(pa.array(which == s)))
+    index.build(db, settings=IndexSettings())
+    whole = _db(tmp_path / "whole", docs, 2)
+    for query in _queries(15):
+        a, b = _top(Searcher(db), query), _top(Searcher(whole), query)
+        assert [c for c, _ in a] == [c for c, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=0, atol=1e-4)
+
+
+GERMAN = [
+    {"_id": "g1", "title": "", "text": "Das alte Haus steht am Rande der Stadt."},
+    {"_id": "g2", "title": "", "text": "Der Garten blüht im Frühling."},
+    {"_id": "g3", "title": "", "text": "Die Brücke über den Fluss ist neu."},
+]
+CHINESE = [
+    {"_id": "c1", "title": "", "text": "我们研究机器学习的方法和应用。"},
+    {"_id": "c2", "title": "", "text": "今天的天气很好，适合去公园散步。"},
+    {"_id": "c3", "title": "", "text": "这本书讲述了古代历史的故事。"},
+]
+
+
+@pytest.mark.parametrize(
+    ("docs", "query", "want", "text"),
+    [
+        (GERMAN, "Häuser", "g1", TextIndexSettings(language="German")),
+        (CHINESE, "机器学习", "c1", TextIndexSettings(base_tokenizer="ngram", stem=False, remove_stop_words=False)),
+    ],
+    ids=["german-stemming", "chinese-ngrams"],
+)
+def test_other_languages_need_their_setting(tmp_path, docs, query, want, text):
+    default = Searcher(_db(tmp_path / "default", docs, 1))
+    assert want not in [c.split("#")[0] for c, _ in _top(default, query)]
+    tuned = Searcher(_db(tmp_path / "tuned", docs, 1, IndexSettings(text=text)))
+    assert [c.split("#")[0] for c, _ in _top(tuned, query)][:1] == [want]
