@@ -131,7 +131,7 @@ CHINESE = [
     ("docs", "query", "want", "text"),
     [
         (GERMAN, "Häuser", "g1", TextIndexSettings(language="German")),
-        (CHINESE, "机器学习", "c1", TextIndexSettings(base_tokenizer="ngram", stem=False, remove_stop_words=False)),
+        (CHINESE, "机器学习", "c1", TextIndexSettings(base_tokenizer="ngram", remove_stop_words=False)),
     ],
     ids=["german-stemming", "chinese-ngrams"],
 )
