@@ -17,13 +17,13 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from pipelines import NOTICE
-from pipelines.config import ConfigError, api_key_from_env, load_config
+from pipelines.config import Config, ConfigError, api_key_from_env, load_config
 
 EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
 
@@ -59,9 +59,34 @@ AddressOpt = Annotated[
 ]
 ModeOpt = Annotated[
     str | None,
-    typer.Option("--mode", help="vector or hybrid (vector + BM25 by reciprocal rank); default from config."),
+    typer.Option("--mode", help="vector, text (BM25) or hybrid (vector + BM25 fused); default from config."),
 ]
+FusionOpt = Annotated[
+    str | None,
+    typer.Option("--fusion", help="hybrid: convex (weighted normalized scores) or rrf; default from config."),
+]
+WeightOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--weight", help="convex fusion: the vector ranking's weight in [0, 1]; default from config."
+    ),
+]
+
+
+def _search_overrides(mode: str | None, fusion: str | None, weight: float | None) -> dict[str, Any]:
+    return {"serve.default_mode": mode, "serve.fusion": fusion, "serve.fusion_weight": weight}
+
+
 ShardsOpt = Annotated[int | None, typer.Option("--shards", min=1, help="Number of shard tables (default 4).")]
+
+
+def _search_options(cfg: Config) -> dict[str, Any]:
+    """The config's hybrid settings as ``Searcher.search`` takes them."""
+    serve = cfg.serve
+    return {
+        "candidates": serve.hybrid_candidates, "fusion": serve.fusion, "weight": serve.fusion_weight,
+        "rrf_k": serve.rrf_k,
+    }  # fmt: skip
 
 
 def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
@@ -216,6 +241,11 @@ def query(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     mode: ModeOpt = None,
+    fusion: FusionOpt = None,
+    weight: WeightOpt = None,
+    collapse: Annotated[
+        bool, typer.Option("--collapse", help="One result per document (its best chunk): k documents.")
+    ] = False,
     exact: Annotated[
         bool, typer.Option("--exact", help="Scan every row even where an ANN index exists.")
     ] = False,
@@ -223,7 +253,8 @@ def query(
 ) -> None:
     """Embed TEXT, search every shard, and print the global top-k.
 
-    The score is the cosine similarity in vector mode and the fused rank score in hybrid mode.
+    The score is the cosine similarity in vector mode, BM25 (with the whole db's term statistics) in
+    text mode, and the fused score in hybrid mode.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -232,8 +263,9 @@ def query(
 
     with _short_lived(), ThreadPoolExecutor(1, thread_name_prefix="embed-query") as pool:
         try:
-            cfg = load_config(config, **{"serve.default_mode": mode})
-            if exact and cfg.serve.default_mode != "vector":
+            cfg = load_config(config, **_search_overrides(mode, fusion, weight))
+            mode = cfg.serve.default_mode
+            if exact and mode != "vector":
                 raise ValueError("--exact applies to vector mode only.")
             if where:
                 from pipelines.filters import TABLE_COLUMNS, compile_filter
@@ -244,13 +276,18 @@ def query(
             loc.check()
             manifest = store.read_manifest(loc)
             manifest.require_ready(repr(loc.uri))
+
             # The query is embedded while LanceDB is imported (~1 s) and the shards open.
             # Choosing the embedder imports OpenVINO and reads the model: in the thread too.
-            vector = pool.submit(
-                lambda: query_embedder(
+            def embed() -> Any:
+                if mode == "text":  # BM25 alone: nothing to embed
+                    return None
+                embedder = query_embedder(
                     manifest.model, vectors=manifest.vectors, dtype=cfg.serve.query_dtype
-                ).encode([text])[0]
-            )
+                )
+                return embedder.encode([text])[0]
+
+            vector = pool.submit(embed)
             from pipelines.search import Searcher
 
             searcher = Searcher(loc, index=cfg.index, generation=manifest.generation)
@@ -258,8 +295,8 @@ def query(
                 hits = searcher.search_vector(vector.result(), k=k, where=where, exact=True)
             else:
                 hits = searcher.search(
-                    text, k=k, where=where, mode=cfg.serve.default_mode, vector=vector.result(),
-                    candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
+                    text, k=k, where=where, mode=mode, vector=vector.result(),
+                    collapse="doc_id" if collapse else None, **_search_options(cfg),
                 )  # fmt: skip
         except _user_errors() as exc:
             raise _fail(str(exc)) from exc
@@ -298,6 +335,8 @@ def evaluate(
     address: AddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     mode: ModeOpt = None,
+    fusion: FusionOpt = None,
+    weight: WeightOpt = None,
     generation: Annotated[
         int | None,
         typer.Option(
@@ -318,11 +357,14 @@ def evaluate(
         raise _fail("--generation scores a generation of --db", EXIT_USAGE)
     try:
         queries, qrels = ev.load_beir(beir_dir)
-        cfg = load_config(config, shards=shards, **{"ray.address": address, "serve.default_mode": mode})
+        cfg = load_config(
+            config, shards=shards, **{"ray.address": address, **_search_overrides(mode, fusion, weight)}
+        )
         refused: dict[str, str] = {}
         if endpoint is not None:
             key = api_key_from_env()
-            run = ev.run_endpoint(endpoint, queries, api_key=key, mode=mode, refused=refused)
+            options = {"mode": mode, "fusion": fusion, "weight": weight}
+            run = ev.run_endpoint(endpoint, queries, api_key=key, refused=refused, **options)
             if not run:
                 raise ev.EndpointError(f"{endpoint} refused every query, e.g. {next(iter(refused.values()))}")
         else:
@@ -350,10 +392,7 @@ def evaluate(
                     "scores may differ from a db embedded in one.",
                     highlight=False,
                 )
-            run = ev.run_local(
-                searcher, queries, mode=cfg.serve.default_mode,
-                candidates=cfg.serve.hybrid_candidates, rrf_k=cfg.serve.rrf_k,
-            )  # fmt: skip
+            run = ev.run_local(searcher, queries, mode=cfg.serve.default_mode, **_search_options(cfg))
         scores = ev.score(run, {qid: qrels[qid] for qid in run})
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc

@@ -440,11 +440,20 @@ class ServeSettings(_Strict):
         "MiB of their values) so that an answer whose rows are all there reads nothing from the tables; "
         "0 turns it off. It holds answers' rows only, and its bound does not grow with the db.",
     )
-    default_mode: Literal["vector", "hybrid"] = Field(
-        "vector", description="Search mode of a request that names none."
+    default_mode: Literal["vector", "text", "hybrid"] = Field(
+        "vector",
+        description="Search mode of a request that names none: vector (cosine), text (BM25) or hybrid.",
     )
     hybrid_candidates: int = Field(
         100, gt=0, description="Vector and full-text candidates fused per hybrid query (at least k)."
+    )
+    fusion: Literal["convex", "rrf"] = Field(
+        "convex",
+        description="How hybrid mode fuses its two rankings when a request names none: convex (weighted "
+        "normalized scores) or rrf (reciprocal rank). Chosen by benchmarks/fusion.py (README, Hybrid).",
+    )
+    fusion_weight: float = Field(
+        0.8, ge=0.0, le=1.0, description="convex: the vector ranking's weight when a request names none."
     )
     rrf_k: int = Field(60, gt=0, description="Reciprocal rank fusion constant: 1 / (rrf_k + rank).")
     cache_size: int = Field(

@@ -92,12 +92,15 @@ def run_local(
         searcher: the db's searcher.
         queries: ``{qid: text}``.
         n_docs: documents ranked per query.
-        search_options: passed to ``Searcher.search`` (mode, candidates, rrf_k).
+        search_options: passed to ``Searcher.search`` (mode, candidates, fusion, weight, rrf_k).
     """
     qids = sorted(queries)
-    vectors = searcher.embed([queries[q] for q in qids])
+    if search_options.get("mode") == "text":  # BM25 alone: nothing to embed
+        vectors = [None] * len(qids)
+    else:
+        vectors = searcher.embed([queries[q] for q in qids])
 
-    def searcher_for(text: str, vector: np.ndarray) -> Callable[[int], list[tuple[str, float]]]:
+    def searcher_for(text: str, vector: np.ndarray | None) -> Callable[[int], list[tuple[str, float]]]:
         def search(k: int) -> list[tuple[str, float]]:
             hits = searcher.search(text, k=k, vector=vector, **search_options)
             return list(zip(hits["doc_id"].to_pylist(), hits["score"].to_pylist(), strict=True))
@@ -118,6 +121,8 @@ def run_endpoint(
     api_key: str | None = None,
     max_k: int = 300,
     mode: str | None = None,
+    fusion: str | None = None,
+    weight: float | None = None,
     refused: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Document rankings for every query the service answers, searched through ``embedpipe serve``.
@@ -128,7 +133,9 @@ def run_endpoint(
         n_docs: documents ranked per query.
         api_key: sent as a bearer token.
         max_k: the most chunks asked for at once (the service's serve.max_k, 300 by default).
-        mode: vector or hybrid; None: the service's default.
+        mode: vector, text or hybrid; None: the service's default.
+        fusion: hybrid: convex or rrf; None: the service's default.
+        weight: convex fusion: the vector ranking's weight; None: the service's default.
         refused: filled with ``{qid: reason}`` for each query the service refused with a 4xx (a query
             over its max_query_chars, say); those are left out of the rankings, not the whole run.
 
@@ -141,12 +148,17 @@ def run_endpoint(
     if api_key:
         session.headers["Authorization"] = f"Bearer {api_key}"
     endpoint = url.rstrip("/") + "/search"
+    options = {
+        name: value
+        for name, value in (("mode", mode), ("fusion", fusion), ("weight", weight))
+        if value is not None
+    }
     refused = {} if refused is None else refused
 
     def searcher_for(text: str) -> Callable[[int], list[tuple[str, float]]]:
         def search(k: int) -> list[tuple[str, float]]:
             try:
-                response = session.post(endpoint, json={"query": text, "k": k, "mode": mode}, timeout=120)
+                response = session.post(endpoint, json={"query": text, "k": k, **options}, timeout=120)
             except requests.RequestException as exc:
                 raise EndpointError(f"{endpoint} did not answer: {type(exc).__name__}") from exc
             if response.status_code in (401, 403) or response.status_code >= 500:

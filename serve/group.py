@@ -5,6 +5,7 @@ itself and no group deployment runs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from typing import Any
 
@@ -79,12 +80,14 @@ class ShardGroupSearcher:
         texts: list[str | None],
         timeout_s: float | None = None,
         generation: int | None = None,
-    ) -> tuple[list[tuple[bytes, bytes | None] | Exception], tuple[int, ...]]:
+        by_vector: list[bool] | None = None,
+    ) -> tuple[list[tuple[bytes | None, bytes | None] | Exception], tuple[int, ...]]:
         """Each query's hits (ids, scores, row ids: ``pipelines.search.KEY_COLUMNS``; Arrow IPC bytes:
         Ray pickles an Arrow table in about a millisecond each way, its IPC bytes in microseconds) or
         its error, and the table versions searched (the router reads the final rows at them)."""
         group = await self._group(generation)
-        found = await asyncio.to_thread(group.search, vectors, ks, wheres, texts, timeout_s=timeout_s)
+        search = functools.partial(group.search, timeout_s=timeout_s, by_vector=by_vector)
+        found = await asyncio.to_thread(search, vectors, ks, wheres, texts)
         answers = [
             answer if isinstance(answer, Exception) else (encode(answer.vector), encode(answer.text))
             for answer in found.answers
@@ -118,7 +121,7 @@ def encode(rows: pa.Table | None) -> bytes | None:
     return sink.getvalue().to_pybytes()
 
 
-def decode(answer: tuple[bytes, bytes | None] | Exception) -> Partial:
+def decode(answer: tuple[bytes | None, bytes | None] | Exception) -> Partial:
     """One query's Partial from a group deployment's answer; the error it holds is raised."""
     if isinstance(answer, Exception):
         raise answer

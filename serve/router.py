@@ -9,12 +9,14 @@ No ``from __future__ import annotations`` here: FastAPI must see the real reques
 """
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import time
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +35,7 @@ from pipelines.search import (
     RowCache,
     ShardError,
     ShardGroup,
+    collapse_docs,
     combine,
     fetch_rows,
 )
@@ -58,8 +61,21 @@ class SearchRequest(BaseModel):
         "serve.filter_columns adds): comparisons, BETWEEN, IN (values), LIKE/ILIKE, IS [NOT] NULL, "
         "AND/OR/NOT. No function calls.",
     )
-    mode: Literal["vector", "hybrid"] | None = Field(
-        None, description="vector (cosine) or hybrid (vector + BM25, fused by rank); default from config."
+    mode: Literal["vector", "text", "hybrid"] | None = Field(
+        None,
+        description="vector (cosine), text (BM25 with the whole db's term statistics) or hybrid (both, "
+        "fused); default from config (serve.default_mode).",
+    )
+    fusion: Literal["convex", "rrf"] | None = Field(
+        None,
+        description="hybrid: convex (weight x vector + (1 - weight) x BM25, each normalized) or rrf "
+        "(reciprocal rank); default from config (serve.fusion).",
+    )
+    weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="convex: the vector ranking's weight; default serve.fusion_weight."
+    )
+    collapse: Literal["doc_id"] | None = Field(
+        None, description="doc_id: one result per document (its best chunk), k documents."
     )
     generation: int | None = Field(
         None,
@@ -75,7 +91,9 @@ class Hit(BaseModel):
     doc_id: str
     title: str
     text: str
-    score: float = Field(..., description="Cosine similarity (vector mode) or fused RRF score (hybrid).")
+    score: float = Field(
+        ..., description="Cosine similarity (vector), BM25 (text) or the fused score (hybrid)."
+    )
     shard: str
 
 
@@ -138,6 +156,9 @@ class _Job(NamedTuple):
     filter: str | None
     mode: str
     generation: int
+    fusion: str = "convex"
+    weight: float = 0.8
+    collapse: str | None = None
 
 
 class _View:
@@ -453,8 +474,7 @@ class Router:
                 for items in by_view.values():
                     view = items[0][1]
                     try:
-                        queries = [job.query for job, _, _ in items]
-                        embedded.append((items, await asyncio.to_thread(view.embedder.encode, queries)))
+                        embedded.append((items, await self._embed([job for job, _, _ in items], view)))
                     except Exception as exc:  # noqa: BLE001 - these queries get it; the worker lives on
                         logger.exception("embedding a query batch failed")
                         _settle(items, [exc] * len(items))
@@ -465,6 +485,19 @@ class Router:
                     logger.exception("a query batch failed")
                     answers = [exc] * len(items)
                 _settle(items, answers)
+
+    async def _embed(self, jobs: list[_Job], view: _View) -> np.ndarray | None:
+        """The batch's query vectors (zeros for text-mode queries, which are not embedded), or None
+        when every query is text-mode."""
+        wanted = [i for i, job in enumerate(jobs) if job.mode != "text"]
+        if not wanted:
+            return None
+        found = await asyncio.to_thread(view.embedder.encode, [jobs[i].query for i in wanted])
+        if len(wanted) == len(jobs):
+            return found
+        vectors = np.zeros((len(jobs), found.shape[1]), found.dtype)
+        vectors[wanted] = found
+        return vectors
 
     async def _fill(self, batch: list[tuple[_Job, _View, asyncio.Future]]) -> None:
         limit = self.settings.max_batch_size
@@ -491,19 +524,20 @@ class Router:
         """
         started = time.perf_counter()
         candidates = self.settings.hybrid_candidates
-        depth = [job.k if job.mode == "vector" else max(job.k, candidates) for job in jobs]
+        depth = [max(job.k, candidates) if job.mode == "hybrid" or job.collapse else job.k for job in jobs]
         wheres = [job.filter for job in jobs]
-        texts = [job.query if job.mode == "hybrid" else None for job in jobs]
+        texts = [job.query if job.mode != "vector" else None for job in jobs]
+        by_vector = [job.mode != "text" for job in jobs]
         timeout = self.settings.query_timeout_s
         if view.local is not None:
-            search = view.local.search
-            found = await asyncio.to_thread(search, vectors, depth, wheres, texts, timeout_s=timeout)
+            search = functools.partial(view.local.search, timeout_s=timeout, by_vector=by_vector)
+            found = await asyncio.to_thread(search, vectors, depth, wheres, texts)
             per_group, versions = [found.answers], found.versions
         else:
             deadline = time.monotonic() + timeout
             calls = [
                 self._call_group(
-                    deadline, group.search, vectors, depth, wheres, texts, timeout, view.generation
+                    deadline, group.search, vectors, depth, wheres, texts, timeout, view.generation, by_vector
                 )
                 for group in self._groups_of(view)
             ]
@@ -521,7 +555,10 @@ class Router:
             except (FilterError, NoTextIndexError, ShardError, QueryTimeout) as error:
                 results.append(error)
                 continue
-            merged[i] = combine(parts, k=job.k, depth=depth[i], rrf_k=self.settings.rrf_k)
+            merged[i] = combine(
+                parts, k=depth[i] if job.collapse else job.k, depth=depth[i], fusion=job.fusion,
+                weight=job.weight, rrf_k=self.settings.rrf_k,
+            )  # fmt: skip
             results.append(None)
         if merged:
             # The text of the answers' rows only, one read per shard for the whole batch, from the
@@ -538,6 +575,8 @@ class Router:
                 }
                 tables = await asyncio.to_thread(view.pinned.at, pinned)
             try:
+                for i in [i for i in merged if jobs[i].collapse]:  # one row per document
+                    merged[i] = await asyncio.to_thread(collapse_docs, merged[i], tables, k=jobs[i].k)
                 hits = list(merged.values())
                 if all(pinned.held is not None for pinned in tables.values()):
                     rows = fetch_rows(hits, tables, HIT_COLUMNS, self.rows)  # all in memory: no I/O
@@ -666,7 +705,11 @@ class Router:
         except store.StoreError as exc:
             raise HTTPException(404, str(exc)) from None
         versions = await self._table_versions(view)
-        job = _Job(body.query, body.k, where, mode, view.generation)
+        job = _Job(
+            body.query, body.k, where, mode, view.generation,
+            body.fusion or self.settings.fusion,
+            self.settings.fusion_weight if body.weight is None else body.weight, body.collapse,
+        )  # fmt: skip
         try:
             hits, outcome = await self.cache.get_or_compute(
                 (job, versions), lambda: self._search(job, view, versions)

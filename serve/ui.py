@@ -65,7 +65,7 @@ def search_page(*, auth: bool, default_mode: str = "vector", max_k: int = 300) -
         max_k: the largest k the service answers.
     """
     form = _asset("search.html").replace("{max_k}", str(int(max_k)))
-    for mode in ("vector", "hybrid"):
+    for mode in ("vector", "text", "hybrid"):
         form = form.replace("{" + mode + "}", " selected" if mode == default_mode else "")
     return _page(title="embedpipe search", body=form, script="search.js", auth=auth)
 

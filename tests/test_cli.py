@@ -50,6 +50,19 @@ def test_ingest_query_eval(ray_local, mini_beir, tmp_path):
     assert scores["queries"] == 20
     assert scores["ndcg@10"] > 0.5  # a small corpus: the judged docs are easy to find
 
+    # Keyword search alone, and one result per document, after `embedpipe index`.
+    assert runner.invoke(app, ["index", "--db", str(db)]).exit_code == 0
+    args = ["query", "vitamin D deficiency", "--db", str(db), "-k", "4", "--json", "--mode", "text"]
+    result = runner.invoke(app, [*args, "--collapse"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)["results"]
+    assert len({h["doc_id"] for h in hits}) == len(hits) == 4
+    assert hits[0]["score"] > 1 and "vitamin" in (hits[0]["title"] + hits[0]["text"]).lower()  # BM25
+    for mode in ("text", "hybrid"):
+        result = runner.invoke(app, ["eval", str(mini_beir), "--db", str(db), "--json", "--mode", mode])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output.strip().splitlines()[-1])["ndcg@10"] > 0.5
+
 
 def test_failed_documents_give_their_own_exit_code(ray_local, tmp_path):
     src = tmp_path / "docs"
@@ -67,6 +80,8 @@ def test_failed_documents_give_their_own_exit_code(ray_local, tmp_path):
         (["ingest", "/nonexistent/src", "--db", "DB"], "does not exist"),
         (["query", "x", "--db", "/nonexistent/db"], "not an embedpipe db"),
         (["eval", "/nonexistent/beir", "--db", "DB"], "not a BEIR collection"),
+        (["query", "x", "--db", "DB", "--mode", "sparse"], "'vector', 'text' or 'hybrid'"),
+        (["query", "x", "--db", "DB", "--mode", "hybrid", "--weight", "2"], "less than or equal to 1"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path, args, message):

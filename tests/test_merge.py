@@ -83,3 +83,24 @@ def test_rrf_handles_empty_rankings():
     empty = _shard("a", [])
     assert rrf_fuse([empty, empty], k=5).num_rows == 0
     assert rrf_fuse([empty, _shard("b", [("x", 1.0)])], k=5)["chunk_id"].to_pylist() == ["x"]
+
+
+def test_convex_fusion_weighs_normalized_scores():
+    from pipelines.search import convex_fuse
+
+    vector = _shard("a", [("both", 0.8), ("v_only", 0.6), ("v_low", 0.2)])  # cosine: floor -1
+    text = _shard("a", [("t_only", 12.0), ("both", 6.0)])  # BM25: floor 0
+    fused = convex_fuse(vector, text, k=4, weight=0.5)
+    scores = dict(zip(fused["chunk_id"].to_pylist(), fused["score"].to_pylist(), strict=True))
+    assert scores["both"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+    # Absent from a ranking: that ranking's lowest scaled score (0.5 here, and 1.2 / 1.8 for vectors).
+    assert scores["t_only"] == pytest.approx(0.5 * (1.2 / 1.8) + 0.5 * 1.0)
+    assert scores["v_only"] == pytest.approx(0.5 * (1.6 / 1.8) + 0.5 * 0.5)
+    assert fused["chunk_id"].to_pylist()[:2] == ["t_only", "both"]
+    # The weight moves the order: all vector, then all text.
+    assert convex_fuse(vector, text, k=1, weight=1.0)["chunk_id"].to_pylist() == ["both"]
+    assert convex_fuse(vector, text, k=1, weight=0.0)["chunk_id"].to_pylist() == ["t_only"]
+    empty = text.slice(0, 0)
+    assert convex_fuse(vector, empty, k=5, weight=0.8)["chunk_id"].to_pylist() == ["both", "v_only", "v_low"]
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):
+        convex_fuse(vector, text, k=3, weight=1.5)

@@ -110,7 +110,11 @@ def test_bad_filter_is_a_400_naming_the_problem(served, flt, needle):
         ({"k": 3}, 422, "query"),
         ({"query": "x", "unknown": 1}, 422, "unknown"),
         ({"query": "x" * 301}, 422, "max_query_chars=300"),
-        ({"query": "x", "mode": "sparse"}, 422, "mode"),
+        ({"query": "x", "mode": "sparse"}, 422, "'vector', 'text' or 'hybrid'"),
+        ({"query": "x", "mode": "hybrid", "fusion": "max"}, 422, "'convex' or 'rrf'"),
+        ({"query": "x", "mode": "hybrid", "weight": 1.5}, 422, "less than or equal to 1"),
+        ({"query": "x", "mode": "hybrid", "weight": -0.1}, 422, "greater than or equal to 0"),
+        ({"query": "x", "collapse": "title"}, 422, "'doc_id'"),
     ],
 )
 def test_bad_requests_are_4xx(served, body, status, needle):
@@ -201,17 +205,49 @@ def test_eval_through_the_endpoint_equals_local(served):
     assert empty.exit_code == 1 and "set but empty" in empty.output
 
 
-def test_hybrid_matches_local_hybrid(served):
+@pytest.mark.parametrize("fusion", ["rrf", "convex"])
+def test_hybrid_matches_local_hybrid(served, fusion):
     url, db, docs, *_ = served
     searcher = Searcher(db, device="cpu", dtype="fp32")
     for doc in docs[20:26]:
-        response = _search(url, query=doc["title"], k=10, mode="hybrid")
+        response = _search(url, query=doc["title"], k=10, mode="hybrid", fusion=fusion, weight=0.6)
         assert response.status_code == 200, response.text
         hits = response.json()["results"]
-        local = searcher.search(doc["title"], k=10, mode="hybrid")
+        local = searcher.search(doc["title"], k=10, mode="hybrid", fusion=fusion, weight=0.6)
         assert [h["chunk_id"] for h in hits] == local["chunk_id"].to_pylist()
         assert hits[0]["doc_id"] == doc["_id"]
-        assert all(0 < h["score"] <= 2 / 61 for h in hits)  # fused reciprocal-rank scores
+        if fusion == "rrf":
+            assert all(0 < h["score"] <= 2 / 61 for h in hits)  # fused reciprocal-rank scores
+        else:
+            assert all(0 < h["score"] <= 1 + 1e-6 for h in hits)  # weights summing to 1 of [0, 1] scores
+
+
+def test_text_mode_is_bm25_alone_and_matches_local(served):
+    url, db, docs, *_ = served
+    searcher = Searcher(db, device="cpu", dtype="fp32")
+    for doc in docs[30:34]:
+        response = _search(url, query=doc["title"], k=5, mode="text")
+        assert response.status_code == 200, response.text
+        hits = response.json()["results"]
+        local = searcher.search(doc["title"], k=5, mode="text")
+        assert [h["chunk_id"] for h in hits] == local["chunk_id"].to_pylist()
+        np.testing.assert_allclose([h["score"] for h in hits], local["score"].to_pylist(), atol=1e-4)
+        assert hits[0]["score"] > 1  # BM25 scores, not cosine similarities or fused ranks
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_collapse_gives_one_chunk_per_document_with_a_filter(served, mode):
+    url, *_ = served
+    body = {"query": "cancer cells", "k": 5, "mode": mode, "filter": "chunk_index >= 0"}
+    chunks = _search(url, **{**body, "k": 40})
+    assert chunks.status_code == 200, chunks.text
+    ranked = [h["doc_id"] for h in chunks.json()["results"]]
+    assert len(set(ranked)) < len(ranked)  # some documents have several matching chunks
+    collapsed = _search(url, **body, collapse="doc_id")
+    assert collapsed.status_code == 200, collapsed.text
+    docs = [h["doc_id"] for h in collapsed.json()["results"]]
+    assert len(docs) == len(set(docs)) == 5
+    assert docs == list(dict.fromkeys(ranked))[:5]  # each document at the rank of its best chunk
 
 
 def _metric(text, name, **labels):

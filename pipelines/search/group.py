@@ -159,6 +159,7 @@ class ShardGroup:
         *,
         exact: bool = False,
         timeout_s: float | None = None,
+        by_vector: list[bool] | None = None,
     ) -> GroupAnswer:
         """Each query's top ``ks[i]`` hits (``pipelines.search.KEY_COLUMNS``) over the group's shards.
 
@@ -170,6 +171,8 @@ class ShardGroup:
             texts: per query, the text of a BM25 search to run beside the vector search (hybrid
                 mode), or None.
             exact: scan every row even where an ANN index exists.
+            by_vector: which queries search by vector (default: all, when ``vectors`` is given); a
+                query with a text only searches by BM25 (``text`` mode).
             timeout_s: a query whose LanceDB searches are not all done by then gets QueryTimeout (the
                 other queries of the batch are answered; a LanceDB query cannot be stopped, so its
                 thread finishes on its own and its rows are dropped).
@@ -194,7 +197,7 @@ class ShardGroup:
         from_memory: list[Any] = [None] * n
         # (who answers, the queries it answers, where each query's rows go, what to await)
         calls: list[tuple[str, list[int], Callable[[int, Any], None], Any]] = []
-        searched = range(n) if vectors is not None else range(0)
+        searched = [i for i in range(n) if vectors is not None and (by_vector is None or by_vector[i])]
         plain = [i for i in searched if not wheres[i]] if memory is not None else []
         loop = search_loop()
         for s, (shard, snap) in enumerate(zip(self.shards, snaps, strict=True)):
@@ -250,7 +253,7 @@ class ShardGroup:
         answers: list[Partial | Exception] = []
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
-            vector_parts = vector_parts if vectors is not None else []
+            vector_parts = vector_parts if i in searched else []
             text_parts = found_text[i][:1] if texts[i] is not None else []
             error = next((p for p in [*vector_parts, *text_parts] if isinstance(p, Exception)), None)
             if error is not None:
@@ -432,8 +435,8 @@ def combine(
     *,
     k: int,
     depth: int | None = None,
-    fusion: str = "rrf",
-    weight: float = 0.5,
+    fusion: str = "convex",
+    weight: float = 0.8,
     rrf_k: int = 60,
 ) -> pa.Table:
     """One query's global top-k from its answers of every group: the merged vector rows, the merged

@@ -63,9 +63,12 @@ SCORE_FLOOR = {"vector": -1.0, "text": 0.0}
 
 
 def convex_fuse(vector: pa.Table, text: pa.Table, *, k: int, weight: float) -> pa.Table:
-    """A convex combination of normalized scores: ``weight`` * vector + (1 - ``weight``) * text, each
-    ranking's scores scaled to [0, 1] from its floor (``SCORE_FLOOR``) to its best; a row absent from
-    a ranking scores 0 there.
+    """A convex combination of normalized scores: ``weight`` * vector + (1 - ``weight``) * text.
+
+    Each ranking's scores are scaled to [0, 1] from its floor (``SCORE_FLOOR``) to its best. A row
+    absent from one ranking takes the lowest scaled score that ranking returned: its own is at most
+    that (it was not in the top), and a 0 would sink a row that one ranking is sure of
+    (benchmarks/fusion.py measured both; README, "Hybrid search").
 
     Args:
         vector: the vector ranking (cosine ``score``), best first.
@@ -80,20 +83,18 @@ def convex_fuse(vector: pa.Table, text: pa.Table, *, k: int, weight: float) -> p
         raise ValueError(f"k must be >= 1, got {k}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
-    fused: dict[str, float] = {}
     first: dict[str, tuple[int, int]] = {}
-    for which, (table, share, floor) in enumerate(
-        [(vector, weight, SCORE_FLOOR["vector"]), (text, 1.0 - weight, SCORE_FLOOR["text"])]
-    ):
+    scaled = []
+    for which, (table, floor) in enumerate([(vector, SCORE_FLOOR["vector"]), (text, SCORE_FLOOR["text"])]):
         scores = table.column("score").to_pylist()
-        if not scores:
-            continue
-        span = max(scores) - floor
         chunk_ids = table.column("chunk_id").to_pylist()
-        for row, (chunk_id, score) in enumerate(zip(chunk_ids, scores, strict=True)):
-            norm = (score - floor) / span if span > 0 else 1.0
-            fused[chunk_id] = fused.get(chunk_id, 0.0) + share * norm
+        span = max(scores) - floor if scores else 0.0
+        norm = {c: (s - floor) / span if span > 0 else 1.0 for c, s in zip(chunk_ids, scores, strict=True)}
+        for row, chunk_id in enumerate(chunk_ids):
             first.setdefault(chunk_id, (which, row))
+        scaled.append((norm, min(norm.values(), default=0.0)))
+    (vec, vec_low), (txt, txt_low) = scaled
+    fused = {c: weight * vec.get(c, vec_low) + (1.0 - weight) * txt.get(c, txt_low) for c in first}
     return _fused_rows([vector, text], fused, first, k)
 
 

@@ -6,6 +6,7 @@
     query: document.getElementById("q"),
     k: document.getElementById("k"),
     mode: document.getElementById("mode"),
+    collapse: document.getElementById("collapse"),
     filter: document.getElementById("filter"),
     generation: document.getElementById("generation"),
   };
@@ -124,7 +125,9 @@
     const filter = fields.filter.value.trim();
     if (filter) request.filter = filter;
     if (fields.generation.value) request.generation = Number(fields.generation.value);
+    if (fields.collapse.checked) request.collapse = "doc_id";
     const params = new URLSearchParams({ q: request.query, k: request.k, mode: request.mode });
+    if (request.collapse) params.set("collapse", "doc_id");
     if (filter) params.set("filter", filter);
     if (request.generation) params.set("generation", request.generation);
     history.replaceState(null, "", `?${params}`);
@@ -159,7 +162,8 @@
   if (shared.get("q")) {
     fields.query.value = shared.get("q");
     if (shared.get("k")) fields.k.value = shared.get("k");
-    if (["vector", "hybrid"].includes(shared.get("mode"))) fields.mode.value = shared.get("mode");
+    if (["vector", "text", "hybrid"].includes(shared.get("mode"))) fields.mode.value = shared.get("mode");
+    fields.collapse.checked = shared.get("collapse") === "doc_id";
     if (/^[0-9]{1,7}$/.test(shared.get("generation") || "")) {
       const wanted = shared.get("generation");
       fields.generation.append(new Option(wanted, wanted));
