@@ -2,12 +2,14 @@
 with different shard counts, compared top-10 by top-10.
 
 python benchmarks/shard_counts.py /tmp/sf-db ../shared/datasets/scifact --shards 1,4,16
+python benchmarks/shard_counts.py /tmp/db-a,/tmp/db-b ../shared/datasets/scifact   # two dbs' live generations
 
 For each shard count the db has no ready generation of, ``embedpipe reshard`` builds one (the same
 chunks and vectors, indexed as the live one is, BM25 term statistics included); nothing is promoted.
-Each query is embedded once and searched in every generation, in each mode; the first shard count is
-the reference. Prints one JSON line per mode: queries, how many had the same chunk ids in the same
-order in every generation, and the largest score gap.
+Given several dbs (comma-separated), their live generations are compared instead (e.g. after the same
+incremental ingest into both). Each query is embedded once and searched in every generation, in each
+mode; the first is the reference. Prints one JSON line per mode: queries, how many had the same chunk
+ids in the same order in every generation, and the largest score gap.
 """
 
 from __future__ import annotations
@@ -53,12 +55,18 @@ def main() -> None:
     from pipelines.evaluate import load_beir
     from pipelines.search import Searcher
 
-    counts = [int(n) for n in args.shards.split(",")]
-    generations = {n: generation_with(args.db, n) for n in counts}
-    searchers = {n: Searcher(args.db, generation=g) for n, g in generations.items()}
+    if "," in args.db:  # several dbs: their live generations, as they are
+        dbs = args.db.split(",")
+        searchers = {db: Searcher(db) for db in dbs}
+        counts = [s.manifest.shards for s in searchers.values()]
+        generations = {db: s.manifest.generation for db, s in searchers.items()}
+    else:
+        counts = [int(n) for n in args.shards.split(",")]
+        generations = {n: generation_with(args.db, n) for n in counts}
+        searchers = {n: Searcher(args.db, generation=g) for n, g in generations.items()}
     queries, _ = load_beir(args.beir_dir)
     texts = [queries[qid] for qid in sorted(queries)][: args.queries]
-    vectors = searchers[counts[0]].embed(texts)
+    vectors = next(iter(searchers.values())).embed(texts)
     for mode in args.modes.split(","):
         same, gap, differing = 0, 0.0, []
         for text, vector in zip(texts, vectors, strict=True):

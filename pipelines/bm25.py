@@ -260,6 +260,7 @@ class Candidate:
     shard: str
     rowid: int
     chunk_id: str
+    local: float
     bound: float
     score: float | None = None
 
@@ -338,19 +339,42 @@ def global_top(
             ):  # fmt: skip
                 if (shard, rowid) not in candidates:
                     bound = float(local) * ratio[shard] * (1 + _EPS) + _EPS
-                    candidates[(shard, rowid)] = Candidate(shard, rowid, chunk_id, bound)
+                    candidates[(shard, rowid)] = Candidate(shard, rowid, chunk_id, float(local), bound)
         pending = sorted(
             (c for c in candidates.values() if c.score is None), key=lambda c: (-c.bound, c.chunk_id)
         )
-        # Rescore best bound first, a batch at a time, until no bound left can enter the top.
+        # Each shard's best row is rescored whatever its bound (it checks the shard's ratio, below);
+        # then the others, best bound first, a batch at a time, until no bound left can enter the top.
+        leaders: dict[str, tuple[float, Candidate]] = {}
+        checked = {c.shard for c in scored}
+        for c in pending:
+            if c.shard not in checked and c.local > leaders.get(c.shard, (float("-inf"), c))[0]:
+                leaders[c.shard] = (c.local, c)
+        batch = [c for _, c in leaders.values()]
         while pending:
             floor = _floor(scored, depth)
-            batch = [c for c in pending[: max(depth, 16)] if c.bound >= floor]
+            chosen = {id(c) for c in batch}
+            batch += [c for c in pending[: max(depth, 16)] if c.bound >= floor and id(c) not in chosen]
             if not batch:
                 break
             _rescore(batch, query, stats, read)
             scored.extend(batch)
-            pending = pending[len(batch) :]
+            done = {id(c) for c in batch}
+            pending = [c for c in pending if id(c) not in done]
+            # A safeguard: LanceDB's local scores of rows not yet folded into its index (or of an index
+            # updated in place) can stray from the stored statistics; where a rescored row beat its
+            # bound, the shard's ratio grows to cover it, and its bounds with it.
+            grown = set()
+            for c in batch:
+                if c.score > c.bound:
+                    ratio[c.shard] = max(ratio[c.shard], c.score / max(c.local, 1e-12) * 1.25)
+                    grown.add(c.shard)
+            if grown:
+                for c in pending:
+                    if c.shard in grown:
+                        c.bound = c.local * ratio[c.shard] * (1 + _EPS) + _EPS
+                pending.sort(key=lambda c: (-c.bound, c.chunk_id))
+            batch = []
         # A shard cut at its limit may hold unseen rows whose bound still enters the top: ask it deeper.
         floor = _floor(scored, depth)
         deeper = {}

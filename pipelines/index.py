@@ -252,9 +252,14 @@ def index_shard(
     if settings.fts:
         options = settings.text.options()
         built_with = _fts_options(table)
+        # Built again when it splits text otherwise than the config says (index.text changed), and when
+        # rows changed since the BM25 statistics were stored: LanceDB's index, updated in place, keeps
+        # counting replaced rows in its own statistics, and the exact global rescoring bounds a row's
+        # score by its local one (pipelines/bm25.py), so both must describe the same rows.
+        held = bm25.pointer(codes_at, table.name) if codes_at is not None else None
+        changed = held is not None and held["version"] != table.version
         for column in FTS_COLUMNS:
-            # Built again when it splits text otherwise than the config says (index.text changed).
-            if rebuild or column not in have.fts_columns or built_with.get(column) != options:
+            if rebuild or changed or column not in have.fts_columns or built_with.get(column) != options:
                 table.create_index(column, config=FTS(**options), replace=True)
     # Rows added since an index was built are searched by a scan until they are folded in here.
     table.optimize()
