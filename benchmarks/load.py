@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--mode", default=None, help="vector or hybrid (default: the service's)")
+    parser.add_argument("--mode", default=None, help="vector, text or hybrid (default: the service's)")
     parser.add_argument("--warmup", type=int, default=5, help="seconds of load before measuring")
     parser.add_argument("--distinct", action="store_true", help="never send a query twice (see above)")
     args = parser.parse_args()

@@ -29,10 +29,14 @@ import io
 import json
 import logging
 import math
+import threading
 import time
+from array import array
+from bisect import bisect_left
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -266,32 +270,123 @@ class Candidate:
 
 
 Search = Callable[[str, int], pa.Table]  # (shard, depth) -> its local BM25 top-depth (KEY_COLUMNS)
-Read = Callable[[str, list[int], list[str]], dict[int, dict[str, str | None]]]  # rows' texts by row id
+# The named columns of rows, by shard and row id: {shard: row ids} -> {shard: {row id: {column: text}}}
+Read = Callable[[dict[str, list[int]], list[str]], dict[str, dict[int, dict[str, str | None]]]]
 
 
-def _scores(
-    texts: dict[str, str | None],
-    query: dict[str, tuple[np.ndarray, np.ndarray]],
-    stats: GenerationStats,
-) -> float:
+class RowTerms(NamedTuple):
+    """One column of a row as BM25 reads it: its length in terms, and each distinct term's count
+    (``keys``: the terms' hashes in this process, sorted; compact arrays, searched with bisect: a
+    row is scored in a few microseconds, where numpy's per-call cost was ~30)."""
+
+    length: int
+    keys: array
+    counts: array
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * len(self.keys) + 4 * len(self.counts) + 200
+
+
+def row_terms(text: str | None, options: dict[str, Any]) -> RowTerms:
+    found = Counter(tokenize(text, options))
+    pairs = sorted((hash(term), count) for term, count in found.items())
+    return RowTerms(sum(found.values()), array("q", [k for k, _ in pairs]), array("i", [c for _, c in pairs]))
+
+
+class Query(NamedTuple):
+    """A query's terms (their hashes in this process) and each one's global idf, per column."""
+
+    keys: list[int]
+    idf: dict[str, list[float]]
+
+
+def make_query(text: str, stats: GenerationStats, columns: Sequence[str]) -> Query:
+    terms = tokenize(text, stats.options)
+    hashes = _hashes(terms)
+    idf = {
+        c: (stats.columns[c].idf(hashes) if c in stats.columns else np.zeros(len(terms))).tolist()
+        for c in columns
+    }
+    return Query([hash(t) for t in terms], idf)
+
+
+def _score(row: dict[str, RowTerms], query: Query, stats: GenerationStats) -> float:
     """A row's global BM25 score: over the full-text columns, the best of each column's sum over the
     query's terms (LanceDB's multi-column match takes the best column)."""
     best = 0.0
-    for column, (terms, idf) in query.items():
-        found = tokenize(texts.get(column), stats.options)
-        if not found:
+    for column, idf in query.idf.items():
+        terms = row.get(column)
+        if terms is None or not terms.length:
             continue
-        counts: dict[str, int] = {}
-        for term in found:
-            counts[term] = counts.get(term, 0) + 1
-        norm = K1 * (1 - B + B * len(found) / stats.columns[column].avgdl)
+        keys, counts, n = terms.keys, terms.counts, len(terms.keys)
+        norm = K1 * (1 - B + B * terms.length / stats.columns[column].avgdl)
         total = 0.0
-        for term, weight in zip(terms, idf, strict=True):
-            tf = counts.get(term, 0)
-            if tf:
+        for key, weight in zip(query.keys, idf, strict=True):
+            at = bisect_left(keys, key)
+            if at < n and keys[at] == key:
+                tf = counts[at]
                 total += weight * tf * (K1 + 1) / (tf + norm)
         best = max(best, total)
     return best
+
+
+def score_text(texts: dict[str, str | None], text: str, stats: GenerationStats) -> float:
+    """``texts``' (a row's full-text columns) global BM25 score for the query ``text``."""
+    query = make_query(text, stats, list(texts))
+    return _score({c: row_terms(t, stats.options) for c, t in texts.items()}, query, stats)
+
+
+class Row(NamedTuple):
+    """A rescored row: its chunk id and its full-text columns' terms."""
+
+    chunk_id: str
+    terms: dict[str, RowTerms]
+
+    @property
+    def nbytes(self) -> int:
+        return 100 + len(self.chunk_id) + sum(t.nbytes for t in self.terms.values())
+
+
+class TermCache:
+    """The chunk ids and term counts of rows rescored lately, by (shard, table version, row id), least
+    recently used out first, at most ``max_bytes``: a row that keyword queries keep finding is tokenized
+    once.
+
+    Args:
+        max_bytes: what it may hold (0: nothing is kept).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._rows: OrderedDict[tuple[str, int, int], tuple[Row, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], Row]:
+        with self._lock:
+            found = {}
+            for key in keys:
+                entry = self._rows.get(key)
+                if entry is not None:
+                    self._rows.move_to_end(key)
+                    found[key] = entry[0]
+            return found
+
+    def put(self, rows: dict[tuple[str, int, int], Row]) -> None:
+        if self.max_bytes <= 0:
+            return
+        with self._lock:
+            for key, row in rows.items():
+                size = row.nbytes
+                old = self._rows.pop(key, None)
+                if old is not None:
+                    self.nbytes -= old[1]
+                self._rows[key] = (row, size)
+                self.nbytes += size
+            while self.nbytes > self.max_bytes and self._rows:
+                _, (_, size) = self._rows.popitem(last=False)
+                self.nbytes -= size
 
 
 def global_top(
@@ -303,6 +398,8 @@ def global_top(
     columns: Sequence[str],
     search: Search,
     read: Read,
+    cache: TermCache | None = None,
+    versions: dict[str, int] | None = None,
 ) -> pa.Table:
     """The top ``depth`` rows of some shards for ``text`` by BM25 with the generation's statistics.
 
@@ -310,38 +407,36 @@ def global_top(
         text: the query.
         depth: rows to return.
         stats: the generation's statistics (every shard's, not only these).
-        first: each shard's LanceDB BM25 top ``depth`` (local scores), by shard name (a group's shards).
+        first: each shard's LanceDB BM25 top ``depth`` (local scores and row ids; chunk ids are read
+            with the rows' text), by shard name (a group's shards).
         columns: the full-text columns searched.
         search: a shard's LanceDB BM25 top-n, when a shard must be asked for more.
-        read: the named columns of a shard's rows, by row id.
+        read: the named columns of rows, by shard and row id (one call for a batch of rows).
+        cache: rows' term counts kept between queries, with ``versions``, each shard's table version.
 
     Returns:
         KEY_COLUMNS: ``score`` the global BM25 score, best first, ties by chunk_id.
     """
     from pipelines.search.merge import merge_topk
 
-    terms = tokenize(text, stats.options)
-    hashes = _hashes(terms)
-    query = {}
-    for column in columns:
-        idf = stats.columns[column].idf(hashes) if column in stats.columns else np.zeros(len(terms))
-        query[column] = (terms, idf)
+    query = make_query(text, stats, columns)
+    hashes = _hashes(tokenize(text, stats.options))
     ratio = {shard: _ratio(stats, shard, hashes, columns) for shard in first}
+    rescore = lambda batch: _rescore(batch, query, stats, read, cache, versions or {})  # noqa: E731
     limit = dict.fromkeys(first, depth)
     hits = dict(first)
     candidates: dict[tuple[str, int], Candidate] = {}
     scored: list[Candidate] = []
     while True:
         for shard, found in hits.items():
-            for chunk_id, local, rowid in zip(
-                found.column("chunk_id").to_pylist(), found.column("score").to_pylist(),
-                found.column("_rowid").to_pylist(), strict=True,
-            ):  # fmt: skip
+            for local, rowid in zip(
+                found.column("score").to_pylist(), found.column("_rowid").to_pylist(), strict=True
+            ):
                 if (shard, rowid) not in candidates:
                     bound = float(local) * ratio[shard] * (1 + _EPS) + _EPS
-                    candidates[(shard, rowid)] = Candidate(shard, rowid, chunk_id, float(local), bound)
+                    candidates[(shard, rowid)] = Candidate(shard, rowid, "", float(local), bound)
         pending = sorted(
-            (c for c in candidates.values() if c.score is None), key=lambda c: (-c.bound, c.chunk_id)
+            (c for c in candidates.values() if c.score is None), key=lambda c: (-c.bound, c.shard, c.rowid)
         )
         # Each shard's best row is rescored whatever its bound (it checks the shard's ratio, below);
         # then the others, best bound first, a batch at a time, until no bound left can enter the top.
@@ -357,7 +452,7 @@ def global_top(
             batch += [c for c in pending[: max(depth, 16)] if c.bound >= floor and id(c) not in chosen]
             if not batch:
                 break
-            _rescore(batch, query, stats, read)
+            rescore(batch)
             scored.extend(batch)
             done = {id(c) for c in batch}
             pending = [c for c in pending if id(c) not in done]
@@ -373,7 +468,7 @@ def global_top(
                 for c in pending:
                     if c.shard in grown:
                         c.bound = c.local * ratio[c.shard] * (1 + _EPS) + _EPS
-                pending.sort(key=lambda c: (-c.bound, c.chunk_id))
+                pending.sort(key=lambda c: (-c.bound, c.shard, c.rowid))
             batch = []
         # A shard cut at its limit may hold unseen rows whose bound still enters the top: ask it deeper.
         floor = _floor(scored, depth)
@@ -425,14 +520,33 @@ def _ratio(stats: GenerationStats, shard: str, hashes: np.ndarray, columns: Sequ
 
 def _rescore(
     batch: list[Candidate],
-    query: dict[str, tuple[list[str], np.ndarray]],
+    query: Query,
     stats: GenerationStats,
     read: Read,
+    cache: TermCache | None,
+    versions: dict[str, int],
 ) -> None:
+    key = lambda c: (c.shard, versions.get(c.shard, -1), c.rowid)  # noqa: E731
+    known = cache.get([key(c) for c in batch]) if cache is not None else {}
     by_shard: dict[str, list[int]] = {}
     for c in batch:
-        by_shard.setdefault(c.shard, []).append(c.rowid)
-    texts = {shard: read(shard, rowids, list(query)) for shard, rowids in by_shard.items()}
+        if key(c) not in known:
+            by_shard.setdefault(c.shard, []).append(c.rowid)
+    if by_shard:
+        columns = list(query.idf)
+        texts = read(by_shard, ["chunk_id", *columns])
+        new = {
+            (shard, versions.get(shard, -1), rowid): Row(
+                row["chunk_id"], {c: row_terms(row.get(c), stats.options) for c in columns}
+            )
+            for shard, rows in texts.items()
+            for rowid, row in rows.items()
+        }
+        if cache is not None:
+            cache.put(new)
+        known.update(new)
     for c in batch:
-        row = texts[c.shard].get(c.rowid)
-        c.score = _scores(row, query, stats) if row is not None else 0.0
+        row = known.get(key(c))
+        c.chunk_id, c.score = (
+            (row.chunk_id, _score(row.terms, query, stats)) if row is not None else ("", 0.0)
+        )

@@ -279,6 +279,12 @@ class IndexSettings(_Strict):
         "shard, so a cluster builds on every node and one machine builds CPUs / build_cpus shards at once.",
     )
     after_ingest: bool = Field(False, description="Run `embedpipe index` at the end of every ingest.")
+    bm25_cache_mb: float = Field(
+        32,
+        ge=0,
+        description="Keyword search: the term counts of rows it rescored lately, kept per searching "
+        "process (MiB; ~1 KB a row), so that a row found again is not tokenized again. 0: none.",
+    )
     codes: bool = Field(
         True,
         description="Also store, per indexed shard, faiss IVF codes (RaBitQ, codes_bits per dimension) that "
@@ -445,7 +451,10 @@ class ServeSettings(_Strict):
         description="Search mode of a request that names none: vector (cosine), text (BM25) or hybrid.",
     )
     hybrid_candidates: int = Field(
-        100, gt=0, description="Vector and full-text candidates fused per hybrid query (at least k)."
+        50,
+        gt=0,
+        description="Vector and full-text candidates fused per hybrid query (at least k; also the chunks "
+        "a collapse to one per document picks from). benchmarks/fusion.py: 50 scored as 100 did.",
     )
     fusion: Literal["convex", "rrf"] = Field(
         "convex",

@@ -41,6 +41,7 @@ from pipelines.search.shard import (
     search_shard,
     search_shard_async,
     text_search_shard,
+    text_search_shard_async,
 )
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "KEY_COLUMNS", "RESULT_COLUMNS", "GroupAnswer", "MemoryShard", "NoTextIndexError", "Partial",
     "Pinned", "PinnedTables", "QueryTimeout", "RowCache", "Searcher", "Shard", "ShardError", "ShardGroup",
     "combine", "fetch_rows", "merge_topk", "rrf_fuse", "search_shard",
-    "search_shard_async", "text_search_shard",
+    "search_shard_async", "text_search_shard", "text_search_shard_async",
 ]  # fmt: skip
 
 
@@ -134,7 +135,7 @@ class Searcher:
         k: int = 10,
         where: str | None = None,
         mode: str = "vector",
-        candidates: int = 100,
+        candidates: int = 50,
         fusion: str = "convex",
         weight: float = 0.8,
         rrf_k: int = 60,

@@ -109,6 +109,7 @@ class ShardGroup:
         self._stats_files: dict[str, str | None] | None = None
         self._stats_checked = float("-inf")
         self._stats_lock = threading.Lock()
+        self.term_cache = bm25.TermCache(int((index or IndexSettings()).bm25_cache_mb * 2**20))
         # (key: held shards and versions, the memory, the snapshots it holds by shard)
         self._memory: tuple[tuple[tuple[int, int], ...], MemoryShard | None, dict[int, Snapshot]] = (
             (),
@@ -141,12 +142,15 @@ class ShardGroup:
 
     def memory(self) -> dict[str, Any]:
         """What this group holds in memory for searching: LanceDB's index and metadata caches (the ANN
-        indexes' codes and row ids) and the small shards held exactly; per row of its shards."""
+        indexes' codes and row ids), the small shards held exactly, the BM25 statistics and the term
+        counts of rows rescored lately; per row of its shards."""
         snaps = self.snapshots()
         _, memory, _ = self._memory
         codes = {id(snap.codes): snap.codes.nbytes for snap in snaps if snap.codes is not None}
         codes.update({id(snap.fresh): snap.fresh.nbytes for snap in snaps if snap.fresh is not None})
         held = self.session.size_bytes + (memory.nbytes if memory is not None else 0) + sum(codes.values())
+        stats = self._stats
+        held += self.term_cache.nbytes + (stats.nbytes if stats is not None else 0)  # BM25's statistics
         rows = sum(snap.rows for snap in snaps)
         return {"rows": rows, "bytes_held": held, "bytes_per_row": round(held / rows, 1) if rows else None}
 
@@ -221,7 +225,7 @@ class ShardGroup:
                 calls.append((shard.name, [i], place, call))
         for i in (i for i in range(n) if texts[i] is not None):
             # BM25 over the group's shards with the generation's statistics (pipelines.bm25).
-            call = self._text_search(snaps, texts[i], ks[i], wheres[i])
+            call = self._text_search(snaps, memory, texts[i], ks[i], wheres[i])
             calls.append(("bm25", [i], lambda i, hits: found_text[i].__setitem__(0, hits), call))
         # The LanceDB searches run on the search loop while the held shards are scanned here.
         running = None
@@ -270,37 +274,56 @@ class ShardGroup:
         }
         return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
 
-    async def _text_search(self, snaps: list[Snapshot], text: str, k: int, where: str | None) -> Any:
+    async def _text_search(
+        self, snaps: list[Snapshot], memory: MemoryShard | None, text: str, k: int, where: str | None
+    ) -> Any:
         """One query's BM25 top-k over the group's shards, scored with the statistics of the whole
-        generation (``pipelines.bm25``), or the error that ended it: each shard's LanceDB top-k in the
-        pool side by side, then the rescoring (and any deeper asks) in one pool thread."""
-        loop = asyncio.get_running_loop()
+        generation (``pipelines.bm25``), or the error that ended it: each shard's LanceDB top-k side by
+        side on the search loop, then the rescoring (and any deeper asks) in a pool thread, the rows'
+        text read from the group's memory for held shards and by row id (the shards side by side) for
+        the others."""
         shards = dict(zip(self.names, zip(self.shards, snaps, strict=True), strict=True))
+        stats = self.text_stats()
+        # Without statistics (`embedpipe index` stores them), each shard's own scores, merged by chunk id.
+        ids = stats is None
         local = await asyncio.gather(
-            *(
-                loop.run_in_executor(self.pool, shard.text_query, snap, text, k, where)
-                for shard, snap in shards.values()
-            )
+            *(shard.text_query(snap, text, k, where, ids) for shard, snap in shards.values())
         )
         error = next((hits for hits in local if isinstance(hits, Exception)), None)
         if error is not None:
             return error
-        stats = self.text_stats()
-        if stats is None:  # no statistics stored yet (`embedpipe index` writes them): each shard's own
+        if stats is None:
             return merge_topk(local, k=k)
 
         def search(name: str, depth: int) -> pa.Table:
             shard, snap = shards[name]
-            hits = shard.text_query(snap, text, depth, where)
+            hits = run_async(shard.text_query(snap, text, depth, where, False))
             if isinstance(hits, Exception):
                 raise hits
             return hits
 
-        def read(name: str, rowids: list[int], columns: list[str]) -> dict[int, dict[str, Any]]:
-            query = _async_table(shards[name][1].table).take_row_ids(rowids).select(columns).with_row_id()
-            rows = run_async(query.to_arrow())
-            found = rows.to_pylist()
-            return {row.pop("_rowid"): row for row in found}
+        def read(wanted: dict[str, list[int]], columns: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+            found: dict[str, dict[int, dict[str, Any]]] = {}
+            others = {}
+            for name, rowids in wanted.items():
+                held = memory.values(name, rowids, columns) if memory is not None else None
+                if held is None:
+                    others[name] = rowids
+                else:
+                    found[name] = {
+                        r: dict(zip(columns, v, strict=True)) for r, v in zip(rowids, held, strict=True)
+                    }
+
+            async def take(name: str) -> list[dict[str, Any]]:
+                query = _async_table(shards[name][1].table).take_row_ids(others[name]).select(columns)
+                return (await query.with_row_id().to_arrow()).to_pylist()
+
+            async def take_all() -> list[list[dict[str, Any]]]:
+                return await asyncio.gather(*(take(name) for name in others))
+
+            for name, rows in zip(others, run_async(take_all()) if others else [], strict=True):
+                found[name] = {row.pop("_rowid"): row for row in rows}
+            return found
 
         columns = snaps[0].indexes.fts_columns
         run = lambda: bm25.global_top(  # noqa: E731
@@ -311,9 +334,11 @@ class ShardGroup:
             columns=columns,
             search=search,
             read=read,
+            cache=self.term_cache,
+            versions={name: snap.version for name, snap in zip(self.names, snaps, strict=True)},
         )
         try:
-            return await loop.run_in_executor(self.pool, run)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, run)
         except Exception as exc:  # noqa: BLE001 - this query's answer
             logger.error("bm25: search failed", exc_info=exc)
             return ShardError(f"bm25: {type(exc).__name__}")

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -134,7 +134,26 @@ def search_loop() -> asyncio.AbstractEventLoop:
 def text_search_shard(
     table: Any, text: str, *, k: int, shard: str, columns: tuple[str, ...], where: str | None = None
 ) -> pa.Table:
-    """BM25 full-text search of one shard over ``columns`` (each needs an FTS index).
+    """BM25 full-text search of one shard, from synchronous code; see ``text_search_shard_async``."""
+    return run_async(text_search_shard_async(table, text, k=k, shard=shard, columns=columns, where=where))
+
+
+async def text_search_shard_async(
+    table: Any,
+    text: str,
+    *,
+    k: int,
+    shard: str,
+    columns: tuple[str, ...],
+    where: str | None = None,
+    ids: bool = True,
+) -> pa.Table:
+    """BM25 full-text search of one shard over ``columns`` (each needs an FTS index), with the shard's
+    own statistics (``pipelines.bm25`` rescores with the generation's), through LanceDB's async API.
+
+    Args:
+        ids: read each hit's chunk_id (False: left empty, for a caller that reads it later; a
+            LanceDB search that reads no column costs ~0.85 ms of CPU less here).
 
     Returns:
         KEY_COLUMNS, ``score`` the BM25 score (higher is better), best first.
@@ -142,10 +161,13 @@ def text_search_shard(
     if not columns:
         raise NoTextIndexError(f"{shard} has no full-text index; run `embedpipe index --db DIR` first.")
     match = MatchQuery(text, columns[0]) if len(columns) == 1 else MultiMatchQuery(text, list(columns))
-    query = table.search(match, query_type="fts").select(["chunk_id", "_score"]).with_row_id(True).limit(k)
+    query = _async_table(table).query().nearest_to_text(match)
+    query = query.select(["chunk_id", "_score"] if ids else ["_score"]).with_row_id().limit(k)
     if where:
-        query = query.where(where, prefilter=True)
-    hits = query.to_arrow()
+        query = query.where(where)  # a prefilter
+    hits = await query.to_arrow()
+    if not ids:
+        hits = hits.append_column("chunk_id", pa.array([""] * hits.num_rows, pa.string()))
     return _keys(hits, hits.column("_score").cast(pa.float32()), shard)
 
 
@@ -644,7 +666,7 @@ class Shard:
         self, snap: Snapshot, vectors: np.ndarray, ks: list[int], where: str | None, exact: bool = False
     ) -> list[pa.Table | Exception]:
         """Each query vector's top ``ks[i]`` through LanceDB, one call for them all, or the error it
-        raised (see ``_guarded``). A call that fails for a reason of the shard's is tried again one
+        raised (see ``_guarded_async``). A call that fails for a reason of the shard's is tried again one
         query at a time, so that a query that breaks it fails alone."""
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
 
@@ -722,23 +744,19 @@ class Shard:
             answers.append(merge_topk([hits], k=k))
         return answers
 
-    def text_query(self, snap: Snapshot, text: str, k: int, where: str | None) -> pa.Table | Exception:
-        """One query's BM25 top-k, or the error it raised."""
-        run = lambda: text_search_shard(  # noqa: E731
-            snap.table, text, k=k, shard=self.name, where=where, columns=snap.indexes.fts_columns
+    async def text_query(
+        self, snap: Snapshot, text: str, k: int, where: str | None, ids: bool = True
+    ) -> pa.Table | Exception:
+        """One query's BM25 top-k with the shard's own statistics, or the error it raised."""
+        columns = snap.indexes.fts_columns
+        search = text_search_shard_async(
+            snap.table, text, k=k, shard=self.name, where=where, columns=columns, ids=ids
         )
-        return self._guarded(run, where)
-
-    def _guarded(self, run: Callable[[], Any], where: str | None) -> Any:
-        """``run()``, or the error it raised, as a value: one query's failure is not its batch's
-        (see ``_blame``)."""
-        try:
-            return run()
-        except Exception as exc:  # noqa: BLE001 - a value for the caller, which answers for it
-            return self._blame(exc, where)
+        return await self._guarded_async(search, where)
 
     async def _guarded_async(self, coroutine: Any, where: str | None) -> Any:
-        """``await coroutine``, or the error it raised, as a value (see ``_blame``)."""
+        """``await coroutine``, or the error it raised, as a value: one query's failure is not its
+        batch's (see ``_blame``)."""
         try:
             return await coroutine
         except asyncio.CancelledError:
