@@ -29,11 +29,10 @@ import io
 import json
 import logging
 import math
-import threading
 import time
 from array import array
 from bisect import bisect_left
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -43,12 +42,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.lru import BytesLRU
 from pipelines.store import Location
+from pipelines.store.shard_files import ShardFiles
 
 logger = logging.getLogger(__name__)
 
 DIR = "_bm25"
 FORMAT = 1
+FILES = ShardFiles(DIR, FORMAT)
 K1, B = 1.2, 0.75  # LanceDB's BM25 parameters (tests/test_bm25.py checks scores against its own)
 MAX_DEPTH = 8192  # a shard is asked for at most this many candidates (ties that never end)
 _EPS = 1e-9  # float headroom on the bounds
@@ -151,14 +153,7 @@ def write_stats(at: Location, shard: str, stats: ShardStats) -> dict[str, Any]:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     at.write_bytes(f"{DIR}/{name}.parquet", buffer.getvalue())
-    old = pointer(at, shard)
-    at.write_bytes(f"{DIR}/{shard}.json", json.dumps({"format": FORMAT, "file": name, **meta}).encode())
-    # The file before the last stays for a reader that read the old pointer a moment ago.
-    keep = {name, old["file"] if old else None}
-    for obj in at.list(f"{DIR}/"):
-        stem = obj["path"].rsplit("/", 1)[-1].removesuffix(".parquet")
-        if stem.startswith(f"{shard}-v") and stem not in keep:
-            at.delete(obj["path"])
+    FILES.publish(at, shard, name, meta)
     return {"version": stats.version, "terms": {c: len(s.hashes) for c, s in stats.columns.items()}}
 
 
@@ -180,16 +175,12 @@ def update(table: Any, at: Location, columns: Sequence[str], options: dict[str, 
 
 def pointer(at: Location, shard: str) -> dict[str, Any] | None:
     """The small file naming ``shard``'s current statistics (None: it has none)."""
-    found = at.read_json(f"{DIR}/{shard}.json")
-    return found if found and found.get("format") == FORMAT else None
+    return FILES.pointer(at, shard)
 
 
 def drop(at: Location, shard: str) -> None:
     """Remove ``shard``'s statistics (its full-text indexes are gone)."""
-    at.delete(f"{DIR}/{shard}.json")
-    for obj in at.list(f"{DIR}/"):
-        if obj["path"].rsplit("/", 1)[-1].startswith(f"{shard}-v"):
-            at.delete(obj["path"])
+    FILES.drop(at, shard)
 
 
 def read(at: Location, shard: str) -> ShardStats | None:
@@ -348,7 +339,7 @@ class Row(NamedTuple):
         return 100 + len(self.chunk_id) + sum(t.nbytes for t in self.terms.values())
 
 
-class TermCache:
+class TermCache(BytesLRU):
     """The chunk ids and term counts of rows rescored lately, by (shard, table version, row id), least
     recently used out first, at most ``max_bytes``: a row that keyword queries keep finding is tokenized
     once.
@@ -357,36 +348,8 @@ class TermCache:
         max_bytes: what it may hold (0: nothing is kept).
     """
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._rows: OrderedDict[tuple[str, int, int], tuple[Row, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], Row]:
-        with self._lock:
-            found = {}
-            for key in keys:
-                entry = self._rows.get(key)
-                if entry is not None:
-                    self._rows.move_to_end(key)
-                    found[key] = entry[0]
-            return found
-
-    def put(self, rows: dict[tuple[str, int, int], Row]) -> None:
-        if self.max_bytes <= 0:
-            return
-        with self._lock:
-            for key, row in rows.items():
-                size = row.nbytes
-                old = self._rows.pop(key, None)
-                if old is not None:
-                    self.nbytes -= old[1]
-                self._rows[key] = (row, size)
-                self.nbytes += size
-            while self.nbytes > self.max_bytes and self._rows:
-                _, (_, size) = self._rows.popitem(last=False)
-                self.nbytes -= size
+    def size(self, value: Row) -> int:
+        return value.nbytes
 
 
 def global_top(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import time
@@ -36,11 +35,13 @@ import numpy as np
 
 from pipelines.config import IndexSettings
 from pipelines.store import Location
+from pipelines.store.shard_files import ShardFiles
 
 logger = logging.getLogger(__name__)
 
 DIR = "_codes"
 FORMAT = 1
+FILES = ShardFiles(DIR, FORMAT)
 FRAGMENT_SHIFT = 32  # a Lance row id is (fragment id << 32) | offset in the fragment
 TRAIN_PER_PARTITION = 64  # k-means sample: this many rows per partition (faiss wants 39 to 256)
 MAX_PARTITIONS = 65536
@@ -199,16 +200,12 @@ def read(at: Location, shard: str, *, keys: bool = False) -> tuple[ShardCodes, n
 
 def pointer(at: Location, shard: str) -> dict[str, Any] | None:
     """The small file naming ``shard``'s current codes (None: it has none)."""
-    found = at.read_json(f"{DIR}/{shard}.json")
-    return found if found and found.get("format") == FORMAT else None
+    return FILES.pointer(at, shard)
 
 
 def drop(at: Location, shard: str) -> None:
     """Remove ``shard``'s codes (it went back to exact search)."""
-    at.delete(f"{DIR}/{shard}.json")
-    for obj in at.list(f"{DIR}/"):
-        if obj["path"].rsplit("/", 1)[-1].startswith(f"{shard}-v"):
-            at.delete(obj["path"])
+    FILES.drop(at, shard)
 
 
 def update(table: Any, at: Location, *, settings: IndexSettings, rebuild: bool = False) -> dict[str, Any]:
@@ -388,19 +385,8 @@ def _write(
     buffer = io.BytesIO()
     np.savez(buffer, rowids=positions_rowids, keys=keys)
     at.write_bytes(f"{DIR}/{name}.npz", buffer.getvalue())
-    old = pointer(at, shard)
     max_fragment = int(rowids.max() >> FRAGMENT_SHIFT) if len(rowids) else -1
-    at.write_bytes(
-        f"{DIR}/{shard}.json",
-        json.dumps({
-            "format": FORMAT, "file": name, "version": version, "max_fragment": max_fragment,
-            "partitions": partitions, "rows": int((positions_rowids >= 0).sum()),
-            "bits": bits, "faiss": faiss.__version__,
-        }).encode(),
-    )  # fmt: skip
-    # The file before the last stays for a reader that read the old pointer a moment ago.
-    keep = {name, old["file"] if old else None}
-    for obj in at.list(f"{DIR}/"):
-        base = obj["path"].rsplit("/", 1)[-1]
-        if base.startswith(f"{shard}-v") and base.rsplit(".", 1)[0] not in keep:
-            at.delete(obj["path"])
+    FILES.publish(at, shard, name, {
+        "version": version, "max_fragment": max_fragment, "partitions": partitions,
+        "rows": int((positions_rowids >= 0).sum()), "bits": bits, "faiss": faiss.__version__,
+    })  # fmt: skip

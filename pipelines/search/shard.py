@@ -9,7 +9,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -25,6 +24,7 @@ from pipelines.codes import ShardCodes
 from pipelines.config import IndexSettings
 from pipelines.filters import FilterError
 from pipelines.index import ShardIndexes, query_params, read_indexes
+from pipelines.lru import BytesLRU
 from pipelines.search.merge import merge_topk
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Pinned(NamedTuple):
     held: MemoryShard | None = None
 
 
-class RowCache:
+class RowCache(BytesLRU):
     """The result columns of rows that were in recent answers, by (shard, table version, row id), least
     recently used out first, at most ``max_bytes`` of their values: an answer whose rows are all here
     costs no LanceDB read (a LanceDB take costs ~1-2 ms of CPU per shard however few its rows). It holds
@@ -209,36 +209,8 @@ class RowCache:
 
     ENTRY_OVERHEAD = 200  # Python's tuple and key around a row's values
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._rows: OrderedDict[tuple[str, int, int], tuple[tuple, int]] = OrderedDict()
-        self.nbytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], tuple]:
-        with self._lock:
-            found = {}
-            for key in keys:
-                entry = self._rows.get(key)
-                if entry is not None:
-                    self._rows.move_to_end(key)
-                    found[key] = entry[0]
-            return found
-
-    def put(self, rows: dict[tuple[str, int, int], tuple]) -> None:
-        if self.max_bytes <= 0:
-            return
-        with self._lock:
-            for key, values in rows.items():
-                size = self.ENTRY_OVERHEAD + sum(len(v) if isinstance(v, str) else 8 for v in values)
-                old = self._rows.pop(key, None)
-                if old is not None:
-                    self.nbytes -= old[1]
-                self._rows[key] = (values, size)
-                self.nbytes += size
-            while self.nbytes > self.max_bytes and self._rows:
-                _, (_, size) = self._rows.popitem(last=False)
-                self.nbytes -= size
+    def size(self, value: tuple) -> int:
+        return self.ENTRY_OVERHEAD + sum(len(v) if isinstance(v, str) else 8 for v in value)
 
 
 def fetch_rows(
