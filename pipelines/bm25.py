@@ -25,6 +25,7 @@ stored statistics until the next index step brings them up to date.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -461,7 +462,7 @@ def _floor(scored: list[Candidate], depth: int) -> float:
     """The score a candidate must reach to enter the top ``depth`` (0 until it is full)."""
     if len(scored) < depth:
         return 0.0
-    return sorted((c.score for c in scored), reverse=True)[depth - 1]
+    return heapq.nlargest(depth, (c.score for c in scored))[-1]
 
 
 def _ratio(stats: GenerationStats, shard: str, hashes: np.ndarray, columns: Sequence[str]) -> float:

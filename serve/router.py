@@ -115,7 +115,14 @@ class ShardHealth(BaseModel):
     version: int
     vector_index: str = Field(..., description="exact, or the ANN index type.")
     in_memory: bool = Field(..., description="Searched from rows held in memory (small exact shards).")
-    fts: list[str] = Field(..., description="Columns with a full-text index (hybrid mode needs them).")
+    fts: list[str] = Field(
+        ..., description="Columns with a full-text index (text and hybrid modes need them)."
+    )
+    bm25_version: int | None = Field(
+        None,
+        description="The table version the shard's BM25 term statistics describe (`embedpipe index` stores "
+        "them; keyword scores then use the whole generation's). None: the shard's own statistics.",
+    )
     refresh_failing_s: float | None = Field(
         None, description="Seconds for which looking for new table versions has failed (old data served)."
     )
@@ -133,6 +140,11 @@ class Memory(BaseModel):
     bytes_per_row: float | None = None
     row_cache_bytes: int = Field(
         0, description="Rows of recent answers kept by the router (serve.row_cache_mb bounds it)."
+    )
+    bm25_bytes: int = Field(
+        0,
+        description="BM25 term statistics of the generation (per distinct term) and the term counts of "
+        "rows keyword search rescored lately (index.bm25_cache_mb bounds those), in the searching processes.",
     )
 
 
@@ -274,7 +286,10 @@ def _memory_total(groups: list[dict[str, Any]], row_cache: int) -> Memory | None
     rows = sum(g["rows"] for g in groups)
     held = sum(g["bytes_held"] for g in groups)
     per_row = round(held / rows, 1) if rows else None
-    return Memory(rows=rows, bytes_held=held, bytes_per_row=per_row, row_cache_bytes=row_cache)
+    bm25 = sum(g.get("bm25_bytes", 0) for g in groups)
+    return Memory(
+        rows=rows, bytes_held=held, bytes_per_row=per_row, row_cache_bytes=row_cache, bm25_bytes=bm25
+    )
 
 
 def _user_message(exc: Exception, kind: type[Exception]) -> str:

@@ -169,6 +169,10 @@ def test_healthz_and_openapi(served):
     # in its caches: ~100 KB a shard) that a db this small spreads over few rows.
     assert memory["bytes_per_row"] > 4 * 384, memory
     assert memory["bytes_held"] <= 4 * 2**18 + memory["rows"] * bytes_per_row("exact", dim=384), memory
+    # BM25: the generation's term statistics (`embedpipe index` stored them) and rescored rows' terms.
+    assert 0 < memory["bm25_bytes"] <= 32 * 2**20, memory
+    # (at or before the shard's version: another test may ingest into this db after its index)
+    assert all(0 < s["bm25_version"] <= s["version"] for s in health["shards"]), health["shards"]
     spec = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()
     assert "/search" in spec["paths"] and "/healthz" in spec["paths"]
     request = spec["components"]["schemas"]["SearchRequest"]["properties"]

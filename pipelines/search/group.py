@@ -136,23 +136,32 @@ class ShardGroup:
         return tuple(snap.version for snap in self.snapshots())
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each shard's rows, version, indexes and refresh state, refreshed at most every refresh_s."""
+        """Each shard's rows, version, indexes and refresh state, refreshed at most every refresh_s, and
+        the table version its BM25 statistics describe (None: keyword scores are the shard's own)."""
         self.snapshots()
-        return [shard.stats() for shard in self.shards]
+        terms = self.text_stats()
+        found = [shard.stats() for shard in self.shards]
+        for stats in found:
+            held = terms.shards.get(stats["shard"]) if terms is not None else None
+            stats["bm25_version"] = held.version if held is not None else None
+        return found
 
     def memory(self) -> dict[str, Any]:
         """What this group holds in memory for searching: LanceDB's index and metadata caches (the ANN
-        indexes' codes and row ids), the small shards held exactly, the BM25 statistics and the term
-        counts of rows rescored lately; per row of its shards."""
+        indexes' codes and row ids) and the small shards held exactly, per row of its shards; apart,
+        the BM25 statistics and the term counts of rows rescored lately (``bm25_bytes``: they grow with
+        the vocabulary and ``index.bm25_cache_mb``, not with the rows)."""
         snaps = self.snapshots()
         _, memory, _ = self._memory
         codes = {id(snap.codes): snap.codes.nbytes for snap in snaps if snap.codes is not None}
         codes.update({id(snap.fresh): snap.fresh.nbytes for snap in snaps if snap.fresh is not None})
         held = self.session.size_bytes + (memory.nbytes if memory is not None else 0) + sum(codes.values())
-        stats = self._stats
-        held += self.term_cache.nbytes + (stats.nbytes if stats is not None else 0)  # BM25's statistics
         rows = sum(snap.rows for snap in snaps)
-        return {"rows": rows, "bytes_held": held, "bytes_per_row": round(held / rows, 1) if rows else None}
+        terms = self.term_cache.nbytes + (self._stats.nbytes if self._stats is not None else 0)
+        return {
+            "rows": rows, "bytes_held": held, "bytes_per_row": round(held / rows, 1) if rows else None,
+            "bm25_bytes": terms,
+        }  # fmt: skip
 
     def search(
         self,
