@@ -287,9 +287,11 @@ def row_terms(text: str | None, options: dict[str, Any]) -> RowTerms:
 
 
 class Query(NamedTuple):
-    """A query's terms (their hashes in this process) and each one's global idf, per column."""
+    """A query's terms: their hashes in this process (``keys``, to find them in rows) and in the stored
+    statistics (``hashes``), and each one's global idf, per column."""
 
     keys: list[int]
+    hashes: np.ndarray
     idf: dict[str, list[float]]
 
 
@@ -300,7 +302,7 @@ def make_query(text: str, stats: GenerationStats, columns: Sequence[str]) -> Que
         c: (stats.columns[c].idf(hashes) if c in stats.columns else np.zeros(len(terms))).tolist()
         for c in columns
     }
-    return Query([hash(t) for t in terms], idf)
+    return Query([hash(t) for t in terms], hashes, idf)
 
 
 def _score(row: dict[str, RowTerms], query: Query, stats: GenerationStats) -> float:
@@ -384,8 +386,7 @@ def global_top(
     from pipelines.search.merge import merge_topk
 
     query = make_query(text, stats, columns)
-    hashes = _hashes(tokenize(text, stats.options))
-    ratio = {shard: _ratio(stats, shard, hashes, columns) for shard in first}
+    ratio = {shard: _ratio(stats, shard, query.hashes, columns) for shard in first}
     rescore = lambda batch: _rescore(batch, query, stats, read, cache, versions or {})  # noqa: E731
     limit = dict.fromkeys(first, depth)
     hits = dict(first)

@@ -28,7 +28,7 @@ from pipelines.search.shard import (
     Shard,
     ShardError,
     Snapshot,
-    _async_table,
+    fetch_rows,
     run_async,
     search_loop,
 )
@@ -206,7 +206,7 @@ class ShardGroup:
         snaps = [held.get(s, snap) for s, snap in enumerate(current)]
         # found[i][s]: query i's rows from shard s (None: answered by the memory part); texts likewise.
         found: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
-        found_text: list[list[Any]] = [[None] * len(snaps) for _ in range(n)]
+        found_text: list[Any] = [None] * n  # query i's BM25 rows over the group (or its error)
         from_memory: list[Any] = [None] * n
         # (who answers, the queries it answers, where each query's rows go, what to await)
         calls: list[tuple[str, list[int], Callable[[int, Any], None], Any]] = []
@@ -235,7 +235,7 @@ class ShardGroup:
         for i in (i for i in range(n) if texts[i] is not None):
             # BM25 over the group's shards with the generation's statistics (pipelines.bm25).
             call = self._text_search(snaps, memory, texts[i], ks[i], wheres[i])
-            calls.append(("bm25", [i], lambda i, hits: found_text[i].__setitem__(0, hits), call))
+            calls.append(("bm25", [i], found_text.__setitem__, call))
         # The LanceDB searches run on the search loop while the held shards are scanned here.
         running = None
         if calls:  # none when held shards answer every query: no hop to the loop
@@ -267,7 +267,7 @@ class ShardGroup:
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
             vector_parts = vector_parts if i in searched else []
-            text_parts = found_text[i][:1] if texts[i] is not None else []
+            text_parts = [found_text[i]] if texts[i] is not None else []
             error = next((p for p in [*vector_parts, *text_parts] if isinstance(p, Exception)), None)
             if error is not None:
                 answers.append(error)
@@ -311,27 +311,27 @@ class ShardGroup:
                 raise hits
             return hits
 
+        tables = {
+            name: Pinned(snap.version, snap.table, memory if snap.in_memory else None)
+            for name, (_, snap) in shards.items()
+        }
+
         def read(wanted: dict[str, list[int]], columns: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
-            found: dict[str, dict[int, dict[str, Any]]] = {}
-            others = {}
-            for name, rowids in wanted.items():
-                held = memory.values(name, rowids, columns) if memory is not None else None
-                if held is None:
-                    others[name] = rowids
-                else:
-                    found[name] = {
-                        r: dict(zip(columns, v, strict=True)) for r, v in zip(rowids, held, strict=True)
-                    }
-
-            async def take(name: str) -> list[dict[str, Any]]:
-                query = _async_table(shards[name][1].table).take_row_ids(others[name]).select(columns)
-                return (await query.with_row_id().to_arrow()).to_pylist()
-
-            async def take_all() -> list[list[dict[str, Any]]]:
-                return await asyncio.gather(*(take(name) for name in others))
-
-            for name, rows in zip(others, run_async(take_all()) if others else [], strict=True):
-                found[name] = {row.pop("_rowid"): row for row in rows}
+            # As an answer's rows are read (from memory for held shards, else by row id side by side).
+            n = sum(map(len, wanted.values()))
+            keys = pa.table(
+                {
+                    "chunk_id": pa.array([""] * n, pa.string()),
+                    "score": pa.array([0.0] * n, pa.float32()),
+                    "shard": pa.array([name for name, ids in wanted.items() for _ in ids], pa.string()),
+                    "_rowid": pa.array([r for ids in wanted.values() for r in ids], pa.uint64()),
+                }
+            )
+            (rows,) = fetch_rows([keys], tables, columns)
+            found: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in wanted}
+            places = zip(keys.column("shard").to_pylist(), keys.column("_rowid").to_pylist(), strict=True)
+            for (name, rowid), row in zip(places, rows.select(columns).to_pylist(), strict=True):
+                found[name][rowid] = row
             return found
 
         columns = snaps[0].indexes.fts_columns
