@@ -413,32 +413,40 @@ class _Builder:
         )
         counts: dict[str, Any] = {"chunks": 0, "committed": 0, "failed": [], "commits": 0}
         pending: list[str] = []
+        fragments: dict[str, list[str]] = {}  # staged by the pending attempts, not yet committed
         last_commit = time.monotonic()
         try:
             for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in summary.to_pylist():
                     pending.append(row["attempt"])
+                    for name, made in json.loads(row["fragments"]).items():
+                        fragments.setdefault(name, []).extend(made)
                     counts["chunks"] += row["chunks"]
                     counts["failed"].extend(json.loads(row["failed"]))
                     self.totals.add(json.loads(row["embed_stats"]))
                 if time.monotonic() - last_commit >= self.commit_every_s:
-                    counts["committed"] += self._commit(staging, pending, locks)
+                    counts["committed"] += self._commit(staging, pending, fragments, locks)
                     counts["commits"] += 1
-                    pending, last_commit = [], time.monotonic()
+                    pending, fragments, last_commit = [], {}, time.monotonic()
                 if self.progress is not None:
                     self.progress({"chunks": counts["chunks"], "committed": counts["committed"]})
-            counts["committed"] += self._commit(staging, pending, locks)
+            counts["committed"] += self._commit(staging, pending, fragments, locks)
             counts["commits"] += 1
         finally:
             staging.discard()
         return counts
 
     def _commit(
-        self, staging: store.Staging, attempts: list[str], locks: tuple[store.WriterLock, ...]
+        self,
+        staging: store.Staging,
+        attempts: list[str],
+        fragments: dict[str, list[str]],
+        locks: tuple[store.WriterLock, ...],
     ) -> int:
         committed = 0
         for shard in range(self.target.shards):
             _check(locks)
+            staging.add(shard, fragments.get(store.shard_name(shard), []))
             committed += staging.commit_attempts(shard, attempts)
         logger.info("committed %d rows to generation %d", committed, self.target.generation)
         return committed

@@ -109,10 +109,35 @@ def test_a_retried_write_task_is_committed_once(tmp_path):
     lost = store.write_chunks(batch, staging=staging, model="m")  # its result never reached the driver
     used = store.write_chunks(batch, staging=staging, model="m")
     assert lost["attempt"][0].as_py() != used["attempt"][0].as_py()
+    # Nothing is committed by the write tasks themselves: their fragments wait for the driver.
+    conn = staging.path.connect()
+    assert all(conn.open_table(store.shard_name(i)).count_rows() == 0 for i in range(2))
+    fragments = json.loads(used["fragments"][0].as_py())
+    assert sum(len(f) for f in fragments.values()) == 2  # one per shard the batch touched
     failed: list[list[str]] = []
     with store.writer_lock(store.location(tmp_path), run_id="run") as lock:
-        dropped, committed = ingest._commit(staging, failed, {used["attempt"][0].as_py()}, lock=lock)
+        dropped, committed = ingest._commit(
+            staging, failed, {used["attempt"][0].as_py()}, fragments, lock=lock
+        )
     assert (dropped, committed, failed) == (0, 10, [])
+    assert sorted(r[0] for r in _rows(tmp_path)) == sorted(f"doc{i}#0" for i in range(10))
+
+
+def test_rows_of_a_lost_attempt_are_dropped_even_when_its_fragments_are_added(tmp_path):
+    """The second guard: rows staged under an attempt whose result the run did not use never commit."""
+    manifest = store.init_db(tmp_path, store.Manifest(shards=2, model="m", dim=4))
+    staging = store.Staging(tmp_path, "run", manifest)
+    staging.create()
+    batch = _chunk_batch([f"doc{i}" for i in range(10)], dim=4)
+    lost = store.write_chunks(batch, staging=staging, model="m")
+    used = store.write_chunks(batch, staging=staging, model="m")
+    fragments: dict[str, list[str]] = {}
+    for summary in (lost, used):
+        for name, made in json.loads(summary["fragments"][0].as_py()).items():
+            fragments.setdefault(name, []).extend(made)
+    with store.writer_lock(store.location(tmp_path), run_id="run") as lock:
+        dropped, committed = ingest._commit(staging, [], {used["attempt"][0].as_py()}, fragments, lock=lock)
+    assert (dropped, committed) == (0, 10)
     assert sorted(r[0] for r in _rows(tmp_path)) == sorted(f"doc{i}#0" for i in range(10))
 
 

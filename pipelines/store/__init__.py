@@ -2,9 +2,13 @@
 N shard tables, and a manifest that says which generation is live (``manifest``); serve/ reads it too.
 ``location`` says where a db lives, ``lock`` who may write it.
 
-Writes go in two steps so that readers never see part of a run: pipeline tasks append Arrow batches
-to per-run staging tables, and the driver then moves each staging table into its shard with one
-commit (an ``add``, or a ``merge_insert`` when documents are replaced), one new version per shard.
+Writes go in two steps so that readers never see part of a run: pipeline tasks write Arrow batches
+as Lance data files (fragments) of per-run staging tables without committing them, and the driver adds
+them with one commit per staging table, then moves each staging table into its shard with one commit
+(an ``add``, or a ``merge_insert`` when documents are replaced), one new version per shard. Write tasks
+never commit, so however many run at once they never contend on a table's commit (lancedb#725: many
+small concurrent appends exhaust Lance's commit retries), and a fragment written by a task attempt whose
+result never reached the driver (Ray ran the task again) is never committed at all.
 """
 
 from __future__ import annotations
@@ -241,21 +245,50 @@ class Staging:
         for i in range(self.manifest.shards):
             conn.create_table(shard_name(i), schema=_staging_schema(self.manifest.dim), exist_ok=True)
 
-    def append(self, rows: pa.Table) -> dict[str, int]:
-        """Append chunk rows (with ``shard`` and ``attempt`` columns) to their staging tables.
+    def append(self, rows: pa.Table) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Write chunk rows (with ``shard`` and ``attempt`` columns) as uncommitted fragments of their
+        staging tables (Lance's fragment API, as lance-ray's distributed writer does); ``add`` commits them.
 
         Returns:
-            Rows written per shard.
+            Rows written per shard, and per shard the fragments' metadata (JSON) to hand to ``add``.
         """
-        conn = self.path.connect()
+        from lance.fragment import write_fragments
+
         schema = _staging_schema(self.manifest.dim)
         written: dict[str, int] = {}
+        fragments: dict[str, list[str]] = {}
         shards = rows.column("shard")
         for shard in pc.unique(shards).to_pylist():
             part = rows.filter(pc.equal(shards, shard)).select(schema.names).cast(schema)
-            conn.open_table(shard_name(shard)).add(part)
-            written[shard_name(shard)] = part.num_rows
-        return written
+            name = shard_name(shard)
+            made = write_fragments(
+                part, self._uri(name), schema=schema, storage_options=self.path.storage_options or None
+            )
+            written[name] = part.num_rows
+            fragments[name] = [json.dumps(f.to_json()) for f in made]
+        return written, fragments
+
+    def add(self, shard: int, fragments: list[str]) -> int:
+        """Commit fragments that ``append`` wrote to a shard's staging table, in one commit.
+
+        Returns:
+            Rows added.
+        """
+        if not fragments:
+            return 0
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        uri, options = self._uri(shard_name(shard)), self.path.storage_options or None
+        made = [FragmentMetadata.from_json(f) for f in fragments]
+        version = lance.dataset(uri, storage_options=options).version
+        lance.LanceDataset.commit(
+            uri, lance.LanceOperation.Append(made), read_version=version, storage_options=options
+        )
+        return sum(f.physical_rows for f in made)
+
+    def _uri(self, name: str) -> str:
+        return self.path.join(f"{name}.lance").uri
 
     def drop_attempts(self, shard: int, *, keep: set[str]) -> int:
         """Delete rows staged by task attempts other than ``keep`` (those whose results the run used).
@@ -374,6 +407,7 @@ WRITE_SUMMARY = pa.schema(
         ("shard_rows", pa.string()),  # JSON {shard name: rows}
         ("finished_at", pa.float64()),
         ("attempt", pa.string()),  # the write attempt whose staged rows this summary stands for
+        ("fragments", pa.string()),  # JSON {shard name: [fragment metadata]}: Staging.add commits them
         ("doc_ids", pa.string()),  # JSON list of every document id this batch saw, for --prune
         ("embed_stats", pa.string()),  # JSON list of the embedding stage's per-batch stats
     ]
@@ -381,7 +415,8 @@ WRITE_SUMMARY = pa.schema(
 
 
 def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: bool = False) -> pa.Table:
-    """Append embedded chunks to staging and return one summary row for the run report.
+    """Write embedded chunks as staging fragments and return one summary row: for the run report, and
+    the fragments the driver commits (only those of summaries that reached it).
 
     With ``report_ids`` the summary lists every document id of the batch (``--prune`` needs them;
     other runs do not carry them to the driver).
@@ -389,6 +424,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: b
     status = batch.column("status")
     ok = batch.filter(pc.equal(status, "ok"))
     shard_rows: dict[str, int] = {}
+    fragments: dict[str, list[str]] = {}
     attempt = secrets.token_hex(8)
     if ok.num_rows:
         n = staging.manifest.shards
@@ -399,7 +435,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: b
             .append_column("run_id", pa.array([staging.run_id] * ok.num_rows, pa.string()))
             .append_column("attempt", pa.array([attempt] * ok.num_rows, pa.string()))
         )
-        shard_rows = staging.append(ok)
+        shard_rows, fragments = staging.append(ok)
     failed_rows = batch.filter(pc.equal(status, "failed")).select(["doc_id", "source", "error"])
     failed = [[r["doc_id"], r["source"], r["error"]] for r in failed_rows.to_pylist()]
     first = pc.or_(pc.equal(batch.column("chunk_index"), 0), pc.not_equal(status, "ok"))
@@ -414,6 +450,7 @@ def write_chunks(batch: pa.Table, *, staging: Staging, model: str, report_ids: b
         "shard_rows": json.dumps(shard_rows),
         "finished_at": time.time(),
         "attempt": attempt,
+        "fragments": json.dumps(fragments),
         "doc_ids": json.dumps(seen),
         "embed_stats": json.dumps([json.loads(x) for x in stats]),
     }
