@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.parsing import ParseLimits
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -24,6 +26,19 @@ class ReadConfig(_Strict):
     max_doc_mb: float = Field(
         64, gt=0, description="Documents larger than this are listed as failed, not read."
     )
+    parse_timeout_s: float = Field(
+        120,
+        ge=0,
+        description="Parsing one HTML or PDF file may take this long; past it the document is failed "
+        "with its reason and the run goes on. 0: no deadline.",
+    )
+    parse_memory_mb: float = Field(
+        2048,
+        ge=0,
+        description="Address space the process parsing one HTML or PDF file may use (its RLIMIT_AS; "
+        "the parser itself takes ~130 MB); past it the document is failed. 0: no bound. With both "
+        "limits 0, files are parsed in the read task itself.",
+    )
     quick_check_s: float = Field(
         15,
         ge=0,
@@ -31,6 +46,9 @@ class ReadConfig(_Strict):
         "the driver, without Ray, for up to this long; when every document is unchanged (or fails to "
         "read) the run ends there. It stops at the first new or changed document. 0: off.",
     )
+
+    def parse_limits(self) -> ParseLimits:
+        return ParseLimits(timeout_s=self.parse_timeout_s, memory_mb=self.parse_memory_mb)
 
 
 class ChunkingConfig(_Strict):

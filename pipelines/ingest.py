@@ -71,7 +71,11 @@ def new_run_id() -> str:
 def calibration_texts(source: str, cfg: Config, n: int) -> list[str]:
     """Up to ``n`` chunk texts from the start of the source, as the model will read them."""
     ds = sources.read_source(
-        source, docs_per_block=cfg.read.docs_per_block, max_doc_mb=cfg.read.max_doc_mb, storage=cfg.storage
+        source,
+        docs_per_block=cfg.read.docs_per_block,
+        max_doc_mb=cfg.read.max_doc_mb,
+        parse_limits=cfg.read.parse_limits(),
+        storage=cfg.storage,
     )
     docs = [t for t in ray.get(ds.limit(n).to_arrow_refs()) if t.num_rows]
     if not docs:
@@ -180,6 +184,7 @@ def _build(
                 source,
                 docs_per_block=cfg.read.docs_per_block,
                 max_doc_mb=cfg.read.max_doc_mb,
+                parse_limits=cfg.read.parse_limits(),
                 storage=cfg.storage,
             )
             .map_batches(
@@ -369,6 +374,7 @@ def _unchanged_run(
             source,
             docs_per_batch=cfg.read.docs_per_block,
             max_doc_mb=cfg.read.max_doc_mb,
+            parse_limits=cfg.read.parse_limits(),
             storage=cfg.storage,
         ):
             checked = store.mark_unchanged(docs, db=store.tables_of(db, manifest), shards=manifest.shards)

@@ -7,11 +7,9 @@ dropped: it becomes a row whose ``error`` says why, so that the run report can a
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,8 @@ import pyarrow.fs as pafs
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from pipelines.store.location import Location, is_uri, location
+from pipelines.parsing import FILE_SUFFIXES, ParseError, ParseLimits, parse
+from pipelines.store.location import Location, error_reason, is_uri, location
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ DOC_SCHEMA = pa.schema(
     ]
 )
 
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
-HTML_SUFFIXES = {".html", ".htm"}
-PDF_SUFFIXES = {".pdf"}
-FILE_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
 _ID_KEYS = ("_id", "id", "doc_id")
 _RESERVED_KEYS = {*_ID_KEYS, "title", "text"}
 
@@ -257,10 +252,18 @@ def _unreadable(path: str, max_doc_mb: float) -> str | None:
     return None
 
 
-def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float, filesystem: Any = None) -> pa.Table:
+def files_to_docs(
+    batch: pa.Table,
+    *,
+    root: str,
+    max_doc_mb: float,
+    filesystem: Any = None,
+    parse_limits: ParseLimits | None = None,
+) -> pa.Table:
     """Read and parse a batch of ``{path, error}`` rows (see list_files) into document rows.
 
     With a ``pyarrow.fs`` ``filesystem`` the paths are URIs (``s3://bucket/key``) read through it.
+    ``parse_limits`` bounds the time and memory of parsing one HTML or PDF file (pipelines/parsing.py).
     """
     rows = []
     for path, error in zip(batch.column("path").to_pylist(), batch.column("error").to_pylist(), strict=True):
@@ -278,7 +281,7 @@ def files_to_docs(batch: pa.Table, *, root: str, max_doc_mb: float, filesystem: 
                 else:
                     with open(path, "rb") as f:
                         data = f.read(limit)
-            rows.append(_parse_file(path, doc_id, data, max_doc_mb=max_doc_mb))
+            rows.append(_parse_file(path, doc_id, data, max_doc_mb=max_doc_mb, limits=parse_limits))
         except Exception as exc:  # one bad file must never end the run
             rows.append(_doc(doc_id, source=path, error=f"{type(exc).__name__}: {exc}"))
     return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
@@ -289,7 +292,9 @@ def _relative(path: str, root: str) -> str:
     return rel.as_posix() if rel.parts else Path(path).name
 
 
-def _parse_file(path: str, doc_id: str, data: bytes, *, max_doc_mb: float) -> dict[str, Any]:
+def _parse_file(
+    path: str, doc_id: str, data: bytes, *, max_doc_mb: float, limits: ParseLimits | None
+) -> dict[str, Any]:
     suffix = Path(path).suffix.lower()
     if suffix not in FILE_SUFFIXES:
         supported = ", ".join(sorted(FILE_SUFFIXES))
@@ -299,61 +304,13 @@ def _parse_file(path: str, doc_id: str, data: bytes, *, max_doc_mb: float) -> di
         return _doc(doc_id, source=path, error=f"file is {size}, over max_doc_mb={max_doc_mb}")
     if not data.strip():
         return _doc(doc_id, source=path, error="empty file")
-    if suffix in PDF_SUFFIXES:
-        title, text = _pdf_text(data)
-    else:
-        if b"\x00" in data[:8192]:
-            return _doc(doc_id, source=path, error="binary content in a text file (NUL bytes)")
-        try:
-            raw = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            return _doc(doc_id, source=path, error=f"not valid UTF-8 at byte {exc.start}")
-        title, text = _html_text(raw) if suffix in HTML_SUFFIXES else (_text_title(raw), raw)
+    try:
+        title, text = parse(suffix, data, limits)
+    except ParseError as exc:
+        return _doc(doc_id, source=path, error=str(exc))
     if not text.strip():
         return _doc(doc_id, source=path, error="no extractable text")
     return _doc(doc_id, source=path, title=title or Path(path).stem, text=text)
-
-
-_MD_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
-_RST_HEADING = re.compile(r"^(\S.*)\n([=\-~^\"'`#*+])\2{2,}\s*$", re.MULTILINE)
-
-
-def _text_title(text: str) -> str:
-    head = text[:4000]
-    match = _MD_HEADING.search(head) or _RST_HEADING.search(head)
-    return match.group(1).strip() if match else ""
-
-
-def _html_text(raw: str) -> tuple[str, str]:
-    from bs4 import BeautifulSoup
-
-    soup = BeautifulSoup(raw, "html.parser")
-    for tag in soup(["script", "style", "noscript", "template", "svg"]):
-        tag.decompose()
-    title = soup.title.get_text(" ", strip=True) if soup.title else ""
-    if soup.title:
-        soup.title.decompose()
-    # Headings become markdown headings so that the chunker can split at them.
-    for level in range(1, 7):
-        for heading in soup.find_all(f"h{level}"):
-            heading.insert_before(f"\n\n{'#' * level} ")
-            heading.insert_after("\n\n")
-    for block in soup.find_all(["p", "div", "li", "tr", "br", "pre", "blockquote", "section"]):
-        block.insert_after("\n")
-    text = re.sub(r"\n\s*\n\s*(\n\s*)+", "\n\n", soup.get_text())
-    text = re.sub(r"[ \t]+", " ", text).strip()
-    return title, text
-
-
-def _pdf_text(data: bytes) -> tuple[str, str]:
-    from pypdf import PdfReader
-
-    reader = PdfReader(io.BytesIO(data))
-    pages = [page.extract_text() or "" for page in reader.pages]
-    title = ""
-    if reader.metadata is not None and reader.metadata.title:
-        title = str(reader.metadata.title)
-    return title, "\n\n".join(p.strip() for p in pages if p.strip())
 
 
 # --- dispatch ------------------------------------------------------------------------------------
@@ -372,8 +329,8 @@ def check_exists(source: str, storage: Any = None) -> None:
         fs, path = location(source, storage).filesystem()
         try:
             missing = fs.get_file_info(path).type == pafs.FileType.NotFound
-        except OSError as exc:
-            raise SourceError(f"Cannot read source {source}: {str(exc).splitlines()[0][:300]}") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(f"Cannot read source {source}: {error_reason(exc, source)}") from exc
     else:
         missing = not Path(source).exists()
     if missing:
@@ -381,7 +338,12 @@ def check_exists(source: str, storage: Any = None) -> None:
 
 
 def read_source(
-    source: str | Path, *, docs_per_block: int = 1000, max_doc_mb: float = 64, storage: Any = None
+    source: str | Path,
+    *,
+    docs_per_block: int = 1000,
+    max_doc_mb: float = 64,
+    storage: Any = None,
+    parse_limits: ParseLimits | None = None,
 ) -> ray.data.Dataset:
     """Open a source as a Ray Dataset of document rows (DOC_SCHEMA), streamed, never collected.
 
@@ -391,12 +353,18 @@ def read_source(
         docs_per_block: rows per block for JSONL.
         max_doc_mb: larger files are failed rather than parsed.
         storage: the config's ``storage:`` section, for a URI.
+        parse_limits: the deadline and memory bound of parsing one HTML or PDF file.
 
     Returns:
         A lazy Dataset.
     """
     if is_uri(str(source)):
-        return _read_remote(location(source, storage), docs_per_block=docs_per_block, max_doc_mb=max_doc_mb)
+        return _read_remote(
+            location(source, storage),
+            docs_per_block=docs_per_block,
+            max_doc_mb=max_doc_mb,
+            parse_limits=parse_limits,
+        )
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise SourceError(f"Source {str(source)!r} does not exist.")
@@ -421,7 +389,7 @@ def read_source(
             files_to_docs,
             batch_format="pyarrow",
             batch_size=16,
-            fn_kwargs={"root": str(root), "max_doc_mb": max_doc_mb},
+            fn_kwargs={"root": str(root), "max_doc_mb": max_doc_mb, "parse_limits": parse_limits},
         )
     raise SourceError(
         f"Unsupported source {str(source)!r}. Supported: a directory of "
@@ -430,14 +398,22 @@ def read_source(
 
 
 def iter_docs(
-    source: str | Path, *, docs_per_batch: int = 1000, max_doc_mb: float = 64, storage: Any = None
+    source: str | Path,
+    *,
+    docs_per_batch: int = 1000,
+    max_doc_mb: float = 64,
+    storage: Any = None,
+    parse_limits: ParseLimits | None = None,
 ) -> Iterator[pa.Table]:
     """The documents of ``source`` (DOC_SCHEMA rows, failed ones included), read in this process,
     one batch at a time: the same rows ``read_source`` gives, without Ray (see ingest's quick check).
     """
     if is_uri(str(source)):
         yield from _iter_remote(
-            location(source, storage), docs_per_batch=docs_per_batch, max_doc_mb=max_doc_mb
+            location(source, storage),
+            docs_per_batch=docs_per_batch,
+            max_doc_mb=max_doc_mb,
+            parse_limits=parse_limits,
         )
         return
     path = Path(source).expanduser().resolve()
@@ -469,7 +445,10 @@ def iter_docs(
             root, items = path.parent, [{"path": str(path), "error": _unreadable(str(path), max_doc_mb)}]
         for start in range(0, len(items), 16):
             yield files_to_docs(
-                pa.Table.from_pylist(items[start : start + 16]), root=str(root), max_doc_mb=max_doc_mb
+                pa.Table.from_pylist(items[start : start + 16]),
+                root=str(root),
+                max_doc_mb=max_doc_mb,
+                parse_limits=parse_limits,
             )
     else:
         raise SourceError(f"Unsupported source {str(source)!r}.")
@@ -596,8 +575,8 @@ def _remote_items(
     scheme = loc.uri.split("://", 1)[0] + "://"
     try:
         info = fs.get_file_info(base)
-    except OSError as exc:
-        raise SourceError(f"Cannot read source {loc.uri}: {str(exc).splitlines()[0][:300]}") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"Cannot read source {loc.uri}: {error_reason(exc, loc.uri)}") from exc
     if info.type == pafs.FileType.File:
         suffix = Path(base).suffix.lower()
         if suffix in {".jsonl", ".ndjson"}:
@@ -608,8 +587,8 @@ def _remote_items(
     elif info.type == pafs.FileType.Directory:
         try:
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        except OSError as exc:
-            raise SourceError(f"Cannot list source {loc.uri}: {str(exc).splitlines()[0][:300]}") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(f"Cannot list source {loc.uri}: {error_reason(exc, loc.uri)}") from exc
     else:
         raise SourceError(f"Source {loc.uri} does not exist (no object and no prefix of that name).")
     items: list[dict[str, Any]] = []
@@ -630,7 +609,9 @@ def _remote_items(
     return "files", items
 
 
-def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ray.data.Dataset:
+def _read_remote(
+    loc: Location, *, docs_per_block: int, max_doc_mb: float, parse_limits: ParseLimits | None
+) -> ray.data.Dataset:
     kind, items, fs, base, root = _remote_listing(loc, max_doc_mb=max_doc_mb)
     scheme = loc.uri.split("://", 1)[0] + "://"
     if kind == "jsonl":
@@ -646,11 +627,13 @@ def _read_remote(loc: Location, *, docs_per_block: int, max_doc_mb: float) -> ra
         files_to_docs,
         batch_format="pyarrow",
         batch_size=16,
-        fn_kwargs={"root": root, "max_doc_mb": max_doc_mb, "filesystem": fs},
+        fn_kwargs={"root": root, "max_doc_mb": max_doc_mb, "filesystem": fs, "parse_limits": parse_limits},
     )
 
 
-def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> Iterator[pa.Table]:
+def _iter_remote(
+    loc: Location, *, docs_per_batch: int, max_doc_mb: float, parse_limits: ParseLimits | None
+) -> Iterator[pa.Table]:
     kind, items, fs, base, root = _remote_listing(loc, max_doc_mb=max_doc_mb)
     if kind == "jsonl":
         with fs.open_input_stream(base) as f:
@@ -677,6 +660,7 @@ def _iter_remote(loc: Location, *, docs_per_batch: int, max_doc_mb: float) -> It
                 root=root,
                 max_doc_mb=max_doc_mb,
                 filesystem=fs,
+                parse_limits=parse_limits,
             )
 
 
