@@ -34,10 +34,19 @@ demo: setup
 	$(BIN)/embedpipe ingest $(DEMO_DIR)/pydoc-topics --db $(DEMO_DIR)/pydoc-db --config configs/local.yaml
 	$(BIN)/embedpipe query "how do I catch an exception and re-raise it" --db $(DEMO_DIR)/pydoc-db -k 5
 
-test: setup
+# Azurite, the Azure Storage emulator, for tests/test_azure.py: pinned, as 3.36+ wants Node 22. Without npm
+# the Azure tests are skipped (on CI, where CI is set, they fail instead).
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+
+$(AZURITE):
+	@if command -v npm >/dev/null; then \
+		npm install --silent --no-audit --no-fund --cache $(VENV)/azurite/.npm --prefix $(VENV)/azurite azurite@3.35.0; \
+	else echo "npm not found: tests/test_azure.py will be skipped"; fi
+
+test: setup $(AZURITE)
 	$(BIN)/pytest
 
-test-fast: setup
+test-fast: setup $(AZURITE)
 	$(BIN)/pytest -m "not slow"
 
 lint: setup

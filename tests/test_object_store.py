@@ -3,7 +3,6 @@ LanceDB and Ray. A db in a bucket must hold what the same run writes to a local 
 
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ from pipelines.cli import app
 from pipelines.config import ServeSettings, load_config
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs, start_moto
+from tests.helpers import contend_for_the_writer_lock, kill_once_staged
 
 SETTINGS = {"ray": {"progress_bars": False}, "read": {"docs_per_block": 10}}
 
@@ -66,21 +66,7 @@ def test_the_endpoint_honours_conditional_writes_and_lancedb_works_in_it(s3):
 def test_one_writer_at_a_time_and_stale_leases_are_taken_over(s3):
     db = store.location(s3.uri("db"), load_config(None, **{"storage.endpoint": s3.endpoint}).storage)
     # Eight contenders at once: the conditional put lets exactly one create the next lease.
-    won, refused = [], []
-    barrier = threading.Barrier(8)
-
-    def contend(i: int) -> None:
-        lock = store.WriterLock(db, run_id=f"run{i}", lease_s=30, wait_s=0)
-        barrier.wait()
-        try:
-            lock.acquire()
-            won.append(lock)
-        except store.LockTimeout as exc:
-            refused.append(str(exc))
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    won, refused = contend_for_the_writer_lock(db, contenders=8)
     assert len(won) == 1 and len(refused) == 7, (won, refused)
     assert all(won[0].run_id in message for message in refused)
     won[0].release()
@@ -368,23 +354,11 @@ def test_two_runs_started_together_on_one_bucket_commit_once(s3, tmp_path):
 
 @pytest.mark.slow
 def test_sigkilled_driver_on_a_bucket_then_rerun_gives_the_same_rows(s3, tmp_path):
-    import signal
     import subprocess
 
     corpus, config, command, env = _cli_setup(s3, tmp_path, 60)
     cfg = load_config(config)
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while driver.poll() is None and time.time() < deadline:
-            if any("/data/" in k for k in s3.keys("db/_staging/")):
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before it could be killed"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        driver.kill()
+    kill_once_staged(command, env, lambda: s3.keys("db/_staging/"))
     stale = {k.split("/")[2] for k in s3.keys("db/_staging/")}
     assert len(stale) == 1
     db = store.location(s3.uri("db"), cfg.storage)

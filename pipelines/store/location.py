@@ -8,9 +8,10 @@ that ``pyarrow.fs`` lacks. Sources are read with ``pyarrow.fs`` (see ``filesyste
 readers take one.
 
 Credentials never appear here: they come from the environment (``AWS_ACCESS_KEY_ID``... or an instance
-profile, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_ACCOUNT_KEY``...), which LanceDB, obstore
-and pyarrow each read. What may appear (endpoint, region, allow_http) comes from the ``storage:``
-config section or from ``AWS_ENDPOINT_URL`` / ``AWS_REGION``.
+profile, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_ACCOUNT_KEY``...), which LanceDB and
+obstore read, and pyarrow too except for Azure, whose filesystem ``filesystem`` builds from the same
+variables. What may appear (endpoint, region, allow_http) comes from the ``storage:`` config section or
+from ``AWS_ENDPOINT_URL`` / ``AWS_REGION``.
 """
 
 from __future__ import annotations
@@ -102,18 +103,22 @@ class Location:
         """Write ``name`` whole: readers see the old file or the new one, never part of one."""
         import obstore
 
-        with _failing(self, "write to"):
+        with _failing(self, "write to", missing_is_error=True):
             obstore.put(_store(self, write=True), name, data)  # local: a temporary file renamed into place
 
     def create(self, name: str, data: bytes) -> bool:
-        """Write ``name`` only if no such file exists (a conditional put); whether this call made it."""
+        """Write ``name`` only if no such file exists (a conditional put); whether this call made it.
+
+        object_store turns a refused create-only put into AlreadyExistsError (S3's 412, Azurite's 409
+        BlobAlreadyExists); a 412 passed on as PreconditionError (Azure's own answer to
+        ``If-None-Match: *``) means the same: the file exists."""
         import obstore
-        from obstore.exceptions import AlreadyExistsError
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
-            with _failing(self, "write to"):
+            with _failing(self, "write to", missing_is_error=True):
                 obstore.put(_store(self, write=True), name, data, mode="create")
-        except AlreadyExistsError:
+        except (AlreadyExistsError, PreconditionError):
             return False
         return True
 
@@ -186,7 +191,7 @@ class Location:
 
             next(iter(obstore.list(_store(self, quick=True), None, chunk_size=1)), None)
         except Exception as exc:  # obstore raises GenericError etc.; the message names the cause
-            raise LocationError(f"Cannot reach {self.uri}: {_reason(exc)}") from exc
+            raise LocationError(f"Cannot reach {self.uri}: {error_reason(exc, self.uri)}") from exc
 
     def filesystem(self) -> tuple[Any, str]:
         """A ``pyarrow.fs`` filesystem and the path in it (for Ray Data's readers)."""
@@ -204,11 +209,16 @@ class Location:
                 ep = urlsplit(endpoint)
                 kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
             return pafs.S3FileSystem(**kwargs), path
-        if scheme == "az":  # az://container/path; the account from storage.options or the environment
-            account = opts.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
-            if not account:
-                raise LocationError(f"{self.uri}: name the storage account (AZURE_STORAGE_ACCOUNT_NAME).")
-            return pafs.AzureFileSystem(account_name=account), path
+        if scheme == "az":  # az://container/path
+            return _azure_filesystem(self.uri, opts), path
+        # gs://: Google's libraries and emulators agree on STORAGE_EMULATOR_HOST (anonymous, http).
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        endpoint = opts.get("endpoint") or emulator
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+            return pafs.GcsFileSystem(
+                anonymous=bool(emulator), scheme=parts.scheme, endpoint_override=parts.netloc
+            ), path
         return pafs.GcsFileSystem(), path
 
 
@@ -245,6 +255,41 @@ def location(db: str | os.PathLike[str] | Location, storage: Any = None) -> Loca
         )
     uri = f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"  # gcs:// -> gs://, s3a:// -> s3://
     return Location(uri, tuple(sorted(_options(scheme, storage).items())))
+
+
+def _azure_filesystem(uri: str, opts: dict[str, str]) -> Any:
+    """pyarrow's AzureFileSystem from the variables LanceDB and obstore read (the Rust object_store
+    crate's): the account and key, and for the emulator (``AZURE_STORAGE_USE_EMULATOR=true``) the blob
+    URL of ``AZURITE_BLOB_STORAGE_URL``, as theirs default to it. pyarrow reads none of these itself: left
+    alone it asks DefaultAzureCredential for a token, and it checks for a hierarchical namespace on the
+    account's public ``dfs`` host, so both hosts are pointed at the emulator or the configured endpoint."""
+    import pyarrow.fs as pafs
+
+    def setting(name: str) -> str | None:
+        return (
+            opts.get(name)
+            or opts.get(f"azure_storage_{name}")
+            or os.environ.get(f"AZURE_STORAGE_{name.upper()}")
+        )
+
+    account = setting("account_name")
+    if not account:
+        raise LocationError(f"{uri}: name the storage account (AZURE_STORAGE_ACCOUNT_NAME).")
+    kwargs: dict[str, Any] = {"account_name": account}
+    if key := setting("account_key"):
+        kwargs["account_key"] = key
+    endpoint = opts.get("endpoint") or opts.get("azure_storage_endpoint")
+    if str(setting("use_emulator")).lower() == "true":
+        endpoint = os.environ.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000"
+    if endpoint:
+        parts = urlsplit(endpoint)
+        kwargs.update(
+            blob_storage_authority=parts.netloc,
+            blob_storage_scheme=parts.scheme,
+            dfs_storage_authority=parts.netloc,
+            dfs_storage_scheme=parts.scheme,
+        )
+    return pafs.AzureFileSystem(**kwargs)
 
 
 def _options(scheme: str, storage: Any) -> dict[str, str]:
@@ -312,31 +357,50 @@ def _cached_store(loc: Location, quick: bool, env: tuple[tuple[str, str], ...]) 
 
 
 @contextlib.contextmanager
-def _failing(loc: Location, what: str) -> Iterator[None]:
+def _failing(loc: Location, what: str, missing_is_error: bool = False) -> Iterator[None]:
     """Turn an object store's error (refused credentials, no such bucket, no answer) into one
-    LocationError line; a missing file stays FileNotFoundError for the caller to handle."""
-    from obstore.exceptions import AlreadyExistsError, BaseError
+    LocationError line; a missing file stays FileNotFoundError for the caller to handle, except on a
+    write (``missing_is_error``), where only a missing container (Azure answers 404) can cause it."""
+    from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
 
     try:
         yield
-    except (FileNotFoundError, AlreadyExistsError):
+    except FileNotFoundError as exc:
+        if missing_is_error and not loc.local:
+            raise LocationError(f"Cannot {what} {loc.uri}: {error_reason(exc, loc.uri)}") from exc
+        raise
+    except (AlreadyExistsError, PreconditionError):
         raise
     except (BaseError, PermissionError, ConnectionError, TimeoutError) as exc:
-        raise LocationError(f"Cannot {what} {loc.uri}: {_reason(exc)}") from exc
+        raise LocationError(f"Cannot {what} {loc.uri}: {error_reason(exc, loc.uri)}") from exc
 
 
-def _reason(exc: Exception) -> str:
+_CREDENTIALS = {
+    "s3": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS",
+}
+
+
+def error_reason(exc: Exception, uri: str = "") -> str:
+    """An object store's error as one short line that names its cause (and the variable to check)."""
     text = str(exc)
+    scheme = uri.split("://", 1)[0] if "://" in uri else "s3"
     for code, said in (
         ("NoSuchBucket", "the bucket does not exist"),
+        ("ContainerNotFound", "the container does not exist"),
         ("InvalidAccessKeyId", "the access key is not known (check AWS_ACCESS_KEY_ID)"),
         ("SignatureDoesNotMatch", "the credentials were refused (check AWS_SECRET_ACCESS_KEY)"),
+        ("Invalid Access Key", "AZURE_STORAGE_ACCOUNT_KEY is not a valid key (base64)"),
+        ("Base64", "AZURE_STORAGE_ACCOUNT_KEY is not a valid key (base64)"),
+        ("AuthenticationFailed", "the credentials were refused (check AZURE_STORAGE_ACCOUNT_KEY)"),
+        ("AuthorizationFailure", "the credentials were refused (check AZURE_STORAGE_ACCOUNT_KEY)"),
         ("AccessDenied", "access denied (check the credentials and the bucket policy)"),
         ("403 Forbidden", "access denied (check the credentials and the bucket policy)"),
         ("error sending request", "the endpoint does not answer"),
         ("Connection refused", "the endpoint does not answer"),
         ("dns error", "the endpoint's host name does not resolve"),
-        ("credential", "no usable credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"),
+        ("credential", f"no usable credentials ({_CREDENTIALS.get(scheme, _CREDENTIALS['s3'])})"),
     ):
         if code.lower() in text.lower():
             return said
