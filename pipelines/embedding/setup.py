@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines import NOTICE, store
 from pipelines.config import Config
@@ -201,7 +202,15 @@ class EmbeddingSetup:
         """Wait for the cache writer's last append and compact the cache; its counts (None: no cache)."""
         if self.cache_writer is None:
             return None
-        writes = ray.get(self.cache_writer.finish.remote(computed))
+        try:
+            writes = ray.get(self.cache_writer.finish.remote(computed))
+        except ray.exceptions.RayActorError as exc:  # its node went away: the cache is only a shortcut
+            logger.warning(
+                "the embedding cache's writer was lost (%s): this run's embeddings are not all cached, "
+                "the next run computes those again",
+                str(exc).splitlines()[0],
+            )
+            return None
         if writes["written"]:
             embed_cache.compact(self.cache_at)
         return writes
@@ -241,7 +250,10 @@ def setup_embedding(
     cache_writer = None
     if cfg.embedding.cache:
         embed_cache.create(tables, manifest.dim)
-        cache_writer = embed_cache.CacheWriter.remote(
+        # On the driver's node: a run outlives the loss of any other node (Ray restarts its actors and
+        # reruns its tasks), and this one writer holds state a restart would lose.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        cache_writer = embed_cache.CacheWriter.options(scheduling_strategy=here).remote(
             tables,
             manifest.dim,
             flush_rows=cfg.embedding.cache_flush_rows,
