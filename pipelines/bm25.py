@@ -515,3 +515,94 @@ def _rescore(
         c.chunk_id, c.score = (
             (row.chunk_id, _score(row.terms, query, stats)) if row is not None else ("", 0.0)
         )
+
+
+class HeldTerms:
+    """The full-text columns of rows held in memory (``MemoryShard``), inverted: each term's rows and
+    counts, and each row's length. A keyword query of held shards is then scored here, every row with
+    the generation's statistics, as ``global_top`` scores LanceDB's candidates (the same float64 sums,
+    term by term in the query's order), with no LanceDB query and no rescoring: a few postings lists
+    added up. Built from the held rows' text once per held version, with LanceDB's tokenizer.
+
+    Args:
+        columns: each full-text column's text, one entry per held row.
+        options: the tokenizer's options (the statistics' ``options``).
+    """
+
+    def __init__(self, columns: dict[str, list[str | None]], options: dict[str, Any]):
+        self.options = dict(options)
+        self.rows = len(next(iter(columns.values()))) if columns else 0
+        self.columns = {c: _Postings.build(texts, options) for c, texts in columns.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.columns.values())
+
+    def scores(self, query: Query, stats: GenerationStats) -> np.ndarray:
+        """Every held row's BM25 score for ``query`` with ``stats`` (float32; 0: no query term)."""
+        best = np.zeros(self.rows, np.float64)
+        for column, idf in query.idf.items():
+            postings = self.columns.get(column)
+            if postings is None or column not in stats.columns:
+                continue
+            avgdl = stats.columns[column].avgdl
+            total = np.zeros(self.rows, np.float64)
+            for (start, end), weight in zip(postings.find(query.keys), idf, strict=True):
+                if start == end:
+                    continue
+                rows = postings.rows[start:end]
+                tf = postings.tf[start:end].astype(np.float64)
+                norm = K1 * (1 - B + B * postings.lengths[rows] / avgdl)
+                total[rows] += weight * tf * (K1 + 1) / (tf + norm)
+            np.maximum(best, total, out=best)
+        return best.astype(np.float32)
+
+
+@dataclass
+class _Postings:
+    """One column's postings: its terms' hashes in this process (``keys``, sorted, as ``Query.keys``),
+    each one's rows ``rows[starts[i]:starts[i + 1]]`` (int32, ascending) and counts ``tf`` beside them
+    (float32: exact below 2**24), and each row's length in terms. 16 bytes a term, 8 a posting, 8 a row."""
+
+    keys: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+    tf: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.starts, self.rows, self.tf, self.lengths))
+
+    def find(self, keys: list[int]) -> list[tuple[int, int]]:
+        """Each key's [start, end) in ``rows`` (empty where the column lacks the term)."""
+        if not keys or not len(self.keys):
+            return [(0, 0)] * len(keys)
+        wanted = np.asarray(keys, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        hit = self.keys[at] == wanted
+        return [
+            (int(self.starts[i]), int(self.starts[i + 1])) if ok else (0, 0)
+            for i, ok in zip(at.tolist(), hit.tolist(), strict=True)
+        ]
+
+    @classmethod
+    def build(cls, texts: list[str | None], options: dict[str, Any]) -> _Postings:
+        terms: list[str] = []
+        lengths = np.zeros(len(texts), np.int64)
+        for row, text in enumerate(texts):
+            found = tokenize(text, options)
+            terms.extend(found)
+            lengths[row] = len(found)
+        keys = np.fromiter(map(hash, terms), np.int64, len(terms))
+        rows = np.repeat(np.arange(len(texts), dtype=np.int32), lengths)
+        # Every (term, row) pair once, in term order and rows ascending within a term, with its count.
+        order = np.lexsort((rows, keys))
+        keys, rows = keys[order], rows[order]
+        first = np.r_[True, (keys[1:] != keys[:-1]) | (rows[1:] != rows[:-1])] if len(keys) else keys[:0]
+        at = np.flatnonzero(first)
+        tf = np.diff(np.r_[at, len(keys)]).astype(np.float32)
+        keys, rows = keys[at], rows[at]
+        new_term = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else keys[:0].astype(bool)
+        starts = np.r_[np.flatnonzero(new_term), len(keys)].astype(np.int64)
+        return cls(keys[new_term], starts, rows, tf, lengths.astype(np.float64))

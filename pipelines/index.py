@@ -39,6 +39,9 @@ MAX_PARTITIONS = 4096
 # it has; below that, new rows are added to it incrementally (optimize), in time for the new rows.
 REBUILD_RATIO = 2.0
 HELD_TEXT_BYTES = 1536  # a held small shard's ids, title and text per row (pipelines.search.MemoryShard)
+# ... and its rows' keyword postings (bm25.HeldTerms; index.bm25_postings): 948 B a row measured over
+# title and text of 3,000 SciFact documents (8 B a posting, 16 a distinct term, 16 a row)
+HELD_POSTINGS_BYTES = 1024
 KINDS = {"ivf_rq": "IVF_RQ", "ivf_sq": "IVF_SQ", "ivf_pq": "IVF_PQ", "ivf_hnsw_sq": "IVF_HNSW_SQ"}
 
 
@@ -153,8 +156,9 @@ def bytes_per_row(kind: str, *, dim: int, settings: IndexSettings | None = None,
         return codes.bytes_per_row(dim, bits, settings.codes_rows_per_partition)
     if kind == "exact":
         # float32 vector and norm, row id and position, tie rank, and the columns an answer shows
-        # (ids, title, text: ~1 KB for a SciFact chunk, up to ~1.5 KB for a full 256-token one)
-        return 4 * dim + 32 + HELD_TEXT_BYTES
+        # (ids, title, text: ~1 KB for a SciFact chunk, up to ~1.5 KB for a full 256-token one), and
+        # the postings keyword search scores them from
+        return 4 * dim + 32 + HELD_TEXT_BYTES + (HELD_POSTINGS_BYTES if settings.bm25_postings else 0)
     code = {
         "IVF_RQ": math.ceil(dim * settings.rq_bits / 8) + 12,  # packed bits and three float factors
         "IVF_SQ": dim,

@@ -22,6 +22,7 @@ from pipelines import bm25, store
 from pipelines.config import IndexSettings
 from pipelines.search.merge import convex_fuse, merge_topk, rrf_fuse
 from pipelines.search.shard import (
+    HELD_COLUMNS,
     MemoryShard,
     Pinned,
     QueryTimeout,
@@ -31,6 +32,7 @@ from pipelines.search.shard import (
     fetch_rows,
     run_async,
     search_loop,
+    terms_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,9 +64,11 @@ class ShardGroup:
     shard is searched through LanceDB, its ANN index read from the db (never built here): one LanceDB
     query per shard for a batch's unfiltered queries, one per filtered query, all awaited side by side
     on the search loop (BM25 queries in the thread pool); each query's hits are merged over the group's
-    shards before it is answered. Hits carry ids, scores and row ids only: ``fetch_rows`` reads the
-    text of an answer's rows (from memory for held shards). Every answer reports the table versions it
-    was computed on. What the group holds is ``memory()``.
+    shards before it is answered. Keyword queries of the held shards are scored from their postings
+    (``bm25.HeldTerms``, built in a thread when they are loaded) with the same scores LanceDB's full-text
+    index and the rescoring give, without a LanceDB query. Hits carry ids, scores and row ids only:
+    ``fetch_rows`` reads the text of an answer's rows (from memory for held shards). Every answer
+    reports the table versions it was computed on. What the group holds is ``memory()``.
 
     Args:
         db: the db directory.
@@ -105,6 +109,7 @@ class ShardGroup:
         self.tables_at = tables
         self.all_names = [store.shard_name(i) for i in range(self.manifest.shards)]
         self.refresh_s = refresh_s
+        self.index = index or IndexSettings()
         self._stats: bm25.GenerationStats | None = None
         self._stats_files: dict[str, str | None] | None = None
         self._stats_checked = float("-inf")
@@ -117,10 +122,12 @@ class ShardGroup:
             {},
         )
         self._memory_lock = threading.Lock()
+        self._terms_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(threads or min(32, max(4, 2 * len(names))), "shard-search")
         # Open every table (a db that cannot be read fails at start, not per query), prewarm the ANN
         # indexes and load the small shards held in memory before the first query.
         self._memory_for(self.snapshots())
+        self.wait_for_terms()
 
     @property
     def fresh(self) -> bool:
@@ -148,14 +155,17 @@ class ShardGroup:
 
     def memory(self) -> dict[str, Any]:
         """What this group holds in memory for searching: LanceDB's index and metadata caches (the ANN
-        indexes' codes and row ids) and the small shards held exactly, per row of its shards; apart,
-        the BM25 statistics and the term counts of rows rescored lately (``bm25_bytes``: they grow with
-        the vocabulary and ``index.bm25_cache_mb``, not with the rows)."""
+        indexes' codes and row ids) and the small shards held exactly (with their rows' keyword
+        postings), per row of its shards; apart, the BM25 statistics and the term counts of rows
+        rescored lately (``bm25_bytes``: they grow with the vocabulary and ``index.bm25_cache_mb``, not
+        with the rows)."""
         snaps = self.snapshots()
         _, memory, _ = self._memory
         codes = {id(snap.codes): snap.codes.nbytes for snap in snaps if snap.codes is not None}
         codes.update({id(snap.fresh): snap.fresh.nbytes for snap in snaps if snap.fresh is not None})
         held = self.session.size_bytes + (memory.nbytes if memory is not None else 0) + sum(codes.values())
+        if memory is not None and memory.terms is not None:
+            held += memory.terms[1].nbytes
         rows = sum(snap.rows for snap in snaps)
         terms = self.term_cache.nbytes + (self._stats.nbytes if self._stats is not None else 0)
         return {
@@ -232,10 +242,20 @@ class ShardGroup:
             for i in (i for i in searched if i not in skip and wheres[i]):
                 call = shard.vector_query(snap, vectors[i : i + 1], [ks[i]], wheres[i], exact)
                 calls.append((shard.name, [i], place, call))
-        for i in (i for i in range(n) if texts[i] is not None):
-            # BM25 over the group's shards with the generation's statistics (pipelines.bm25).
-            call = self._text_search(snaps, memory, texts[i], ks[i], wheres[i])
-            calls.append(("bm25", [i], found_text.__setitem__, call))
+        # BM25 over the group's shards with the generation's statistics (pipelines.bm25): held shards
+        # score an unfiltered query here from their postings, the others through LanceDB.
+        keyword = [i for i in range(n) if texts[i] is not None]
+        stats = self.text_stats() if keyword else None
+        terms = self._held_terms(memory, snaps, stats) if keyword else None
+        held_text: list[Any] = [None] * n
+        for i in keyword:
+            others = snaps
+            if terms is not None and not wheres[i]:
+                held_text[i] = _held_text(memory, texts[i], stats, ks[i], terms)
+                others = [snap if s not in held else None for s, snap in enumerate(snaps)]
+            if any(snap is not None for snap in others):
+                call = self._text_search(others, memory, texts[i], ks[i], wheres[i], stats)
+                calls.append(("bm25", [i], found_text.__setitem__, call))
         # The LanceDB searches run on the search loop while the held shards are scanned here.
         running = None
         if calls:  # none when held shards answer every query: no hop to the loop
@@ -267,12 +287,14 @@ class ShardGroup:
         for i in range(n):
             vector_parts = [p for p in [*found[i], from_memory[i]] if p is not None]
             vector_parts = vector_parts if i in searched else []
-            text_parts = [found_text[i]] if texts[i] is not None else []
+            text_parts = [p for p in (found_text[i], held_text[i]) if p is not None]
             error = next((p for p in [*vector_parts, *text_parts] if isinstance(p, Exception)), None)
             if error is not None:
                 answers.append(error)
                 continue
-            text = text_parts[0] if texts[i] is not None else None
+            text = None
+            if texts[i] is not None:
+                text = text_parts[0] if len(text_parts) == 1 else merge_topk(text_parts, k=ks[i])
             vector = None
             if vectors is not None:
                 vector = vector_parts[0] if len(vector_parts) == 1 else merge_topk(vector_parts, k=ks[i])
@@ -284,15 +306,24 @@ class ShardGroup:
         return GroupAnswer(answers, tuple(snap.version for snap in snaps), tables)
 
     async def _text_search(
-        self, snaps: list[Snapshot], memory: MemoryShard | None, text: str, k: int, where: str | None
+        self,
+        snaps: list[Snapshot | None],
+        memory: MemoryShard | None,
+        text: str,
+        k: int,
+        where: str | None,
+        stats: bm25.GenerationStats | None,
     ) -> Any:
-        """One query's BM25 top-k over the group's shards, scored with the statistics of the whole
-        generation (``pipelines.bm25``), or the error that ended it: each shard's LanceDB top-k side by
-        side on the search loop, then the rescoring (and any deeper asks) in a pool thread, the rows'
-        text read from the group's memory for held shards and by row id (the shards side by side) for
-        the others."""
-        shards = dict(zip(self.names, zip(self.shards, snaps, strict=True), strict=True))
-        stats = self.text_stats()
+        """One query's BM25 top-k over the group's shards (those whose snapshot is not None), scored
+        with the statistics of the whole generation (``pipelines.bm25``), or the error that ended it:
+        each shard's LanceDB top-k side by side on the search loop, then the rescoring (and any deeper
+        asks) in a pool thread, the rows' text read from the group's memory for held shards and by row
+        id (the shards side by side) for the others."""
+        shards = {
+            name: (shard, snap)
+            for name, shard, snap in zip(self.names, self.shards, snaps, strict=True)
+            if snap is not None
+        }
         # Without statistics (`embedpipe index` stores them), each shard's own scores, merged by chunk id.
         ids = stats is None
         local = await asyncio.gather(
@@ -334,17 +365,17 @@ class ShardGroup:
                 found[name][rowid] = row
             return found
 
-        columns = snaps[0].indexes.fts_columns
+        columns = next(iter(shards.values()))[1].indexes.fts_columns
         run = lambda: bm25.global_top(  # noqa: E731
             text,
             depth=k,
             stats=stats,
-            first=dict(zip(self.names, local, strict=True)),
+            first=dict(zip(shards, local, strict=True)),
             columns=columns,
             search=search,
             read=read,
             cache=self.term_cache,
-            versions={name: snap.version for name, snap in zip(self.names, snaps, strict=True)},
+            versions={name: snap.version for name, (_, snap) in shards.items()},
         )
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, run)
@@ -377,6 +408,54 @@ class ShardGroup:
                                        "shard's own until `embedpipe index` runs")  # fmt: skip
             self._stats_checked = time.monotonic()
             return self._stats
+
+    def _held_terms(
+        self, memory: MemoryShard | None, snaps: list[Snapshot], stats: bm25.GenerationStats | None
+    ) -> tuple[tuple, bm25.HeldTerms] | None:
+        """(key, the held rows' keyword postings) when they are built for the shards' full-text columns and
+        the statistics' tokenizer (their key), else None, and their build started in a thread (keyword
+        queries of held shards go through LanceDB until it is done: the same scores, slower)."""
+        if memory is None or stats is None or not self.index.bm25_postings:
+            return None
+        columns = next((snap.indexes.fts_columns for snap in snaps if snap.in_memory), ())
+        if not columns or not set(columns) <= set(HELD_COLUMNS):
+            return None
+        key = terms_key(columns, stats.options)
+        built = memory.terms
+        if built is not None and built[0] == key:
+            return built
+        with self._terms_lock:
+            if memory.terms_started != key:
+                memory.terms_started = key
+                memory.terms_thread = threading.Thread(
+                    target=self._build_terms, args=(memory, list(columns), stats.options),
+                    name="held-terms", daemon=True,
+                )  # fmt: skip
+                memory.terms_thread.start()
+        return None
+
+    def _build_terms(self, memory: MemoryShard, columns: list[str], options: dict[str, Any]) -> None:
+        started = time.monotonic()
+        try:
+            memory.index_terms(columns, options)
+        except Exception:  # keyword queries of held shards keep going through LanceDB
+            logger.exception("bm25: the held rows' postings could not be built")
+            return
+        logger.info("keyword postings of %d held rows built in %.2f s (%.1f MB)", memory.num_rows,
+                    time.monotonic() - started, memory.terms[1].nbytes / 1e6)  # fmt: skip
+
+    def wait_for_terms(self, timeout_s: float = 300.0) -> bool:
+        """Wait until the held rows' keyword postings are built (or their build failed): what a
+        process that has just opened the group does before it answers. False: none are due (no held
+        rows, no statistics), their build failed, or the wait ran out."""
+        snaps = self.snapshots()
+        memory, _ = self._memory_for(snaps)
+        if self._held_terms(memory, snaps, self.text_stats()) is not None:
+            return True
+        if memory is None or memory.terms_thread is None:
+            return False
+        memory.terms_thread.join(timeout_s)
+        return memory.terms is not None
 
     def _memory_for(self, snaps: list[Snapshot]) -> tuple[MemoryShard | None, dict[int, Snapshot]]:
         """The group's held shards as one in memory, and the snapshot of each shard it holds; loaded
@@ -458,6 +537,18 @@ async def _gather(calls: list[Any], timeout_s: float | None) -> list[Any]:
         _LATE if task in late else _Raised(task.exception()) if task.exception() else task.result()
         for task in tasks
     ]
+
+
+def _held_text(
+    memory: MemoryShard, text: str, stats: bm25.GenerationStats, k: int, terms: tuple[tuple, bm25.HeldTerms]
+) -> Any:
+    """One query's BM25 top-k of the held rows, or the error that ended it."""
+    key, postings = terms
+    try:
+        return memory.text_search(bm25.make_query(text, stats, list(key[0])), stats, k, postings)
+    except Exception as exc:  # noqa: BLE001 - this query's answer
+        logger.error("bm25: held rows search failed", exc_info=exc)
+        return ShardError(f"bm25: {type(exc).__name__}")
 
 
 def _memory(memory: MemoryShard, vectors: np.ndarray, ks: list[int], rows: list[int]) -> list[pa.Table]:

@@ -361,6 +361,10 @@ class MemoryShard:
         order = np.argsort(np.asarray(self.chunk_ids.to_pylist(), dtype=object))
         self.id_rank = np.empty(len(order), np.int32)
         self.id_rank[order] = np.arange(len(order), dtype=np.int32)
+        # (key, keyword postings) of the held rows, built apart (``index_terms``, in a thread)
+        self.terms: tuple[tuple, Any] | None = None
+        self.terms_started: tuple | None = None  # the key of the build under way or done, its thread
+        self.terms_thread: Any = None
 
     def values(self, shard: str, rowids: list[int], columns: list[str]) -> list[tuple] | None:
         """The ``columns`` of a held shard's rows, or None when it does not hold them all."""
@@ -395,16 +399,29 @@ class MemoryShard:
         scores = (1.0 - (1.0 - cosine)).astype(np.float32)  # as LanceDB: 1 - cosine distance
         return [self._top(row, k) for row, k in zip(scores, ks, strict=True)]
 
-    def _top(self, scores: np.ndarray, k: int) -> pa.Table:
-        n = min(k, scores.size)
+    def text_search(self, query: Any, stats: Any, k: int, terms: Any) -> pa.Table:
+        """The top ``k`` held rows (KEY_COLUMNS) by BM25 with the generation's ``stats``, scored from
+        ``terms`` (``pipelines.bm25.HeldTerms`` of these rows), rows without a query term left out."""
+        scores = terms.scores(query, stats)
+        return self._top(scores, k, np.flatnonzero(scores > 0))
+
+    def index_terms(self, columns: list[str], options: dict[str, Any]) -> None:
+        """Build the held rows' keyword postings for ``columns``, tokenized with ``options``: ``terms``
+        becomes (their key, ``pipelines.bm25.HeldTerms``), set at once."""
+        from pipelines import bm25
+
+        built = bm25.HeldTerms({c: self.rows.column(c).to_pylist() for c in columns}, options)
+        self.terms = (terms_key(columns, options), built)
+
+    def _top(self, scores: np.ndarray, k: int, among: np.ndarray | None = None) -> pa.Table:
+        idx = np.arange(scores.size) if among is None else among
+        n = min(k, idx.size)
         if n == 0:
             idx = np.zeros(0, dtype=np.int64)
         else:
-            if n < scores.size:
-                cutoff = scores[np.argpartition(-scores, n - 1)[:n]].min()
-                idx = np.flatnonzero(scores >= cutoff)  # every row tied with the k-th
-            else:
-                idx = np.arange(scores.size)
+            if n < idx.size:
+                cutoff = scores[idx][np.argpartition(-scores[idx], n - 1)[:n]].min()
+                idx = idx[scores[idx] >= cutoff]  # every row tied with the k-th
             idx = idx[np.lexsort((self.id_rank[idx], -scores[idx]))][:n]
         take = pa.array(idx, pa.int64())
         return pa.table(
@@ -416,6 +433,11 @@ class MemoryShard:
             ],
             schema=KEY_SCHEMA,
         )
+
+
+def terms_key(columns: list[str] | tuple[str, ...], options: dict[str, Any]) -> tuple:
+    """What held keyword postings were built for: the full-text columns and the tokenizer's options."""
+    return tuple(columns), tuple(sorted((k, repr(v)) for k, v in options.items()))
 
 
 @dataclass(frozen=True)
