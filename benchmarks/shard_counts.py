@@ -10,6 +10,10 @@ Given several dbs (comma-separated), their live generations are compared instead
 incremental ingest into both). Each query is embedded once and searched in every generation, in each
 mode; the first is the reference. Prints one JSON line per mode: queries, how many had the same chunk
 ids in the same order in every generation, and the largest score gap.
+
+``--memory-rows N`` searches as a Serve process does: shards of at most N rows (not ANN-indexed) held in
+memory, their keyword queries scored from their own postings (``--memory-rows 0,50000``: both ways side
+by side, every generation each way, all compared with the first).
 """
 
 from __future__ import annotations
@@ -50,20 +54,26 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--modes", default="text,hybrid,vector")
+    parser.add_argument("--memory-rows", default="0", help="comma-separated: each a way of searching")
     args = parser.parse_args()
 
     from pipelines.evaluate import load_beir
     from pipelines.search import Searcher
 
+    held = [int(n) for n in args.memory_rows.split(",")]
     if "," in args.db:  # several dbs: their live generations, as they are
         dbs = args.db.split(",")
-        searchers = {db: Searcher(db) for db in dbs}
+        searchers = {(db, m): Searcher(db, memory_rows=m) for m in held for db in dbs}
         counts = [s.manifest.shards for s in searchers.values()]
-        generations = {db: s.manifest.generation for db, s in searchers.items()}
+        generations = {key: s.manifest.generation for key, s in searchers.items()}
     else:
         counts = [int(n) for n in args.shards.split(",")]
-        generations = {n: generation_with(args.db, n) for n in counts}
-        searchers = {n: Searcher(args.db, generation=g) for n, g in generations.items()}
+        found = {n: generation_with(args.db, n) for n in counts}
+        generations = {(n, m): found[n] for m in held for n in counts}
+        searchers = {
+            (n, m): Searcher(args.db, generation=g, memory_rows=m) for (n, m), g in generations.items()
+        }
+        counts = [n for _ in held for n in counts]
     queries, _ = load_beir(args.beir_dir)
     texts = [queries[qid] for qid in sorted(queries)][: args.queries]
     vectors = next(iter(searchers.values())).embed(texts)
@@ -81,7 +91,8 @@ def main() -> None:
             else:
                 differing.append(text)
         line = {
-            "mode": mode, "shards": counts, "generations": list(generations.values()), "queries": len(texts),
+            "mode": mode, "shards": counts, "memory_rows": [m for _, m in generations],
+            "generations": list(generations.values()), "queries": len(texts),
             "same_top_k": same, "max_score_gap": gap, "differing": differing[:5],
         }  # fmt: skip
         print(json.dumps(line))
