@@ -100,6 +100,14 @@ def test_convex_fusion_weighs_normalized_scores():
     # The weight moves the order: all vector, then all text.
     assert convex_fuse(vector, text, k=1, weight=1.0)["chunk_id"].to_pylist() == ["both"]
     assert convex_fuse(vector, text, k=1, weight=0.0)["chunk_id"].to_pylist() == ["t_only"]
+    # A BM25 ranking shorter than the depth asked holds every row with a query term: a row absent
+    # from it scores 0 there (cut at its depth, it would take the lowest, 0.5, as above).
+    complete = convex_fuse(vector, text, k=4, weight=0.5, depth=10)
+    scores = dict(zip(complete["chunk_id"].to_pylist(), complete["score"].to_pylist(), strict=True))
+    assert scores["v_only"] == pytest.approx(0.5 * (1.6 / 1.8) + 0.5 * 0.0)
+    assert scores["t_only"] == pytest.approx(0.5 * (1.2 / 1.8) + 0.5 * 1.0)
+    cut = convex_fuse(vector, text, k=4, weight=0.5, depth=2)
+    assert cut["score"].to_pylist() == fused["score"].to_pylist()
     empty = text.slice(0, 0)
     assert convex_fuse(vector, empty, k=5, weight=0.8)["chunk_id"].to_pylist() == ["both", "v_only", "v_low"]
     with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):

@@ -584,7 +584,7 @@ def combine(
     vector = vectors[0] if len(vectors) == 1 else merge_topk(vectors, k=depth)
     text = texts[0] if len(texts) == 1 else merge_topk(texts, k=depth)
     if fusion == "convex":
-        return convex_fuse(vector, text, k=k, weight=weight)
+        return convex_fuse(vector, text, k=k, weight=weight, depth=depth)
     if fusion != "rrf":
         raise ValueError(f"Unsupported fusion: {fusion!r}. Supported: {', '.join(FUSIONS)}.")
     return rrf_fuse([vector, text], k=k, rrf_k=rrf_k)

