@@ -108,6 +108,12 @@ def test_convex_fusion_weighs_normalized_scores():
     assert scores["t_only"] == pytest.approx(0.5 * (1.2 / 1.8) + 0.5 * 1.0)
     cut = convex_fuse(vector, text, k=4, weight=0.5, depth=2)
     assert cut["score"].to_pylist() == fused["score"].to_pylist()
+    # combine asked for more rows than the rankings were searched to (benchmarks/fusion.py does): the
+    # rankings' own depth says whether one is complete.
+    from pipelines.search import Partial, combine
+
+    wide = combine([Partial(vector, text)], k=4, depth=2, weight=0.5)
+    assert wide["score"].to_pylist() == fused["score"].to_pylist()
     empty = text.slice(0, 0)
     assert convex_fuse(vector, empty, k=5, weight=0.8)["chunk_id"].to_pylist() == ["both", "v_only", "v_low"]
     with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):

@@ -575,7 +575,8 @@ def combine(
         weight: convex only: the vector ranking's weight in [0, 1].
         rrf_k: rrf only: the fusion constant.
     """
-    depth = max(k, depth or k)
+    searched = depth or k  # what each group's rankings were asked for
+    depth = max(k, searched)
     vectors = [p.vector for p in parts if p.vector is not None]
     texts = [p.text for p in parts if p.text is not None]
     if not texts or not vectors:
@@ -584,7 +585,7 @@ def combine(
     vector = vectors[0] if len(vectors) == 1 else merge_topk(vectors, k=depth)
     text = texts[0] if len(texts) == 1 else merge_topk(texts, k=depth)
     if fusion == "convex":
-        return convex_fuse(vector, text, k=k, weight=weight, depth=depth)
+        return convex_fuse(vector, text, k=k, weight=weight, depth=searched)
     if fusion != "rrf":
         raise ValueError(f"Unsupported fusion: {fusion!r}. Supported: {', '.join(FUSIONS)}.")
     return rrf_fuse([vector, text], k=k, rrf_k=rrf_k)
