@@ -459,8 +459,9 @@ class ServeSettings(_Strict):
         50_000,
         ge=0,
         description="A shard without a vector index and with at most this many rows is held in memory by the "
-        "process that searches it (its vectors, row ids and the columns an answer shows: ~2.5 KB a SciFact "
-        "row of a 384-dim model, never source or metadata) and scanned there, its group's held shards as "
+        "process that searches it (its vectors, row ids, the columns an answer shows and, with "
+        "index.bm25_postings, its rows' keyword postings: ~3.1 KB a SciFact row of a 384-dim model, never "
+        "source or metadata) and scanned there, its group's held shards as "
         "one; 0: always through LanceDB. Shards `embedpipe index` gave an ANN index are searched through it "
         "(LanceDB's index cache holds their codes: ~230 B a row; their text is read for answers only). "
         "Filtered queries go to LanceDB either way.",
