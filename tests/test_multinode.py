@@ -307,14 +307,20 @@ SHARE_NOTHING = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_nodes_that_share_nothing_ingest_and_serve_from_a_bucket(tmp_path, s3, scifact):
+def _corpus_in_bucket(tmp_path, s3, n: int):
+    """The first ``n`` SciFact documents as tmp_path/corpus.jsonl, uploaded as sources/corpus.jsonl."""
     import json
 
-    docs = scifact_docs(40)
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in scifact_docs(n)))
     s3.put_file("sources/corpus.jsonl", corpus)
+    return corpus
+
+
+@pytest.mark.slow
+def test_nodes_that_share_nothing_ingest_and_serve_from_a_bucket(tmp_path, s3, scifact):
+
+    _corpus_in_bucket(tmp_path, s3, 40)
     result = run_script(SHARE_NOTHING, s3.endpoint, s3.bucket, str(tmp_path), timeout=1500)
     print("\nwrite tasks ran on:", result["write_nodes"], "| rows:", result["rows"])
     assert result["was_running"], "the first driver finished before it was killed: " + result["killed_err"]
@@ -432,10 +438,7 @@ NODE_LOSS = textwrap.dedent(
 def test_a_node_lost_mid_ingest_loses_and_doubles_nothing(tmp_path, s3, scifact):
     import json
 
-    docs = scifact_docs(60)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    s3.put_file("sources/corpus.jsonl", corpus)
+    corpus = _corpus_in_bucket(tmp_path, s3, 60)
     result = run_script(NODE_LOSS, s3.endpoint, s3.bucket, str(corpus), timeout=1500)
     print("\n" + json.dumps(result))
     assert result["victim"], "no node was removed: the run ended first"
