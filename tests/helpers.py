@@ -153,3 +153,19 @@ def run_script(script: str, *args: str, timeout: float = 600) -> dict:
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-5000:]
     return json.loads(line.removeprefix("RESULT "))
+
+
+def check_store_basics(loc, keys) -> None:
+    """A db location in an object store: create-only puts have one winner, reads of a missing file are
+    None, and LanceDB creates, appends to and reads a table there, which ``delete_tree`` removes
+    (``keys(prefix)``: the store's object keys under the bucket or container's ``prefix``)."""
+    import pyarrow as pa
+
+    assert loc.create("a.json", b"1") and not loc.create("a.json", b"2")
+    assert loc.read_bytes("a.json") == b"1" and loc.read_bytes("missing") is None
+    table = loc.connect().create_table("t", schema=pa.schema([("a", pa.int64())]))
+    table.add(pa.table({"a": [1, 2]}))
+    table.add(pa.table({"a": [3]}))
+    assert loc.connect().open_table("t").count_rows() == 3
+    assert any(k.startswith("db/t.lance/_versions/") for k in keys("db/"))
+    assert loc.delete_tree("t.lance") > 0 and keys("db/t.lance") == []

@@ -15,7 +15,7 @@ from pipelines.cli import app
 from pipelines.config import ServeSettings, load_config
 from pipelines.search import Searcher
 from tests.conftest import scifact_docs, start_moto
-from tests.helpers import contend_for_the_writer_lock, kill_once_staged
+from tests.helpers import check_store_basics, contend_for_the_writer_lock, kill_once_staged
 
 SETTINGS = {"ray": {"progress_bars": False}, "read": {"docs_per_block": 10}}
 
@@ -51,16 +51,7 @@ def test_the_endpoint_honours_conditional_writes_and_lancedb_works_in_it(s3):
         client.put_object(Bucket=s3.bucket, Key="k", Body=b"2", IfNoneMatch="*")
 
     loc = store.location(s3.uri("db"), load_config(None, **{"storage.endpoint": s3.endpoint}).storage)
-    assert loc.create("a.json", b"1") and not loc.create("a.json", b"2")
-    assert loc.read_bytes("a.json") == b"1" and loc.read_bytes("missing") is None
-    import pyarrow as pa
-
-    table = loc.connect().create_table("t", schema=pa.schema([("a", pa.int64())]))
-    table.add(pa.table({"a": [1, 2]}))
-    table.add(pa.table({"a": [3]}))
-    assert loc.connect().open_table("t").count_rows() == 3
-    assert any(k.startswith("db/t.lance/_versions/") for k in s3.keys("db/"))
-    assert loc.delete_tree("t.lance") > 0 and s3.keys("db/t.lance") == []
+    check_store_basics(loc, s3.keys)
 
 
 def test_one_writer_at_a_time_and_stale_leases_are_taken_over(s3):
