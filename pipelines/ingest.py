@@ -212,11 +212,11 @@ def _build(
             batch_size=None,
             fn_kwargs={"staging": staging, "model": manifest.model, "report_ids": prune},
         )
-        # Per shard, the fragments of the write attempts whose summaries arrived: only those are
-        # committed, so an attempt Ray ran again (its result lost with a node) leaves nothing behind.
-        fragments: dict[str, list[str]] = {}
+        attempts: set[str] = set()  # write attempts whose results arrived; retried ones staged too
+        fragments: dict[str, list[str]] = {}  # per shard, the staged fragments of those attempts
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in summary.to_pylist():
+                attempts.add(row["attempt"])
                 for name, made in json.loads(row["fragments"]).items():
                     fragments.setdefault(name, []).extend(made)
                 for key in ("chunks", "tokens", "ingested", "unchanged"):
@@ -236,7 +236,7 @@ def _build(
                 progress({**timeline[-1], "elapsed_s": time.time() - started, "total_docs": total_docs})
         stages = report.stage_times(ds.get_stats_summary())
         finishing = time.time()
-        dropped, counts["chunks"] = _commit(staging, failed, fragments, lock=lock)
+        dropped, counts["chunks"] = _commit(staging, failed, attempts, fragments, lock=lock)
         counts["ingested"] -= dropped
         lock.check()
         store.record_failures(db, run_id=run_id, failed=failed, at=time.time())
@@ -426,13 +426,15 @@ def _gave_up(reason: str) -> None:
 def _commit(
     staging: store.Staging,
     failed: list[list[str]],
+    attempts: set[str],
     fragments: dict[str, list[str]],
     *,
     lock: store.WriterLock,
 ) -> tuple[int, int]:
     """Commit every shard; a doc_id seen more than once in the source fails (all its copies).
 
-    The write tasks' ``fragments`` are added to each staging table first, in one commit.
+    The write tasks' ``fragments`` are added to each staging table first, in one commit; rows staged by
+    write attempts not in ``attempts`` (a task Ray ran again) are dropped.
     Before each shard's commit the run checks that it still holds the db's writer lock.
 
     Returns:
@@ -443,6 +445,7 @@ def _commit(
     shards = store.open_shards(staging.db)
     for shard in range(staging.manifest.shards):
         staging.add(shard, fragments.get(store.shard_name(shard), []))
+        staging.drop_attempts(shard, keep=attempts)
         copies = Counter(staging.staged_doc_ids(shard))
         duplicates = [doc_id for doc_id, n in copies.items() if n > 1]
         staging.drop_docs(shard, duplicates)

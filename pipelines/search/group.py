@@ -248,10 +248,10 @@ class ShardGroup:
         stats = self.text_stats() if keyword else None
         terms = self._held_terms(memory, snaps, stats) if keyword else None
         held_text: list[Any] = [None] * n
-        by_postings = [i for i in keyword if terms is not None and not wheres[i]]
         for i in keyword:
             others = snaps
-            if i in by_postings:
+            if terms is not None and not wheres[i]:
+                held_text[i] = _held_text(memory, texts[i], stats, ks[i], terms)
                 others = [snap if s not in held else None for s, snap in enumerate(snaps)]
             if any(snap is not None for snap in others):
                 call = self._text_search(others, memory, texts[i], ks[i], wheres[i], stats)
@@ -268,8 +268,6 @@ class ShardGroup:
                 logger.exception("memory: search failed")
                 for i in plain:
                     from_memory[i] = ShardError(f"memory: {type(exc).__name__}")
-        for i in by_postings:  # held shards' keyword queries, while LanceDB answers the others
-            held_text[i] = _held_text(memory, texts[i], stats, ks[i], terms)
         remaining = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
         outcomes = running.result(None if remaining is None else remaining + 5.0) if running else []
         for (name, rows, place, _), outcome in zip(calls, outcomes, strict=True):

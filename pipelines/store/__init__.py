@@ -290,6 +290,20 @@ class Staging:
     def _uri(self, name: str) -> str:
         return self.path.join(f"{name}.lance").uri
 
+    def drop_attempts(self, shard: int, *, keep: set[str]) -> int:
+        """Delete rows staged by task attempts other than ``keep`` (those whose results the run used).
+
+        Returns:
+            How many attempts were dropped.
+        """
+        table = self.path.connect().open_table(shard_name(shard))
+        staged = table.search().select(["attempt"]).limit(None).to_arrow().column("attempt")
+        orphans = sorted(set(pc.unique(staged).to_pylist()) - keep)
+        if orphans:
+            table.delete(f"attempt IN ({_sql_list(orphans)})")
+            logger.warning("%s: dropped rows of %d retried write attempts", shard_name(shard), len(orphans))
+        return len(orphans)
+
     def staged_doc_ids(self, shard: int) -> list[str]:
         """Ids of the documents staged for a shard, once per staged copy."""
         table = self.path.connect().open_table(shard_name(shard))
